@@ -1,0 +1,296 @@
+"""Aurora: Muon with a leverage-aware polar step.
+
+Muon replaces a matrix's momentum by its polar factor (the nearest orthogonal matrix). For a tall
+matrix (more rows than columns, e.g. an MLP's fc weight with one row per hidden neuron) an
+orthogonal update U with U^T U = I has row norms ||U_i||^2 that sum to `cols` but need not be
+equal: rows with small "leverage" get persistently tiny updates, and those neurons die early in
+training. Aurora rescales the rows by a positive diagonal D before the polar step. polar(D G) is
+still orthogonal for any positive D, so D is free to choose; Aurora iterates it so that the row
+norms of the result become uniform (every row gets leverage cols/rows). On square matrices every
+orthogonal matrix already has uniform row norms, and Aurora is exactly Muon.
+
+Public API (names as in the Aurora reference code):
+    polar(G)                      12-step simple-quintic Newton-Schulz polar factor, bfloat16
+    aurora_polar(G, ...)          leverage-uniform polar factor
+    aurora_update(...)            the record's full per-matrix rule, written out once
+    Aurora(params, lr, ...)       torch.optim.Optimizer; works with or without torch.distributed
+
+The whole algorithm is `polar`, `aurora_polar` and `aurora_update` below; `Aurora` only holds the
+momentum buffers and shares the matrices among ranks.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+
+
+@torch.no_grad()
+def polar(G: torch.Tensor, steps: int = 12, eps: float = 1e-7) -> torch.Tensor:
+    """Polar factor of G (batched over leading dims) by 12 simple-quintic Newton-Schulz steps.
+
+    The iteration X <- 2X - 1.5 (X X^T) X + 0.5 (X X^T)^2 X maps every singular value s of X by
+    p(s) = 2s - 1.5s^3 + 0.5s^5, whose fixed point s = 1 is superattracting, while small singular
+    values double each step. Runs in bfloat16 (the tensor-core dtype); result has G's shape.
+    """
+    X = G.bfloat16()
+    tall = X.size(-2) > X.size(-1)
+    if tall:  # iterate on the wide side so X X^T is the small Gram matrix
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)  # all singular values now <= 1
+    for _ in range(steps):
+        A = X @ X.mT
+        B = -1.5 * A + 0.5 * (A @ A)
+        X = 2 * X + B @ X
+    return X.mT if tall else X
+
+
+@torch.no_grad()
+def aurora_polar(G: torch.Tensor, pp_iterations: int = 2, pp_beta: float = 0.5,
+                 eps: float = 1e-7) -> torch.Tensor:
+    """Orthogonal factor of G whose rows (of the tall orientation) all have the same norm.
+
+    Square: plain polar (orthogonal square matrices already have unit rows). Wide: the transpose
+    of the tall case. Tall (m > n), in float32: start from D = 1/||G_i|| (row-normalized G), take
+    U = polar(D G), and push each row's squared norm r_i towards the uniform value n/m by
+    D_i <- D_i * ((n/m) / r_i)^beta. Batched over leading dims.
+    """
+    m, n = G.shape[-2:]
+    if m == n:
+        return polar(G)
+    if m < n:
+        return aurora_polar(G.mT, pp_iterations, pp_beta, eps).mT
+    G = G.float()
+    D = 1.0 / G.norm(dim=-1, keepdim=True).clamp_min(eps)
+    for k in range(pp_iterations):
+        U = polar(D * G).float()
+        if k < pp_iterations - 1:
+            r = U.square().sum(dim=-1, keepdim=True).clamp_min(eps * eps)
+            D = D * ((n / m) / r) ** pp_beta
+    return U
+
+
+@torch.no_grad()
+def top_singular_value(u: torch.Tensor, iters: int = 5) -> torch.Tensor:
+    """Estimate of u's largest singular value: power iteration on u^T u from the all-ones vector."""
+    v = torch.ones(*u.shape[:-2], u.size(-1), 1, dtype=torch.float32, device=u.device)
+    v = v / math.sqrt(u.size(-1))
+    for _ in range(iters):
+        v = u.mT @ (u @ v)
+        v = v / v.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-30)  # 0 only if u is 0
+    return (u @ v).norm(dim=(-2, -1), keepdim=True)
+
+
+@torch.no_grad()
+def aurora_update(grad, momentum, weight, mu=0.95, nesterov=True, rule="aurora",
+                  pp_iterations=2, pp_beta=0.5, contra=0.4, uw_floor=0.35):
+    """The record's per-matrix rule: updates `momentum` in place and returns the step U (float32).
+
+    The caller applies W -= lr * U. Batched over leading dims (grad, momentum, weight alike).
+    """
+    # 1. Momentum, then Nesterov look-ahead.
+    momentum.lerp_(grad, 1 - mu)
+    u = (grad.lerp(momentum, mu) if nesterov else momentum).float()
+    # 2. Contra direction: u scaled to unit spectral norm.
+    c = u / top_singular_value(u).clamp_min(1e-30)
+    # 3. Orthogonalize: leverage-uniform polar (Aurora) or plain polar (Muon, for ablations).
+    U = (aurora_polar(u, pp_iterations, pp_beta) if rule == "aurora" else polar(u)).float()
+    # 4. Contra-Muon: subtract part of the spectral-normalized momentum, keep U's Frobenius norm.
+    #    The record's configuration names this strength contra=0.4 and subtracts 0.2 * c.
+    if contra:
+        f = U.norm(dim=(-2, -1), keepdim=True)
+        U = U - (contra / 2) * c
+        U = U * (f / U.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-30))
+    # 5. Aspect scale: tall matrices get sqrt(rows/cols) so their per-entry step matches square ones.
+    rows, cols = U.shape[-2:]
+    U = U * math.sqrt(max(1.0, rows / cols))
+    # 6. u/w floor: never let the update be smaller than uw_floor of the weight (Frobenius norms).
+    #    clamp(min=1) makes it a no-op above the floor without a data-dependent branch.
+    if uw_floor:
+        ratio = (U.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-8)
+                 / weight.float().norm(dim=(-2, -1), keepdim=True).clamp_min(1e-8))
+        U = U * (uw_floor / ratio).clamp_min(1.0)
+    return U
+
+
+class Aurora(torch.optim.Optimizer):
+    """Aurora for 2-D weight matrices (use Adam for embeddings, heads, biases and gains).
+
+    Defaults are the record's rule (see `aurora_update`). contra=0 and uw_floor=0 give plain
+    Aurora; rule="muon" swaps aurora_polar for plain polar and changes nothing else.
+
+    With torch.distributed initialized, call step() on every rank after the gradients have been
+    summed across ranks; each rank updates its share of the matrices and the results are
+    all-gathered, so all ranks end with identical weights. Momentum lives on the owning rank.
+
+    batched=False is the straightforward reference (the record's scheme): matrices sorted by size
+    (largest first), rank r updates matrix round*world + r of each round, one update and one
+    all-gather per matrix. batched=True (default) computes the same rule on stacks of same-shape
+    matrices (one Newton-Schulz chain per shape instead of per matrix) and gathers each shape
+    with one collective, overlapped with the next shape's compute.
+
+    A non-finite update raises FloatingPointError naming the matrix shapes. To keep the step free
+    of host synchronisation the check runs at the start of the next step() (or when you call
+    check_finite()), when the GPU has long finished the flags.
+    """
+
+    def __init__(self, params, lr, mu=0.95, nesterov=True, pp_iterations=2, pp_beta=0.5,
+                 contra=0.4, uw_floor=0.35, weight_decay=0.0, rule="aurora", batched=True):
+        if not lr > 0:
+            raise ValueError(f"Aurora: lr must be > 0, got {lr}")
+        if not 0 < mu < 1:
+            raise ValueError(f"Aurora: mu (momentum) must be in (0, 1), got {mu}")
+        if int(pp_iterations) != pp_iterations or pp_iterations < 1:
+            raise ValueError(f"Aurora: pp_iterations must be an integer >= 1, got {pp_iterations}")
+        if not 0 < pp_beta <= 1:
+            raise ValueError(f"Aurora: pp_beta must be in (0, 1], got {pp_beta}")
+        if contra < 0 or uw_floor < 0 or weight_decay < 0:
+            raise ValueError("Aurora: contra, uw_floor and weight_decay must be >= 0, got "
+                             f"{contra}, {uw_floor}, {weight_decay}")
+        if rule not in ("aurora", "muon"):
+            raise ValueError(f"Aurora: rule must be 'aurora' or 'muon', got {rule!r}")
+        defaults = dict(lr=lr, mu=mu, nesterov=nesterov, pp_iterations=int(pp_iterations),
+                        pp_beta=pp_beta, contra=contra, uw_floor=uw_floor,
+                        weight_decay=weight_decay, rule=rule)
+        super().__init__(params, defaults)
+        self.batched = batched
+        self._pending = []  # (finite flags, matrices) of the last step, checked lazily
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim != 2:
+                    raise ValueError(
+                        f"Aurora: parameter of shape {tuple(p.shape)} is not a 2-D matrix; "
+                        "give biases, gains and embeddings to Adam instead")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.check_finite()
+        distributed = dist.is_available() and dist.is_initialized()
+        world = dist.get_world_size() if distributed else 1
+        rank = dist.get_rank() if distributed else 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    raise RuntimeError(f"Aurora: parameter of shape {tuple(p.shape)} has no gradient")
+            if self.batched:
+                self._step_batched(group, rank, world)
+            else:
+                self._step_reference(group, rank, world)
+        return loss
+
+    def _apply(self, group, params, grads, momenta, weights):
+        """The rule on one matrix or a stack of same-shape ones; records finite flags."""
+        U = aurora_update(grads, momenta, weights, group["mu"], group["nesterov"], group["rule"],
+                          group["pp_iterations"], group["pp_beta"], group["contra"],
+                          group["uw_floor"])
+        self._pending.append((torch.isfinite(U).flatten(-2).all(-1).reshape(-1), params))
+        if group["weight_decay"]:
+            weights.mul_(1 - group["lr"] * group["weight_decay"])
+        weights.add_(U.to(weights.dtype), alpha=-group["lr"])
+
+    def _momentum(self, p):
+        state = self.state[p]
+        if "momentum" not in state:
+            state["momentum"] = torch.zeros_like(p.grad)
+        return state["momentum"]
+
+    def _step_reference(self, group, rank, world):
+        # Largest first, so each round of `world` matrices has similar cost on every rank.
+        params = sorted(group["params"], key=lambda p: p.numel(), reverse=True)
+        for base in range(0, len(params), world):
+            round_ = params[base:base + world]
+            if rank < len(round_):
+                p = round_[rank]
+                self._apply(group, [p], p.grad, self._momentum(p), p.data)
+            if world > 1:
+                self._gather_round(round_, rank, world)
+
+    @staticmethod
+    def _gather_round(round_, rank, world):
+        # Matrices in a round may differ in size: send each as a flat buffer padded to the
+        # round's largest (the first, as they are sorted), then copy each rank's part back.
+        size = round_[0].numel()
+        send = torch.zeros(size, dtype=round_[0].dtype, device=round_[0].device)
+        if rank < len(round_):
+            send[:round_[rank].numel()].copy_(round_[rank].flatten())
+        recv = [torch.empty_like(send) for _ in range(world)]
+        dist.all_gather(recv, send)
+        for j, q in enumerate(round_):
+            if j != rank:
+                q.copy_(recv[j][:q.numel()].view_as(q))
+
+    def _step_batched(self, group, rank, world):
+        shapes = {}
+        for p in group["params"]:
+            shapes.setdefault(tuple(p.shape), []).append(p)
+        gathers, offset = [], 0
+        for shape, params in shapes.items():
+            # Matrix i of this shape goes to rank (offset + i) % world; offset carries over from
+            # shape to shape so that uneven shares even out across shapes.
+            owners = [(offset + i) % world for i in range(len(params))]
+            offset = (offset + len(params)) % world
+            mine = [p for p, r in zip(params, owners) if r == rank]
+            if mine:
+                W = torch.stack([p.data for p in mine])
+                self._apply(group, mine, torch.stack([p.grad for p in mine]),
+                            self._stacked_momentum(mine), W)
+            if world == 1:
+                for p, w in zip(mine, W):
+                    p.copy_(w)
+                continue
+            slots = max(owners.count(r) for r in range(world))
+            send = torch.zeros(slots, *shape, dtype=params[0].dtype, device=params[0].device)
+            if mine:
+                send[:len(mine)].copy_(W)
+            recv = torch.empty(world * slots, *shape, dtype=send.dtype, device=send.device)
+            work = _all_gather_single(recv, send, async_op=True)  # overlaps the next shape
+            gathers.append((work, recv, params, owners, slots))
+        for work, recv, params, owners, slots in gathers:
+            work.wait()
+            filled = [0] * world
+            for p, r in zip(params, owners):
+                p.copy_(recv[r * slots + filled[r]])
+                filled[r] += 1
+
+    def _stacked_momentum(self, params):
+        """One (k, m, n) buffer per stack; each matrix's state["momentum"] is a view into it."""
+        first = self.state[params[0]]
+        stack = first.get("momentum_stack")
+        if stack is None or stack.size(0) != len(params):
+            stack = torch.zeros(len(params), *params[0].shape, dtype=params[0].grad.dtype,
+                                device=params[0].device)
+            for p, buf in zip(params, stack):
+                if "momentum" in self.state[p]:
+                    buf.copy_(self.state[p]["momentum"])
+                self.state[p]["momentum"] = buf
+            first["momentum_stack"] = stack
+        return stack
+
+    def check_finite(self):
+        """Raise if any update of the last step was NaN/inf, naming the matrices (host sync)."""
+        pending, self._pending = self._pending, []
+        distributed = dist.is_available() and dist.is_initialized()
+        if not pending and not distributed:
+            return
+        device = pending[0][0].device if pending else _collective_device()
+        flags = torch.cat([f for f, _ in pending]) if pending else torch.ones(0, dtype=torch.bool, device=device)
+        bad = (~flags).sum().to(torch.int32).reshape(1)
+        if distributed:
+            bad = bad.to(_collective_device())
+            dist.all_reduce(bad)  # every rank must raise, or the others hang in the next step
+        if bad.item():
+            shapes = [tuple(p.shape) for f, params in pending for ok, p in zip(f.tolist(), params) if not ok]
+            where = f"parameter(s) of shape {shapes}" if shapes else "a matrix on another rank"
+            raise FloatingPointError(f"Aurora: non-finite update for {where}; "
+                                     "check the loss and gradients for NaN/inf")
+
+
+def _collective_device():
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+# all_gather_single replaces all_gather_into_tensor in newer torch; same arguments.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
