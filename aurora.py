@@ -44,9 +44,34 @@ def polar(G: torch.Tensor, steps: int = 12, eps: float = 1e-7) -> torch.Tensor:
     return X.mT if tall else X
 
 
+# (a, b) of the 12 cubic steps X <- a X + b (X X^T) X of the authors' later Aurora release.
+CANS12 = [(5.182503604966906, -5.178098480082684), (2.586120737395915, -0.6479542005271643),
+          (2.567364126726186, -0.6454968804392178), (2.520560084348265, -0.6393528082067044),
+          (2.410759275435182, -0.6248683598710716), (2.1883348130094173, -0.5952022073798908),
+          (1.8595760874873613, -0.5504490972723968), (1.589020160467417, -0.5126569802066718),
+          (1.5051653981684994, -0.5007377068751799)] + [(1.5, -0.5)] * 3
+
+
+@torch.no_grad()
+def polar_cans12(G: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Polar factor by 12 tuned cubic Newton-Schulz steps in float32 (same normalization and
+    transpose rule as `polar`); the variant of the authors' later release."""
+    X = G.float()
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    for a, b in CANS12:
+        X = a * X + b * ((X @ X.mT) @ X)
+    return X.mT if tall else X
+
+
+POLARS = {"quintic12": polar, "cans12": polar_cans12}
+
+
 @torch.no_grad()
 def aurora_polar(G: torch.Tensor, pp_iterations: int = 2, pp_beta: float = 0.5,
-                 eps: float = 1e-7) -> torch.Tensor:
+                 eps: float = 1e-7, polar_fn=polar) -> torch.Tensor:
     """Orthogonal factor of G whose rows (of the tall orientation) all have the same norm.
 
     Square: plain polar (orthogonal square matrices already have unit rows). Wide: the transpose
@@ -56,13 +81,13 @@ def aurora_polar(G: torch.Tensor, pp_iterations: int = 2, pp_beta: float = 0.5,
     """
     m, n = G.shape[-2:]
     if m == n:
-        return polar(G)
+        return polar_fn(G)
     if m < n:
-        return aurora_polar(G.mT, pp_iterations, pp_beta, eps).mT
+        return aurora_polar(G.mT, pp_iterations, pp_beta, eps, polar_fn).mT
     G = G.float()
     D = 1.0 / G.norm(dim=-1, keepdim=True).clamp_min(eps)
     for k in range(pp_iterations):
-        U = polar(D * G).float()
+        U = polar_fn(D * G).float()
         if k < pp_iterations - 1:
             r = U.square().sum(dim=-1, keepdim=True).clamp_min(eps * eps)
             D = D * ((n / m) / r) ** pp_beta
@@ -81,19 +106,42 @@ def top_singular_value(u: torch.Tensor, iters: int = 5) -> torch.Tensor:
 
 
 @torch.no_grad()
+def orthogonalize(u, rule="aurora", pp_iterations=2, pp_beta=0.5, aurora_on="nonsquare",
+                  polar_kind="quintic12", row_v=None, b2=0.95):
+    """Step 3 of the rule: aurora_polar (Aurora), plain polar (Muon) or polar with NorMuon's
+    per-row second-moment normalization (row_v, one value per row, is updated in place)."""
+    polar_fn = POLARS[polar_kind]
+    rows, cols = u.shape[-2:]
+    if rule == "aurora" and (aurora_on == "nonsquare" or rows > cols):
+        return aurora_polar(u, pp_iterations, pp_beta, polar_fn=polar_fn).float()
+    O = polar_fn(u).float()
+    if rule == "normuon":
+        row_v.lerp_(O.square().mean(dim=-1, keepdim=True), 1 - b2)
+        N = O / (row_v.sqrt() + 1e-10)
+        O = N * (O.norm(dim=(-2, -1), keepdim=True) / N.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-30))
+    return O
+
+
+@torch.no_grad()
 def aurora_update(grad, momentum, weight, mu=0.95, nesterov=True, rule="aurora",
-                  pp_iterations=2, pp_beta=0.5, contra=0.4, uw_floor=0.35):
+                  pp_iterations=2, pp_beta=0.5, contra=0.4, uw_floor=0.35, aurora_on="nonsquare",
+                  polar_kind="quintic12", row_v=None, leverage=None):
     """The record's per-matrix rule: updates `momentum` in place and returns the step U (float32).
 
     The caller applies W -= lr * U. Batched over leading dims (grad, momentum, weight alike).
+    If `leverage` is a list, the row leverage ||U_i||^2 / (cols/rows) of the orthogonalized
+    direction (1 = uniform) is appended to it, for diagnostics.
     """
     # 1. Momentum, then Nesterov look-ahead.
     momentum.lerp_(grad, 1 - mu)
     u = (grad.lerp(momentum, mu) if nesterov else momentum).float()
     # 2. Contra direction: u scaled to unit spectral norm.
     c = u / top_singular_value(u).clamp_min(1e-30)
-    # 3. Orthogonalize: leverage-uniform polar (Aurora) or plain polar (Muon, for ablations).
-    U = (aurora_polar(u, pp_iterations, pp_beta) if rule == "aurora" else polar(u)).float()
+    # 3. Orthogonalize: leverage-uniform polar (Aurora); plain polar (Muon) or NorMuon for ablations.
+    U = orthogonalize(u, rule, pp_iterations, pp_beta, aurora_on, polar_kind, row_v)
+    rows, cols = U.shape[-2:]
+    if leverage is not None:
+        leverage.append(U.square().sum(dim=-1) / (cols / rows))
     # 4. Contra-Muon: subtract part of the spectral-normalized momentum, keep U's Frobenius norm.
     #    The record's configuration names this strength contra=0.4 and subtracts 0.2 * c.
     if contra:
@@ -101,7 +149,6 @@ def aurora_update(grad, momentum, weight, mu=0.95, nesterov=True, rule="aurora",
         U = U - (contra / 2) * c
         U = U * (f / U.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-30))
     # 5. Aspect scale: tall matrices get sqrt(rows/cols) so their per-entry step matches square ones.
-    rows, cols = U.shape[-2:]
     U = U * math.sqrt(max(1.0, rows / cols))
     # 6. u/w floor: never let the update be smaller than uw_floor of the weight (Frobenius norms).
     #    clamp(min=1) makes it a no-op above the floor without a data-dependent branch.
@@ -116,7 +163,9 @@ class Aurora(torch.optim.Optimizer):
     """Aurora for 2-D weight matrices (use Adam for embeddings, heads, biases and gains).
 
     Defaults are the record's rule (see `aurora_update`). contra=0 and uw_floor=0 give plain
-    Aurora; rule="muon" swaps aurora_polar for plain polar and changes nothing else.
+    Aurora; rule="muon" swaps aurora_polar for plain polar and changes nothing else, and
+    rule="normuon" adds NorMuon's per-row normalization to plain polar. aurora_on="tall" keeps
+    square and wide matrices on plain polar; polar_kind="cans12" uses the float32 cubic iteration.
 
     With torch.distributed initialized, call step() on every rank after the gradients have been
     summed across ranks; each rank updates its share of the matrices and the results are
@@ -134,7 +183,8 @@ class Aurora(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr, mu=0.95, nesterov=True, pp_iterations=2, pp_beta=0.5,
-                 contra=0.4, uw_floor=0.35, weight_decay=0.0, rule="aurora", batched=True):
+                 contra=0.4, uw_floor=0.35, weight_decay=0.0, rule="aurora", batched=True,
+                 aurora_on="nonsquare", polar_kind="quintic12"):
         if not lr > 0:
             raise ValueError(f"Aurora: lr must be > 0, got {lr}")
         if not 0 < mu < 1:
@@ -146,14 +196,21 @@ class Aurora(torch.optim.Optimizer):
         if contra < 0 or uw_floor < 0 or weight_decay < 0:
             raise ValueError("Aurora: contra, uw_floor and weight_decay must be >= 0, got "
                              f"{contra}, {uw_floor}, {weight_decay}")
-        if rule not in ("aurora", "muon"):
-            raise ValueError(f"Aurora: rule must be 'aurora' or 'muon', got {rule!r}")
+        if rule not in ("aurora", "muon", "normuon"):
+            raise ValueError(f"Aurora: rule must be 'aurora', 'muon' or 'normuon', got {rule!r}")
+        if aurora_on not in ("nonsquare", "tall"):
+            raise ValueError(f"Aurora: aurora_on must be 'nonsquare' or 'tall', got {aurora_on!r}")
+        if polar_kind not in POLARS:
+            raise ValueError(f"Aurora: polar_kind must be one of {sorted(POLARS)}, got {polar_kind!r}")
         defaults = dict(lr=lr, mu=mu, nesterov=nesterov, pp_iterations=int(pp_iterations),
                         pp_beta=pp_beta, contra=contra, uw_floor=uw_floor,
-                        weight_decay=weight_decay, rule=rule)
+                        weight_decay=weight_decay, rule=rule, aurora_on=aurora_on,
+                        polar_kind=polar_kind)
         super().__init__(params, defaults)
         self.batched = batched
         self._pending = []  # (finite flags, matrices) of the last step, checked lazily
+        self.collect_leverage = False  # set True before a step to fill self.leverage (diagnostics)
+        self.leverage = {}  # param -> row leverage of its last orthogonalized update (this rank's)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim != 2:
@@ -181,21 +238,26 @@ class Aurora(torch.optim.Optimizer):
                 self._step_reference(group, rank, world)
         return loss
 
-    def _apply(self, group, params, grads, momenta, weights):
+    def _apply(self, group, params, grads, momenta, weights, row_v):
         """The rule on one matrix or a stack of same-shape ones; records finite flags."""
+        leverage = [] if self.collect_leverage else None
         U = aurora_update(grads, momenta, weights, group["mu"], group["nesterov"], group["rule"],
                           group["pp_iterations"], group["pp_beta"], group["contra"],
-                          group["uw_floor"])
+                          group["uw_floor"], group["aurora_on"], group["polar_kind"], row_v,
+                          leverage)
         self._pending.append((torch.isfinite(U).flatten(-2).all(-1).reshape(-1), params))
+        if leverage:
+            for p, lev in zip(params, leverage[0].reshape(len(params), -1)):
+                self.leverage[p] = lev
         if group["weight_decay"]:
             weights.mul_(1 - group["lr"] * group["weight_decay"])
         weights.add_(U.to(weights.dtype), alpha=-group["lr"])
 
-    def _momentum(self, p):
+    def _buffer(self, p, key, shape):
         state = self.state[p]
-        if "momentum" not in state:
-            state["momentum"] = torch.zeros_like(p.grad)
-        return state["momentum"]
+        if key not in state:
+            state[key] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        return state[key]
 
     def _step_reference(self, group, rank, world):
         # Largest first, so each round of `world` matrices has similar cost on every rank.
@@ -204,7 +266,8 @@ class Aurora(torch.optim.Optimizer):
             round_ = params[base:base + world]
             if rank < len(round_):
                 p = round_[rank]
-                self._apply(group, [p], p.grad, self._momentum(p), p.data)
+                row_v = self._buffer(p, "row_v", (p.size(0), 1)) if group["rule"] == "normuon" else None
+                self._apply(group, [p], p.grad, self._buffer(p, "momentum", p.shape), p.data, row_v)
             if world > 1:
                 self._gather_round(round_, rank, world)
 
@@ -235,8 +298,10 @@ class Aurora(torch.optim.Optimizer):
             mine = [p for p, r in zip(params, owners) if r == rank]
             if mine:
                 W = torch.stack([p.data for p in mine])
+                row_v = (self._stacked(mine, "row_v", (shape[0], 1)) if group["rule"] == "normuon"
+                         else None)
                 self._apply(group, mine, torch.stack([p.grad for p in mine]),
-                            self._stacked_momentum(mine), W)
+                            self._stacked(mine, "momentum", shape), W, row_v)
             if world == 1:
                 for p, w in zip(mine, W):
                     p.copy_(w)
@@ -255,18 +320,18 @@ class Aurora(torch.optim.Optimizer):
                 p.copy_(recv[r * slots + filled[r]])
                 filled[r] += 1
 
-    def _stacked_momentum(self, params):
-        """One (k, m, n) buffer per stack; each matrix's state["momentum"] is a view into it."""
+    def _stacked(self, params, key, shape):
+        """One (k, *shape) float32 buffer per stack; each matrix's state[key] is a view into it,
+        so the per-matrix reference path and the fast path keep interchangeable state."""
         first = self.state[params[0]]
-        stack = first.get("momentum_stack")
+        stack = first.get(key + "_stack")
         if stack is None or stack.size(0) != len(params):
-            stack = torch.zeros(len(params), *params[0].shape, dtype=params[0].grad.dtype,
-                                device=params[0].device)
+            stack = torch.zeros(len(params), *shape, dtype=torch.float32, device=params[0].device)
             for p, buf in zip(params, stack):
-                if "momentum" in self.state[p]:
-                    buf.copy_(self.state[p]["momentum"])
-                self.state[p]["momentum"] = buf
-            first["momentum_stack"] = stack
+                if key in self.state[p]:
+                    buf.copy_(self.state[p][key])
+                self.state[p][key] = buf
+            first[key + "_stack"] = stack
         return stack
 
     def check_finite(self):

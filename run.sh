@@ -28,10 +28,8 @@ ensure_synthetic() {
   fi
 }
 
-NGPU=0
-if command -v nvidia-smi >/dev/null 2>&1; then
-  NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-fi
+# GPUs that torch can use (honours CUDA_VISIBLE_DEVICES; set it empty to force the CPU path).
+NGPU=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 
 if [[ $NGPU -eq 0 ]]; then
   echo "run.sh: no NVIDIA GPU found: running the tiny preset on the CPU (synthetic data)."

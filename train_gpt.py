@@ -70,7 +70,9 @@ class Hyperparameters:
     lr_head: float = 1 / 320
     lr_scalar: float = 0.01
     # Aurora for the 72 block matrices
-    optimizer: str = "aurora"                # "muon": same pipeline with plain polar (ablation)
+    optimizer: str = "aurora"                # ablations: "muon" (plain polar), "normuon"
+    aurora_on: str = "nonsquare"             # "tall": square and wide matrices get plain polar
+    polar: str = "quintic12"                 # "cans12": the float32 cubic iteration
     lr_matrix: float = 0.0375
     momentum: float = 0.95
     nesterov: bool = True
@@ -79,6 +81,12 @@ class Hyperparameters:
     contra: float = 0.4
     uw_floor: float = 0.35
     weight_decay: float = 0.0
+    # neuron-health diagnostics at validation steps (MLP fc rows = hidden neurons)
+    diagnostics: bool = True
+    diag_tokens: int = 64 * 1024             # rank 0's first val tokens used for `dead`
+    dead_threshold: float = 0.001            # dead: positive pre-activation on < 0.1% of tokens
+    starved_threshold: float = 0.1           # starved: row leverage < 0.1 of uniform
+    frozen_threshold: float = 0.1            # frozen: moved < 10% of the median row movement
     # run
     seed: int = 0
     trials: int = 1
@@ -92,7 +100,10 @@ PRESETS = {
     "tiny": dict(data_dir=os.path.join(ROOT, "data", "synthetic"), batch_tokens=32 * 128,
                  seq_len=128, micro_batch_seqs=16, val_tokens=8 * 32 * 128, vocab_size=1024,
                  n_layer=4, d_model=192, head_dim=32, train_steps=200, val_every=25,
-                 val_every_late=10),
+                 val_every_late=10, diag_tokens=8 * 32 * 128),
+    # The record's model with a quarter of the batch: ablations at 124M scale on one GPU.
+    "small": dict(batch_tokens=2 * 64 * 1024, val_tokens=4 * 2 * 64 * 1024, train_steps=400,
+                  val_every=50, val_every_late=25),
 }
 
 # =================================================================================================
@@ -317,12 +328,16 @@ class GPT(nn.Module):
             else:
                 p.normal_(0.0, math.sqrt(init_var / p.size(1)))
 
-    def forward(self, idx, targets):
-        """Summed (not mean) cross-entropy of the soft-capped logits."""
+    def trunk(self, idx):
+        """Hidden states after the last block (before the final norm and the head)."""
         x = self.norm1(self.embed(idx).to(self.act_dtype))
         for block in self.blocks:
             x = block(x)
-        logits = self.lm_head_proj(self.norm2(x)).float()
+        return x
+
+    def forward(self, idx, targets):
+        """Summed (not mean) cross-entropy of the soft-capped logits."""
+        logits = self.lm_head_proj(self.norm2(self.trunk(idx))).float()
         logits = self.softcap * logits / torch.sqrt(logits.square() + self.softcap ** 2)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
 
@@ -342,7 +357,8 @@ def build_optimizers(model, hp):
         betas=hp.adam_betas, eps=hp.adam_eps, weight_decay=0.0)
     aurora = Aurora(matrices, lr=hp.lr_matrix, mu=hp.momentum, nesterov=hp.nesterov,
                     pp_iterations=hp.pp_iterations, pp_beta=hp.pp_beta, contra=hp.contra,
-                    uw_floor=hp.uw_floor, weight_decay=hp.weight_decay, rule=hp.optimizer)
+                    uw_floor=hp.uw_floor, weight_decay=hp.weight_decay, rule=hp.optimizer,
+                    aurora_on=hp.aurora_on, polar_kind=hp.polar)
     optimizers = [adam, aurora]
     assigned = sum(len(g["params"]) for opt in optimizers for g in opt.param_groups)
     assert assigned == len(list(model.parameters())), "every parameter must have one optimizer"
@@ -384,8 +400,19 @@ def parse_args(argv=None):
                     "(record: data/fineweb10B, tiny: data/synthetic)")
     ap.add_argument("--run-name", help="record directory name: records/<date>_<run-name>/ "
                     "(default: <optimizer>_<preset>)")
-    ap.add_argument("--optimizer", choices=["aurora", "muon"], default="aurora",
-                    help="aurora (record) or muon: the same pipeline with plain polar, for ablations")
+    ap.add_argument("--optimizer", choices=["aurora", "muon", "normuon"], default="aurora",
+                    help="aurora (record); for ablations, the same pipeline with plain polar (muon) "
+                         "or polar plus NorMuon's per-row normalization (normuon)")
+    ap.add_argument("--aurora-on", choices=["nonsquare", "tall"],
+                    help="matrices that get aurora_polar: nonsquare (record; wide ones via "
+                         "transpose) or tall only (the authors' later release)")
+    ap.add_argument("--polar", choices=["quintic12", "cans12"],
+                    help="Newton-Schulz iteration: quintic12 (record, bf16) or cans12 (float32 cubic)")
+    ap.add_argument("--pp-iterations", type=int, help="aurora_polar iterations of D (record 2; "
+                    "1 = row-normalize then polar, the MuonEq baseline)")
+    ap.add_argument("--pp-beta", type=float, help="exponent of the D update (record 0.5)")
+    ap.add_argument("--diagnostics", choices=["on", "off"], default="on",
+                    help="neuron-health diagnostics at validation steps (default on)")
     ap.add_argument("--val-tokens", type=int, help="validation tokens (record: 10,485,760); "
                     "a multiple of the batch size")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
@@ -396,7 +423,9 @@ def parse_args(argv=None):
                     help="add this run's log to an existing record directory of the same "
                          "configuration (e.g. more seeds) instead of refusing")
     args = ap.parse_args(argv)
-    for name in ("train_steps", "trials", "val_tokens"):
+    if args.pp_beta is not None and not 0 < args.pp_beta <= 1:
+        ap.error(f"--pp-beta must be in (0, 1], got {args.pp_beta}")
+    for name in ("train_steps", "trials", "val_tokens", "pp_iterations"):
         value = getattr(args, name)
         if value is not None and value < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -409,7 +438,9 @@ def parse_args(argv=None):
 def hyperparameters_from(args):
     hp = Hyperparameters(**PRESETS[args.preset])
     overrides = dict(train_steps=args.train_steps, data_dir=args.data_dir, val_tokens=args.val_tokens,
-                     trials=args.trials, seed=args.seed, optimizer=args.optimizer)
+                     trials=args.trials, seed=args.seed, optimizer=args.optimizer,
+                     aurora_on=args.aurora_on, polar=args.polar, pp_iterations=args.pp_iterations,
+                     pp_beta=args.pp_beta, diagnostics=args.diagnostics == "on")
     return dataclasses.replace(hp, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -423,6 +454,11 @@ def setup_distributed():
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"local rank {local_rank} has no GPU: this node shows "
+                             f"{torch.cuda.device_count()} GPU(s); start at most that many "
+                             "processes per node (--nproc_per_node), or set "
+                             "CUDA_VISIBLE_DEVICES= to train on the CPU")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
@@ -582,13 +618,81 @@ def train_step(model, compiled, optimizers, x, y, hp, micro, world, step):
     return train_loss
 
 
-def train_trial(trial, hp, model, compiled, train_loader, val_loader, micro, world, device, log):
+@torch.no_grad()
+def mlp_diagnostics(model, fc_init, aurora, x, hp, micro, world, rank):
+    """Neuron health of every block's MLP (fc rows = hidden neurons), one dict per layer:
+    dead     fraction of neurons whose pre-activation is positive on < dead_threshold of the
+             tokens of `x` (relu^2 then outputs zero almost always);
+    leverage row leverage r_i = ||U_i||^2 / (cols/rows) of the fc update direction U of the last
+             step, after the polar step (1 = uniform): its coefficient of variation and min, and
+             starved = fraction of rows with r_i < starved_threshold;
+    frozen   fraction of neurons whose fc row moved since initialization by less than
+             frozen_threshold of the median row movement.
+    Collective (leverage lives on the rank that owns each matrix): call on every rank."""
+    fcs = [block.mlp.fc for block in model.blocks]
+    hidden = fcs[0].weight.size(0)
+    lev = torch.zeros(len(fcs), hidden, device=x.device)
+    have = torch.zeros(len(fcs), device=x.device)
+    for i, fc in enumerate(fcs):
+        if fc.weight in aurora.leverage:
+            lev[i], have[i] = aurora.leverage[fc.weight], 1
+    aurora.leverage.clear()
+    if world > 1:
+        dist.all_reduce(lev)
+        dist.all_reduce(have)
+    if rank != 0:
+        return None
+    # dead: count positive pre-activations with hooks on the eager (uncompiled) model
+    positive = torch.zeros(len(fcs), hidden, device=x.device)
+    hooks = [fc.register_forward_hook(
+        lambda mod, inp, out, i=i: positive[i].add_((out > 0).flatten(0, -2).sum(0)))
+        for i, fc in enumerate(fcs)]
+    n_micro = max(1, min(hp.diag_tokens, x.numel()) // (micro * hp.seq_len))
+    try:
+        for xm in x.view(-1, micro, hp.seq_len)[:n_micro]:
+            model.trunk(xm)  # eager, and no logits: the hooks need only the MLP pre-activations
+    finally:
+        for h in hooks:
+            h.remove()
+    n_tokens = n_micro * micro * hp.seq_len
+    rows = []
+    for i, fc in enumerate(fcs):
+        moved = (fc.weight.float() - fc_init[i]).norm(dim=1)
+        median = moved.median()
+        row = dict(layer=i, tokens=n_tokens,
+                   dead=(positive[i] < hp.dead_threshold * n_tokens).float().mean().item(),
+                   frozen=(moved < hp.frozen_threshold * median).float().mean().item()
+                   if median > 0 else None)
+        if have[i]:
+            r = lev[i]
+            row.update(leverage_cv=(r.std() / r.mean()).item(), leverage_min=r.min().item(),
+                       starved=(r < hp.starved_threshold).float().mean().item())
+        else:  # no update yet (step 0)
+            row.update(leverage_cv=None, leverage_min=None, starved=None)
+        rows.append(row)
+    return rows
+
+
+def diagnostics_line(rows):
+    """One log line: each diagnostic's mean over layers."""
+    def mean(key):
+        values = [r[key] for r in rows if r[key] is not None]
+        return f"{sum(values) / len(values):.4f}" if values else "nan"
+    return (f"diagnostics: dead:{mean('dead')} starved:{mean('starved')} "
+            f"leverage_cv:{mean('leverage_cv')} leverage_min:{mean('leverage_min')} "
+            f"frozen:{mean('frozen')} (mean over {len(rows)} MLP layers)")
+
+
+def train_trial(trial, hp, model, compiled, train_loader, val_loader, micro, world, rank, device,
+                log, diag_file=None):
     """One seed: re-initialize, train hp.train_steps steps, validate on schedule. Returns the
     final val loss. Raises FloatingPointError (naming the step) on a non-finite loss."""
     seed = hp.seed + trial
     torch.manual_seed(seed)
     model.init_weights(hp.init_var)
     optimizers = build_optimizers(model, hp)
+    aurora = optimizers[1]
+    fc_init = [block.mlp.fc.weight.detach().float().clone() for block in model.blocks]
     train_loader.reset()
     log(f"trial:{trial} seed:{seed}")
     train_time, last_val_time, last_val_step = 0.0, 0.0, 0
@@ -598,7 +702,7 @@ def train_trial(trial, hp, model, compiled, train_loader, val_loader, micro, wor
         if is_val_step(step, hp):
             sync(device)
             train_time += time.perf_counter() - t0
-            optimizers[1].check_finite()  # Aurora checks its updates lazily; do it now
+            aurora.check_finite()  # Aurora checks its updates lazily; do it now
             val_loss = evaluate(compiled, val_loader, hp, micro, world)
             step_avg = (1000 * (train_time - last_val_time) / (step - last_val_step)
                         if step > last_val_step else float("nan"))
@@ -606,6 +710,17 @@ def train_trial(trial, hp, model, compiled, train_loader, val_loader, micro, wor
                 f"train_time:{train_time:.3f}s step_avg:{step_avg:.2f}ms")
             if not math.isfinite(val_loss):
                 raise FloatingPointError(f"non-finite val loss ({val_loss}) at step {step}")
+            if hp.diagnostics:
+                val_loader.reset()  # the first diag_tokens of this rank's validation tokens
+                n_batches = min(math.ceil(hp.diag_tokens * world / hp.batch_tokens),
+                                hp.val_tokens // hp.batch_tokens)
+                x = torch.cat([val_loader.next_batch()[0] for _ in range(n_batches)])
+                rows = mlp_diagnostics(model, fc_init, aurora, x, hp, micro, world, rank)
+                if rows:
+                    log(diagnostics_line(rows))
+                    for row in rows:
+                        diag_file.write(json.dumps(dict(trial=trial, step=step, **row)) + "\n")
+                    diag_file.flush()
             last_val_time, last_val_step = train_time, step
             sync(device)
             t0 = time.perf_counter()
@@ -613,6 +728,7 @@ def train_trial(trial, hp, model, compiled, train_loader, val_loader, micro, wor
             if device.type == "cuda":
                 log(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
             return val_loss
+        aurora.collect_leverage = hp.diagnostics and is_val_step(step + 1, hp)
         train_loss = train_step(model, compiled, optimizers, *train_loader.next_batch(), hp, micro,
                                 world, step)
         elapsed = train_time + time.perf_counter() - t0
@@ -645,12 +761,20 @@ def run(args, hp, rank, world, device, log):
     train_loader = TokenLoader(train_files, hp.batch_tokens, rank, world, hp.vocab_size, device)
     val_loader = TokenLoader(val_files, hp.batch_tokens, rank, world, hp.vocab_size, device)
     finals = []
-    for trial in range(hp.trials):
-        try:
-            finals.append(train_trial(trial, hp, model, compiled, train_loader, val_loader, micro,
-                                      world, device, log))
-        except FloatingPointError as e:
-            raise FloatingPointError(f"trial {trial} (seed {hp.seed + trial}): {e}") from None
+    diag_file = None
+    if rank == 0 and hp.diagnostics:  # one JSON object per (step, layer), next to the log
+        diag_file = open(os.path.splitext(log_path)[0] + ".jsonl", "x")
+        log(f"diagnostics: {diag_file.name}")
+    try:
+        for trial in range(hp.trials):
+            try:
+                finals.append(train_trial(trial, hp, model, compiled, train_loader, val_loader,
+                                          micro, world, rank, device, log, diag_file))
+            except FloatingPointError as e:
+                raise FloatingPointError(f"trial {trial} (seed {hp.seed + trial}): {e}") from None
+    finally:
+        if diag_file:
+            diag_file.close()
     if rank == 0:
         log(f"final val losses: {' '.join(f'{v:.5f}' for v in finals)}")
         from tools.records import write_summary  # post-processing only: reads the logs back
@@ -665,7 +789,11 @@ def run(args, hp, rank, world, device, log):
 def main(argv=None):
     args = parse_args(argv)
     hp = hyperparameters_from(args)
-    rank, world, device = setup_distributed()
+    try:
+        rank, world, device = setup_distributed()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     log = Logger(quiet=rank != 0)
     try:
         return run(args, hp, rank, world, device, log)

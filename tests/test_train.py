@@ -239,7 +239,7 @@ def torchrun_or_python(nproc, args, env):
 
 
 def test_two_gloo_processes_match_one(data_dir, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # gloo on the CPU
     results = {}
     for nproc in (1, 2):
         args = ["--preset", "tiny", "--data-dir", data_dir, "--records-dir", str(tmp_path),
@@ -256,7 +256,7 @@ def test_two_gloo_processes_match_one(data_dir, tmp_path):
 
 
 def test_run_sh_cpu_path(tmp_path):
-    env = dict(os.environ, PATH="/usr/bin:/bin:" + os.path.dirname(sys.executable), PYTHON=sys.executable)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHON=sys.executable)  # the CPU path, GPU or not
     proc = subprocess.run([os.path.join(ROOT, "run.sh"), "--train-steps", "6", "--records-dir",
                            str(tmp_path), "--run-name", "runsh"], env=env, capture_output=True,
                           text=True, timeout=300)
