@@ -214,9 +214,19 @@ def json_safe(value):
 def write_summary(record_dir, target=3.28, extra=None):
     """(Re)write record_dir/summary.json from every *.txt log in it; returns what it wrote:
     summarize()'s keys, plus `environment` (= extra) and `runs` (per run: source file name,
-    trial, seed, final_step, final_loss, first_step_at_target)."""
-    runs = load_runs([record_dir])
+    trial, seed, final_step, final_loss, first_step_at_target), and `skipped_logs`: logs with no
+    validation line yet (a run that stopped before its first validation must not block the
+    record's later summaries)."""
+    runs, skipped = [], []
+    for f in log_files(record_dir):
+        try:
+            runs += parse_log(f)
+        except RecordsError as e:
+            skipped.append(str(e))
+    if not runs:
+        raise RecordsError(f"no log in {record_dir} has validation lines: " + "; ".join(skipped))
     summary = summarize(runs, target)
+    summary["skipped_logs"] = skipped
     summary["environment"] = dict(extra or {})
     summary["runs"] = [dict(source=os.path.basename(r["source"]), trial=r["trial"], seed=r["seed"],
                             final_step=r["steps"][-1], final_loss=r["losses"][-1],
@@ -243,8 +253,9 @@ def write_summary(record_dir, target=3.28, extra=None):
 # ------------------------------------------------------------------------------------------------
 
 def plot_records(records, png_path, target=3.28, band="minmax"):
-    """Mean val-loss curve of each record with a min-max or mean ± std band: the whole run, and a
-    panel zoomed near the target (last 30% of the steps). `records` maps a label to its runs."""
+    """Mean val-loss curve of each record with a min-max or mean ± std band: the whole run (y axis
+    cut at 4.5), and a panel zoomed near the target (target - 0.02 .. target + 0.06, from the first
+    step where a mean curve enters that range). `records` maps a label to its runs."""
     if band not in ("minmax", "std"):
         raise RecordsError(f"band must be 'minmax' or 'std', not {band!r}")
     if not records:
@@ -254,7 +265,7 @@ def plot_records(records, png_path, target=3.28, band="minmax"):
     import matplotlib.pyplot as plt
 
     fig, (full, zoom) = plt.subplots(1, 2, figsize=(12, 4.5))
-    last = 0
+    last, near, bottom, top = 0, [], target - 0.05, target + 0.5
     for label, runs in records.items():
         s = summarize(runs, target)
         steps = np.array(s["steps"])
@@ -272,13 +283,19 @@ def plot_records(records, png_path, target=3.28, band="minmax"):
         if s["step"] is not None:
             zoom.axvline(s["step"], color=line.get_color(), linestyle=":", linewidth=1)
         last = max(last, int(steps[-1]))
+        # the zoom starts where the first record comes within the panel's y range of the target
+        near += [int(st) for st, m in zip(steps, mean) if m <= target + 0.06][:1]
+        top = max(top, min(4.5, float(np.nanmax(mean))))
+        bottom = min(bottom, float(np.nanmin(mean)) - 0.01)
     for ax in (full, zoom):
         ax.axhline(target, color="gray", linestyle="--", linewidth=1)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     full.set_ylabel("val loss")
     full.set_title(f"mean val loss ({'min-max' if band == 'minmax' else '± std'} band)")
-    zoom.set_xlim(0.7 * last, last * 1.01 + 1)
+    full.set_ylim(bottom, top)  # the first steps (loss ~11) would flatten everything else
+    start = min(near) if near else 0.7 * last
+    zoom.set_xlim(start - 0.02 * (last - start), last + 0.02 * (last - start) + 1)
     zoom.set_ylim(target - 0.02, target + 0.06)
     zoom.set_title(f"near the target {target} (dotted: record step)")
     full.legend(fontsize=8)
