@@ -644,9 +644,14 @@ def mlp_diagnostics(model, fc_init, aurora, x, hp, micro, world, rank):
         return None
     # dead: count positive pre-activations with hooks on the eager (uncompiled) model
     positive = torch.zeros(len(fcs), hidden, device=x.device)
-    hooks = [fc.register_forward_hook(
-        lambda mod, inp, out, i=i: positive[i].add_((out > 0).flatten(0, -2).sum(0)))
-        for i, fc in enumerate(fcs)]
+
+    def count_positive(i):
+        def hook(module, args, out):
+            positive[i] += (out > 0).flatten(0, -2).sum(0)
+            # returns None: a forward hook that returns a value replaces the module's output
+        return hook
+
+    hooks = [fc.register_forward_hook(count_positive(i)) for i, fc in enumerate(fcs)]
     n_micro = max(1, min(hp.diag_tokens, x.numel()) // (micro * hp.seq_len))
     try:
         for xm in x.view(-1, micro, hp.seq_len)[:n_micro]:

@@ -99,6 +99,40 @@ def test_mlp_diagnostics_on_a_hand_built_layer():
     assert rows[0]["frozen"] == 0.25  # the unmoved quarter, the 10 barely-moved rows among them
 
 
+def test_dead_fraction_matches_a_direct_count_in_every_layer():
+    """The hooks must observe, not alter, the forward pass (deeper layers see true inputs)."""
+    hp = train_gpt.Hyperparameters(**train_gpt.PRESETS["tiny"])
+    torch.manual_seed(1)
+    model = train_gpt.GPT(hp, torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "proj" in name and p.ndim == 2:
+                p.normal_(0, 0.05)  # non-zero residual branches, so layers depend on each other
+            if name.endswith("mlp.fc.bias"):
+                p.normal_(-0.3, 0.5)  # some neurons nearly dead
+    x = torch.randint(0, hp.vocab_size, (4 * 16 * 128,))
+    pre = []
+    hooks = [b.mlp.fc.register_forward_hook(lambda m, a, out: pre.append(out.detach().clone()) and None)
+             for b in model.blocks]
+    with torch.no_grad():
+        reference_out = model.trunk(x.view(-1, 16, 128).flatten(0, 0)[0])
+        pre.clear()
+        for xm in x.view(-1, 16, 128):
+            model.trunk(xm)
+    for h in hooks:
+        h.remove()
+    opt = Aurora([b.mlp.fc.weight for b in model.blocks], lr=0.1)
+    fc_init = [b.mlp.fc.weight.detach().clone() for b in model.blocks]
+    rows = train_gpt.mlp_diagnostics(model, fc_init, opt, x, hp, micro=16, world=1, rank=0)
+    n_layer = len(model.blocks)
+    for layer in range(n_layer):
+        acts = torch.cat([pre[k * n_layer + layer].flatten(0, 1) for k in range(4)])
+        direct = ((acts > 0).sum(0) < 0.001 * acts.size(0)).float().mean().item()
+        assert rows[layer]["dead"] == direct, (layer, rows[layer]["dead"], direct)
+    with torch.no_grad():  # and the model computes the same thing after the diagnostics
+        torch.testing.assert_close(model.trunk(x.view(-1, 16, 128)[0]), reference_out)
+
+
 def test_training_writes_diagnostics_jsonl_and_log_line(data_dir, tmp_path):  # noqa: F811
     assert run(["--train-steps", "12", "--run-name", "diag", "--optimizer", "normuon"], data_dir, tmp_path) == 0
     record_dir = glob.glob(str(tmp_path / "*_diag"))[0]
