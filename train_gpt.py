@@ -769,7 +769,7 @@ def run(args, hp, rank, world, device, log):
     diag_file = None
     if rank == 0 and hp.diagnostics:  # one JSON object per (step, layer), next to the log
         diag_file = open(os.path.splitext(log_path)[0] + ".jsonl", "x")
-        log(f"diagnostics: {diag_file.name}")
+        log(f"diagnostics file: {diag_file.name}")
     try:
         for trial in range(hp.trials):
             try:
