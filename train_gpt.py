@@ -788,6 +788,8 @@ def run(args, hp, rank, world, device, log):
         step = summary["step"]
         print(f"summary: {os.path.join(record_dir, 'summary.json')}: n={summary['n']} record "
               f"step={step if step is not None else 'not reached'} mean={summary['mean']:.5f}")
+    if world > 1:
+        dist.barrier()  # leave together: a gloo rank that exits while a peer still talks can abort
     return 0
 
 
