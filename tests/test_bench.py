@@ -21,3 +21,21 @@ def test_bench_small_on_cpu():
     assert re.search(r"^fast/reference: aurora \d\.\d{3}  muon \d\.\d{3}$", out, re.M)
     assert re.search(r"^aurora\s+\d+\.\d\d\s+\d+\.\d\d\s+n/a$", out, re.M)  # no MFU without a peak
     assert "aurora - muon:" in out
+
+
+def test_gpu_ablation_script_smoke_on_cpu(tmp_path):
+    """tools/gpu_ablation.sh end to end with the tiny preset, so a GPU session can trust it."""
+    import tarfile
+    env = dict(os.environ, PRESET="tiny", VOCAB="1024", SHARD_TOKENS="1000000", PYTEST="0",
+               DATA=str(tmp_path / "data"), CUDA_VISIBLE_DEVICES="")
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", os.path.join(ROOT, "tools", "gpu_ablation.sh"), str(out), "4"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = (out / "ablate.txt").read_text()
+    for name in ("muon", "normuon", "aurora"):
+        assert re.search(rf"^\| {name} \| \d+\.\d{{5}} \|", table, re.M), table
+    with tarfile.open(out / "ablation.tar.gz") as tar:
+        names = tar.getnames()
+    assert "ablation_tiny/ablation.md" in names and "ablation_tiny/dead.png" in names
+    assert sum(n.endswith(".jsonl") for n in names) == 3
