@@ -628,11 +628,13 @@ def mlp_diagnostics(model, fc_init, aurora, x, hp, micro, world, rank):
              starved = fraction of rows with r_i < starved_threshold;
     frozen   fraction of neurons whose fc row moved since initialization by less than
              frozen_threshold of the median row movement.
-    Collective (leverage lives on the rank that owns each matrix): call on every rank."""
+    Collective (leverage lives on the rank that owns each matrix): call on every rank. Only
+    rank 0 measures the rest and returns the rows; other ranks may pass fc_init = x = None."""
     fcs = [block.mlp.fc for block in model.blocks]
     hidden = fcs[0].weight.size(0)
-    lev = torch.zeros(len(fcs), hidden, device=x.device)
-    have = torch.zeros(len(fcs), device=x.device)
+    device = fcs[0].weight.device
+    lev = torch.zeros(len(fcs), hidden, device=device)
+    have = torch.zeros(len(fcs), device=device)
     for i, fc in enumerate(fcs):
         if fc.weight in aurora.leverage:
             lev[i], have[i] = aurora.leverage[fc.weight], 1
@@ -643,7 +645,7 @@ def mlp_diagnostics(model, fc_init, aurora, x, hp, micro, world, rank):
     if rank != 0:
         return None
     # dead: count positive pre-activations with hooks on the eager (uncompiled) model
-    positive = torch.zeros(len(fcs), hidden, device=x.device)
+    positive = torch.zeros(len(fcs), hidden, device=device)
 
     def count_positive(i):
         def hook(module, args, out):
@@ -697,7 +699,10 @@ def train_trial(trial, hp, model, compiled, train_loader, val_loader, micro, wor
     model.init_weights(hp.init_var)
     optimizers = build_optimizers(model, hp)
     aurora = optimizers[1]
-    fc_init = [block.mlp.fc.weight.detach().float().clone() for block in model.blocks]
+    # Only rank 0 measures neuron health (frozen needs the initial fc rows, dead some val tokens).
+    diag_rank0 = hp.diagnostics and rank == 0
+    fc_init = ([block.mlp.fc.weight.detach().float().clone() for block in model.blocks]
+               if diag_rank0 else None)
     train_loader.reset()
     log(f"trial:{trial} seed:{seed}")
     train_time, last_val_time, last_val_step = 0.0, 0.0, 0
@@ -716,10 +721,12 @@ def train_trial(trial, hp, model, compiled, train_loader, val_loader, micro, wor
             if not math.isfinite(val_loss):
                 raise FloatingPointError(f"non-finite val loss ({val_loss}) at step {step}")
             if hp.diagnostics:
-                val_loader.reset()  # the first diag_tokens of this rank's validation tokens
-                n_batches = min(math.ceil(hp.diag_tokens * world / hp.batch_tokens),
-                                hp.val_tokens // hp.batch_tokens)
-                x = torch.cat([val_loader.next_batch()[0] for _ in range(n_batches)])
+                x = None
+                if diag_rank0:  # rank 0's first diag_tokens validation tokens
+                    val_loader.reset()
+                    n_batches = min(math.ceil(hp.diag_tokens * world / hp.batch_tokens),
+                                    hp.val_tokens // hp.batch_tokens)
+                    x = torch.cat([val_loader.next_batch()[0] for _ in range(n_batches)])
                 rows = mlp_diagnostics(model, fc_init, aurora, x, hp, micro, world, rank)
                 if rows:
                     log(diagnostics_line(rows))
