@@ -238,6 +238,10 @@ def _worker(rank, world, port, out_dir, batched):
     try:
         torch.save(run_steps(batched), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
+        # Leave together: a gloo rank still tearing down when its peer exits can abort
+        # ("terminate called without an active exception"; 3 of 100 runs without this barrier,
+        # 0 of 110 with it, on our 2-core machine).
+        dist.barrier()
         dist.destroy_process_group()
 
 
