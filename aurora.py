@@ -10,13 +10,14 @@ norms of the result become uniform (every row gets leverage cols/rows). On squar
 orthogonal matrix already has uniform row norms, and Aurora is exactly Muon.
 
 Public API (names as in the Aurora reference code):
-    polar(G)                      12-step simple-quintic Newton-Schulz polar factor, bfloat16
+    polar(G)                      12-step simple-quintic Newton-Schulz polar factor (bf16 default)
     aurora_polar(G, ...)          leverage-uniform polar factor
-    aurora_update(...)            the record's full per-matrix rule, written out once
+    aurora_direction(...)         steps 1-5 of the record's per-matrix rule (what it compiles)
+    aurora_update(...)            the whole per-matrix rule: direction, then the u/w floor
     Aurora(params, lr, ...)       torch.optim.Optimizer; works with or without torch.distributed
 
-The whole algorithm is `polar`, `aurora_polar` and `aurora_update` below; `Aurora` only holds the
-momentum buffers and shares the matrices among ranks.
+The whole algorithm is `polar`, `aurora_polar` and `aurora_direction` below; `Aurora` only holds
+the momentum buffers and shares the matrices among ranks.
 """
 import math
 
@@ -25,14 +26,17 @@ import torch.distributed as dist
 
 
 @torch.no_grad()
-def polar(G: torch.Tensor, steps: int = 12, eps: float = 1e-7) -> torch.Tensor:
+def polar(G: torch.Tensor, steps: int = 12, eps: float = 1e-7,
+          dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Polar factor of G (batched over leading dims) by 12 simple-quintic Newton-Schulz steps.
 
     The iteration X <- 2X - 1.5 (X X^T) X + 0.5 (X X^T)^2 X maps every singular value s of X by
     p(s) = 2s - 1.5s^3 + 0.5s^5, whose fixed point s = 1 is superattracting, while small singular
-    values double each step. Runs in bfloat16 (the tensor-core dtype); result has G's shape.
+    values double each step. The record runs it in bfloat16 (the tensor-core dtype); on a CPU
+    without native bfloat16 a bf16 matmul is ~100x slower than float32, so the optimizer passes
+    dtype=float32 there. Result: G's shape, in `dtype`.
     """
-    X = G.bfloat16()
+    X = G.to(dtype)
     tall = X.size(-2) > X.size(-1)
     if tall:  # iterate on the wide side so X X^T is the small Gram matrix
         X = X.mT
@@ -44,7 +48,7 @@ def polar(G: torch.Tensor, steps: int = 12, eps: float = 1e-7) -> torch.Tensor:
     return X.mT if tall else X
 
 
-# (a, b) of the 12 cubic steps X <- a X + b (X X^T) X of the authors' later Aurora release.
+# (a, b) of the 12 cubic steps X <- a X + b (X X^T) X of the `cans12` variant.
 CANS12 = [(5.182503604966906, -5.178098480082684), (2.586120737395915, -0.6479542005271643),
           (2.567364126726186, -0.6454968804392178), (2.520560084348265, -0.6393528082067044),
           (2.410759275435182, -0.6248683598710716), (2.1883348130094173, -0.5952022073798908),
@@ -53,9 +57,10 @@ CANS12 = [(5.182503604966906, -5.178098480082684), (2.586120737395915, -0.647954
 
 
 @torch.no_grad()
-def polar_cans12(G: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+def polar_cans12(G: torch.Tensor, eps: float = 1e-7, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Polar factor by 12 tuned cubic Newton-Schulz steps in float32 (same normalization and
-    transpose rule as `polar`); the variant of the authors' later release."""
+    transpose rule as `polar`); a variant the authors proposed in public discussion, not part of
+    the record. Always float32 (`dtype` is accepted for a common signature and ignored)."""
     X = G.float()
     tall = X.size(-2) > X.size(-1)
     if tall:
@@ -69,27 +74,36 @@ def polar_cans12(G: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
 POLARS = {"quintic12": polar, "cans12": polar_cans12}
 
 
+def ns_dtype_for(setting, device):
+    """Newton-Schulz dtype: "auto" is the record's bfloat16 on CUDA and float32 elsewhere (a CPU
+    without native bf16 runs bf16 matmuls ~100x slower); "bfloat16"/"float32" force one."""
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[setting]
+
+
 @torch.no_grad()
-def aurora_polar(G: torch.Tensor, pp_iterations: int = 2, pp_beta: float = 0.5,
-                 eps: float = 1e-7, polar_fn=polar) -> torch.Tensor:
+def aurora_polar(G: torch.Tensor, pp_iterations: int = 2, pp_beta: float = 0.5, eps: float = 1e-7,
+                 polar_fn=polar, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Orthogonal factor of G whose rows (of the tall orientation) all have the same norm.
 
     Square: plain polar (orthogonal square matrices already have unit rows). Wide: the transpose
     of the tall case. Tall (m > n), in float32: start from D = 1/||G_i|| (row-normalized G), take
     U = polar(D G), and push each row's squared norm r_i towards the uniform value n/m by
-    D_i <- D_i * ((n/m) / r_i)^beta. Batched over leading dims.
+    D_i <- D_i * ((n/m) / r_i)^beta. Batched over leading dims. Like the record, returns the
+    output of the last Newton-Schulz run as it is (bfloat16 for the record's quintic).
     """
     m, n = G.shape[-2:]
     if m == n:
-        return polar_fn(G)
+        return polar_fn(G, dtype=dtype)
     if m < n:
-        return aurora_polar(G.mT, pp_iterations, pp_beta, eps, polar_fn).mT
+        return aurora_polar(G.mT, pp_iterations, pp_beta, eps, polar_fn, dtype).mT
     G = G.float()
     D = 1.0 / G.norm(dim=-1, keepdim=True).clamp_min(eps)
     for k in range(pp_iterations):
-        U = polar_fn(D * G).float()
+        U = polar_fn(D * G, dtype=dtype)
         if k < pp_iterations - 1:
-            r = U.square().sum(dim=-1, keepdim=True).clamp_min(eps * eps)
+            r = U.float().square().sum(dim=-1, keepdim=True).clamp_min(eps * eps)
             D = D * ((n / m) / r) ** pp_beta
     return U
 
@@ -105,58 +119,73 @@ def top_singular_value(u: torch.Tensor, iters: int = 5) -> torch.Tensor:
     return (u @ v).norm(dim=(-2, -1), keepdim=True)
 
 
+NORMUON_BETA2 = 0.95  # NorMuon's decay of the per-row second moment
+
+# The record's hyperparameters of the rule (what Aurora's constructor defaults to).
+RECORD = dict(momentum=0.95, nesterov=True, pp_iterations=2, pp_beta=0.5, contra=0.4, uw_floor=0.35,
+              rule="aurora", aurora_on="nonsquare", ns_iteration="quintic12", ns_dtype="bfloat16")
+
+
 @torch.no_grad()
-def orthogonalize(u, rule="aurora", pp_iterations=2, pp_beta=0.5, aurora_on="nonsquare",
-                  polar_kind="quintic12", row_v=None, b2=0.95):
-    """Step 3 of the rule: aurora_polar (Aurora), plain polar (Muon) or polar with NorMuon's
-    per-row second-moment normalization (row_v, one value per row, is updated in place)."""
-    polar_fn = POLARS[polar_kind]
+def orthogonalize(u, hp=RECORD, row_v=None):
+    """Step 3 of the rule, in float32: aurora_polar (Aurora), plain polar (Muon), or polar with
+    NorMuon's per-row second-moment normalization (row_v, one value per row, updated in place)."""
+    polar_fn, dtype = POLARS[hp["ns_iteration"]], ns_dtype_for(hp["ns_dtype"], u.device)
     rows, cols = u.shape[-2:]
-    if rule == "aurora" and (aurora_on == "nonsquare" or rows > cols):
-        return aurora_polar(u, pp_iterations, pp_beta, polar_fn=polar_fn).float()
-    O = polar_fn(u).float()
-    if rule == "normuon":
-        row_v.lerp_(O.square().mean(dim=-1, keepdim=True), 1 - b2)
+    if hp["rule"] == "aurora" and (hp["aurora_on"] == "nonsquare" or rows > cols):
+        return aurora_polar(u, hp["pp_iterations"], hp["pp_beta"], polar_fn=polar_fn, dtype=dtype).float()
+    O = polar_fn(u, dtype=dtype).float()
+    if hp["rule"] == "normuon":
+        row_v.lerp_(O.square().mean(dim=-1, keepdim=True), 1 - NORMUON_BETA2)
         N = O / (row_v.sqrt() + 1e-10)
         O = N * (O.norm(dim=(-2, -1), keepdim=True) / N.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-30))
     return O
 
 
 @torch.no_grad()
-def aurora_update(grad, momentum, weight, mu=0.95, nesterov=True, rule="aurora",
-                  pp_iterations=2, pp_beta=0.5, contra=0.4, uw_floor=0.35, aurora_on="nonsquare",
-                  polar_kind="quintic12", row_v=None, leverage=None):
-    """The record's per-matrix rule: updates `momentum` in place and returns the step U (float32).
-
-    The caller applies W -= lr * U. Batched over leading dims (grad, momentum, weight alike).
-    If `leverage` is a list, the row leverage ||U_i||^2 / (cols/rows) of the orthogonalized
-    direction (1 = uniform) is appended to it, for diagnostics.
-    """
+def aurora_direction(grad, momentum, hp=RECORD, row_v=None, leverage=False):
+    """Steps 1-5 of the record's per-matrix rule (the part the record compiles). Updates
+    `momentum` in place and overwrites `grad` with the Nesterov look-ahead, as the record does.
+    Returns the float32 direction U, or (U, row leverage) when leverage=True: the leverage
+    ||O_i||^2 / (cols/rows) of the orthogonalized O (1 = uniform), for diagnostics.
+    Batched over leading dims."""
     # 1. Momentum, then Nesterov look-ahead.
-    momentum.lerp_(grad, 1 - mu)
-    u = (grad.lerp(momentum, mu) if nesterov else momentum).float()
+    momentum.lerp_(grad, 1 - hp["momentum"])
+    u = (grad.lerp_(momentum, hp["momentum"]) if hp["nesterov"] else momentum).float()
     # 2. Contra direction: u scaled to unit spectral norm.
     c = u / top_singular_value(u).clamp_min(1e-30)
     # 3. Orthogonalize: leverage-uniform polar (Aurora); plain polar (Muon) or NorMuon for ablations.
-    U = orthogonalize(u, rule, pp_iterations, pp_beta, aurora_on, polar_kind, row_v)
+    U = orthogonalize(u, hp, row_v)
     rows, cols = U.shape[-2:]
-    if leverage is not None:
-        leverage.append(U.square().sum(dim=-1) / (cols / rows))
+    lev = U.square().sum(dim=-1) / (cols / rows) if leverage else None
     # 4. Contra-Muon: subtract part of the spectral-normalized momentum, keep U's Frobenius norm.
-    #    The record's configuration names this strength contra=0.4 and subtracts 0.2 * c.
-    if contra:
+    #    The record's configuration names this strength contra=0.4 and subtracts 0.2 * c. The
+    #    norm f is taken in float32, as the record's compiled kernel does.
+    if hp["contra"]:
         f = U.norm(dim=(-2, -1), keepdim=True)
-        U = U - (contra / 2) * c
+        U = U - (hp["contra"] / 2) * c
         U = U * (f / U.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-30))
     # 5. Aspect scale: tall matrices get sqrt(rows/cols) so their per-entry step matches square ones.
     U = U * math.sqrt(max(1.0, rows / cols))
-    # 6. u/w floor: never let the update be smaller than uw_floor of the weight (Frobenius norms).
-    #    clamp(min=1) makes it a no-op above the floor without a data-dependent branch.
-    if uw_floor:
-        ratio = (U.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-8)
-                 / weight.float().norm(dim=(-2, -1), keepdim=True).clamp_min(1e-8))
-        U = U * (uw_floor / ratio).clamp_min(1.0)
-    return U
+    return (U, lev) if leverage else U
+
+
+@torch.no_grad()
+def apply_uw_floor(U, weight, floor):
+    """Step 6: never let the update be smaller than `floor` of the weight (Frobenius norms, float32,
+    each clamped below at 1e-8). clamp(min=1) leaves U untouched above the floor without a
+    data-dependent branch (no host sync)."""
+    if not floor:
+        return U
+    ratio = (U.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-8)
+             / weight.float().norm(dim=(-2, -1), keepdim=True).clamp_min(1e-8))
+    return U * (floor / ratio).clamp_min(1.0)
+
+
+def aurora_update(grad, momentum, weight, hp=RECORD, row_v=None):
+    """The record's whole per-matrix rule, steps 1-6: returns U (float32); the caller applies
+    W -= lr * U. `hp` holds the rule's hyperparameters (default: the record's, RECORD)."""
+    return apply_uw_floor(aurora_direction(grad, momentum, hp, row_v), weight, hp["uw_floor"])
 
 
 class Aurora(torch.optim.Optimizer):
@@ -165,30 +194,32 @@ class Aurora(torch.optim.Optimizer):
     Defaults are the record's rule (see `aurora_update`). contra=0 and uw_floor=0 give plain
     Aurora; rule="muon" swaps aurora_polar for plain polar and changes nothing else, and
     rule="normuon" adds NorMuon's per-row normalization to plain polar. aurora_on="tall" keeps
-    square and wide matrices on plain polar; polar_kind="cans12" uses the float32 cubic iteration.
+    square and wide matrices on plain polar; ns_iteration="cans12" uses a float32 cubic iteration.
+    ns_dtype="auto" runs Newton-Schulz in bfloat16 on CUDA (the record) and float32 elsewhere.
 
     With torch.distributed initialized, call step() on every rank after the gradients have been
     summed across ranks; each rank updates its share of the matrices and the results are
     all-gathered, so all ranks end with identical weights. Momentum lives on the owning rank.
 
-    batched=False is the straightforward reference (the record's scheme): matrices sorted by size
-    (largest first), rank r updates matrix round*world + r of each round, one update and one
-    all-gather per matrix. batched=True (default) computes the same rule on stacks of same-shape
-    matrices (one Newton-Schulz chain per shape instead of per matrix) and gathers each shape
-    with one collective, overlapped with the next shape's compute.
+    batched=False (default) is the record's scheme: matrices sorted by shape, largest first
+    (Python's stable sort on p.size(), descending), rank r updates matrix round*world + r of each
+    round, one update and one all-gather per matrix. batched=True computes the same rule on stacks
+    of same-shape matrices (one Newton-Schulz chain per shape instead of per matrix) and gathers
+    each shape with one collective, overlapped with the next shape's compute. compile="auto"
+    wraps steps 1-5 in torch.compile for CUDA matrices, as the record does.
 
     A non-finite update raises FloatingPointError naming the matrix shapes. To keep the step free
     of host synchronisation the check runs at the start of the next step() (or when you call
     check_finite()), when the GPU has long finished the flags.
     """
 
-    def __init__(self, params, lr, mu=0.95, nesterov=True, pp_iterations=2, pp_beta=0.5,
-                 contra=0.4, uw_floor=0.35, weight_decay=0.0, rule="aurora", batched=True,
-                 aurora_on="nonsquare", polar_kind="quintic12"):
+    def __init__(self, params, lr, momentum=0.95, nesterov=True, pp_iterations=2, pp_beta=0.5,
+                 contra=0.4, uw_floor=0.35, weight_decay=0.0, rule="aurora", aurora_on="nonsquare",
+                 ns_iteration="quintic12", ns_dtype="auto", batched=False, compile="auto"):
         if not lr > 0:
             raise ValueError(f"Aurora: lr must be > 0, got {lr}")
-        if not 0 < mu < 1:
-            raise ValueError(f"Aurora: mu (momentum) must be in (0, 1), got {mu}")
+        if not 0 < momentum < 1:
+            raise ValueError(f"Aurora: momentum must be in (0, 1), got {momentum}")
         if int(pp_iterations) != pp_iterations or pp_iterations < 1:
             raise ValueError(f"Aurora: pp_iterations must be an integer >= 1, got {pp_iterations}")
         if not 0 < pp_beta <= 1:
@@ -196,27 +227,37 @@ class Aurora(torch.optim.Optimizer):
         if contra < 0 or uw_floor < 0 or weight_decay < 0:
             raise ValueError("Aurora: contra, uw_floor and weight_decay must be >= 0, got "
                              f"{contra}, {uw_floor}, {weight_decay}")
-        if rule not in ("aurora", "muon", "normuon"):
-            raise ValueError(f"Aurora: rule must be 'aurora', 'muon' or 'normuon', got {rule!r}")
-        if aurora_on not in ("nonsquare", "tall"):
-            raise ValueError(f"Aurora: aurora_on must be 'nonsquare' or 'tall', got {aurora_on!r}")
-        if polar_kind not in POLARS:
-            raise ValueError(f"Aurora: polar_kind must be one of {sorted(POLARS)}, got {polar_kind!r}")
-        defaults = dict(lr=lr, mu=mu, nesterov=nesterov, pp_iterations=int(pp_iterations),
-                        pp_beta=pp_beta, contra=contra, uw_floor=uw_floor,
-                        weight_decay=weight_decay, rule=rule, aurora_on=aurora_on,
-                        polar_kind=polar_kind)
+        for name, value, allowed in (("rule", rule, ("aurora", "muon", "normuon")),
+                                     ("aurora_on", aurora_on, ("nonsquare", "tall")),
+                                     ("ns_iteration", ns_iteration, tuple(POLARS)),
+                                     ("ns_dtype", ns_dtype, ("auto", "bfloat16", "float32")),
+                                     ("compile", compile, ("auto", True, False))):
+            if value not in allowed:
+                raise ValueError(f"Aurora: {name} must be one of {allowed}, got {value!r}")
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, pp_iterations=int(pp_iterations),
+                        pp_beta=pp_beta, contra=contra, uw_floor=uw_floor, weight_decay=weight_decay,
+                        rule=rule, aurora_on=aurora_on, ns_iteration=ns_iteration, ns_dtype=ns_dtype)
         super().__init__(params, defaults)
-        self.batched = batched
+        self.batched, self.compile = batched, compile
+        self._compiled = None
         self._pending = []  # (finite flags, matrices) of the last step, checked lazily
-        self.collect_leverage = False  # set True before a step to fill self.leverage (diagnostics)
-        self.leverage = {}  # param -> row leverage of its last orthogonalized update (this rank's)
+        self._track_leverage, self._leverage = False, {}
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim != 2:
                     raise ValueError(
                         f"Aurora: parameter of shape {tuple(p.shape)} is not a 2-D matrix; "
                         "give biases, gains and embeddings to Adam instead")
+
+    def track_leverage(self, on=True):
+        """Ask for the row leverage of the next step's orthogonalized updates (diagnostics)."""
+        self._track_leverage = on
+
+    def pop_leverage(self):
+        """{matrix: row leverage} from the last step that tracked it, for the matrices this rank
+        updated; then forgotten."""
+        leverage, self._leverage = self._leverage, {}
+        return leverage
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -235,20 +276,26 @@ class Aurora(torch.optim.Optimizer):
             if self.batched:
                 self._step_batched(group, rank, world)
             else:
-                self._step_reference(group, rank, world)
+                self._step_per_matrix(group, rank, world)
+        self._track_leverage = False
         return loss
 
-    def _apply(self, group, params, grads, momenta, weights, row_v):
+    def _direction(self, device):
+        """aurora_direction, compiled for CUDA tensors when compile is on (the record compiles it)."""
+        if self.compile is True or (self.compile == "auto" and device.type == "cuda"):
+            if self._compiled is None:
+                self._compiled = torch.compile(aurora_direction, dynamic=False)
+            return self._compiled
+        return aurora_direction
+
+    def _apply(self, group, params, grads, momenta, weights, row_v=None):
         """The rule on one matrix or a stack of same-shape ones; records finite flags."""
-        leverage = [] if self.collect_leverage else None
-        U = aurora_update(grads, momenta, weights, group["mu"], group["nesterov"], group["rule"],
-                          group["pp_iterations"], group["pp_beta"], group["contra"],
-                          group["uw_floor"], group["aurora_on"], group["polar_kind"], row_v,
-                          leverage)
+        out = self._direction(weights.device)(grads, momenta, group, row_v, self._track_leverage)
+        U, lev = out if self._track_leverage else (out, None)
+        U = apply_uw_floor(U, weights, group["uw_floor"])  # outside the compiled part, as the record
         self._pending.append((torch.isfinite(U).flatten(-2).all(-1).reshape(-1), params))
-        if leverage:
-            for p, lev in zip(params, leverage[0].reshape(len(params), -1)):
-                self.leverage[p] = lev
+        if lev is not None:
+            self._leverage.update(zip(params, lev.reshape(len(params), -1)))
         if group["weight_decay"]:
             weights.mul_(1 - group["lr"] * group["weight_decay"])
         weights.add_(U.to(weights.dtype), alpha=-group["lr"])
@@ -259,9 +306,9 @@ class Aurora(torch.optim.Optimizer):
             state[key] = torch.zeros(shape, dtype=torch.float32, device=p.device)
         return state[key]
 
-    def _step_reference(self, group, rank, world):
-        # Largest first, so each round of `world` matrices has similar cost on every rank.
-        params = sorted(group["params"], key=lambda p: p.numel(), reverse=True)
+    def _step_per_matrix(self, group, rank, world):
+        # The record's order: by shape, largest first (stable, so equal shapes keep model order).
+        params = sorted(group["params"], key=lambda p: p.size(), reverse=True)
         for base in range(0, len(params), world):
             round_ = params[base:base + world]
             if rank < len(round_):
@@ -273,9 +320,9 @@ class Aurora(torch.optim.Optimizer):
 
     @staticmethod
     def _gather_round(round_, rank, world):
-        # Matrices in a round may differ in size: send each as a flat buffer padded to the
-        # round's largest (the first, as they are sorted), then copy each rank's part back.
-        size = round_[0].numel()
+        # Matrices in a round may differ in shape: send each as a flat buffer padded to the
+        # round's largest, then copy each rank's part back.
+        size = max(q.numel() for q in round_)
         send = torch.zeros(size, dtype=round_[0].dtype, device=round_[0].device)
         if rank < len(round_):
             send[:round_[rank].numel()].copy_(round_[rank].flatten())
@@ -322,7 +369,7 @@ class Aurora(torch.optim.Optimizer):
 
     def _stacked(self, params, key, shape):
         """One (k, *shape) float32 buffer per stack; each matrix's state[key] is a view into it,
-        so the per-matrix reference path and the fast path keep interchangeable state."""
+        so the per-matrix path and the batched path keep interchangeable state."""
         first = self.state[params[0]]
         stack = first.get(key + "_stack")
         if stack is None or stack.size(0) != len(params):

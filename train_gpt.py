@@ -1,23 +1,28 @@
 """Train a 124M-parameter GPT on FineWeb with the Aurora optimizer (modded-nanoGPT optimization track).
 
-The default configuration is, update for update, the published Aurora record: validation loss
-<= 3.28 in 3175 steps (20 seeds, 8xH100). Read top to bottom: hyperparameters, data, model,
-optimizers, setup, training.
+The default configuration is the published Aurora record (validation loss <= 3.28 in 3175 steps,
+20 trials on 8xH100): the same model, initialization calls, random stream, data order, optimizer
+rule and schedule. Read top to bottom: hyperparameters, data, model, optimizers, setup, training.
 
     torchrun --standalone --nproc_per_node=8 train_gpt.py          # the record (or ./run.sh)
     python train_gpt.py --preset tiny                              # CPU smoke run on synthetic data
+    python train_gpt.py --help                                     # every hyperparameter as a flag
 
-Each run appends one log, records/<date>_<run-name>/<uuid>.txt, which starts with this file's and
-aurora.py's source, then the environment and every hyperparameter, then the run's output.
+Each run writes one log, records/<date>_<run-name>/<uuid>.txt. Its code part (everything before
+the first line of 100 '=') is this file with the local modules it imports inlined: a script that
+runs on its own. Then come the environment, every hyperparameter, and the run's output.
 """
 import argparse
 import dataclasses
 import datetime
+import fcntl
 import glob
 import json
 import math
 import os
 import platform
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -29,132 +34,190 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from aurora import Aurora
+from aurora import Aurora, ns_dtype_for
+from data.shards import DataError, read_shard_header, read_shard_tokens
+from diagnostics import NeuronHealth
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # =================================================================================================
-# Hyperparameters: the record's, in one place. Presets and CLI flags override them; every value
-# used is printed into the log.
+# Hyperparameters: the record's, in one place. Every field is also a command-line flag
+# (--train-steps 100 sets train_steps); presets are dicts of overrides. Every value used is
+# printed into the log.
 # =================================================================================================
+
+
+def hparam(default, help):
+    return dataclasses.field(default=default, metadata=dict(help=help))
 
 
 @dataclasses.dataclass
 class Hyperparameters:
     # data
-    data_dir: str = os.path.join(ROOT, "data", "fineweb10B")
-    batch_tokens: int = 8 * 64 * 1024        # global batch per step: 524,288 tokens
-    seq_len: int = 1024
-    micro_batch_seqs: int = 64               # sequences per forward/backward (shrunk if a rank has fewer)
-    val_tokens: int = 20 * 8 * 64 * 1024     # 10,485,760 tokens of the validation shards
+    data_dir: str = hparam(os.path.join(ROOT, "data", "fineweb10B"), "folder of fineweb_{train,val}_*.bin shards")
+    batch_tokens: int = hparam(8 * 64 * 1024, "global batch per step (524,288 tokens)")
+    seq_len: int = hparam(1024, "sequence length")
+    micro_batch_seqs: int = hparam(64, "sequences per forward/backward (shrunk if a rank has fewer)")
+    val_tokens: int = hparam(20 * 8 * 64 * 1024, "validation tokens, a multiple of batch_tokens (10,485,760)")
     # model
-    vocab_size: int = 50304
-    n_layer: int = 12
-    d_model: int = 768
-    head_dim: int = 128
-    mlp_ratio: int = 4
-    attn_scale: float = 0.12
-    logit_softcap: float = 15.0
-    rope_base: float = 1024.0
-    init_var: float = 0.33                   # weights ~ N(0, init_var / fan_in), except *proj* = 0
+    vocab_size: int = hparam(50304, "embedding rows (GPT-2's 50257 rounded up)")
+    n_layer: int = hparam(12, "transformer blocks")
+    d_model: int = hparam(768, "width")
+    head_dim: int = hparam(128, "attention head dimension")
+    mlp_ratio: int = hparam(4, "MLP hidden width / d_model")
+    attn_scale: float = hparam(0.12, "attention logit scale")
+    logit_softcap: float = hparam(15.0, "logits -> c * l / sqrt(l^2 + c^2)")
+    rope_base: float = hparam(1024.0, "rotary: lowest frequency is 1/rope_base")
+    init_var: float = hparam(0.33, "weights ~ N(0, init_var / fan_in), except *proj* = 0")
     # schedule
-    train_steps: int = 3200
-    cooldown_frac: float = 0.7               # lr x1 for the first 30% of steps, then linear to 0
-    val_every: int = 125
-    val_every_late: int = 25                 # cadence once step/train_steps >= late_frac
-    late_frac: float = 0.9
-    # Adam (AdamW with weight_decay 0) for embedding, head, and every <2-D parameter
-    adam_betas: tuple = (0.8, 0.95)
-    adam_eps: float = 1e-10
-    lr_embed: float = 0.3
-    lr_head: float = 1 / 320
-    lr_scalar: float = 0.01
+    train_steps: int = hparam(3200, "optimizer steps; the lr schedule and validation cadence scale with it")
+    cooldown_frac: float = hparam(0.7, "lr x1 for the first 1 - cooldown_frac of steps, then linear to 0")
+    val_every: int = hparam(125, "validation cadence")
+    val_every_late: int = hparam(25, "validation cadence once step/train_steps >= late_frac")
+    late_frac: float = hparam(0.9, "where the late cadence starts")
+    # Adam (AdamW with weight_decay 0) for the embedding, the head and every <2-D parameter
+    adam_betas: tuple = hparam((0.8, 0.95), "Adam betas")
+    adam_eps: float = hparam(1e-10, "Adam eps")
+    lr_embed: float = hparam(0.3, "Adam lr of the embedding")
+    lr_head: float = hparam(1 / 320, "Adam lr of the LM head weight")
+    lr_scalar: float = hparam(0.01, "Adam lr of biases and norm gains")
     # Aurora for the 72 block matrices
-    optimizer: str = "aurora"                # ablations: "muon" (plain polar), "normuon"
-    aurora_on: str = "nonsquare"             # "tall": square and wide matrices get plain polar
-    polar: str = "quintic12"                 # "cans12": the float32 cubic iteration
-    lr_matrix: float = 0.0375
-    momentum: float = 0.95
-    nesterov: bool = True
-    pp_iterations: int = 2
-    pp_beta: float = 0.5
-    contra: float = 0.4
-    uw_floor: float = 0.35
-    weight_decay: float = 0.0
-    # neuron-health diagnostics at validation steps (MLP fc rows = hidden neurons)
-    diagnostics: bool = True
-    diag_tokens: int = 64 * 1024             # rank 0's first val tokens used for `dead`
-    dead_threshold: float = 0.001            # dead: positive pre-activation on < 0.1% of tokens
-    starved_threshold: float = 0.1           # starved: row leverage < 0.1 of uniform
-    frozen_threshold: float = 0.1            # frozen: moved < 10% of the median row movement
+    rule: str = hparam("aurora", "orthogonalization: aurora (record), muon (plain polar), normuon (ablations)")
+    lr_matrix: float = hparam(0.0375, "Aurora lr")
+    momentum: float = hparam(0.95, "Aurora momentum")
+    nesterov: bool = hparam(True, "Nesterov look-ahead")
+    pp_iterations: int = hparam(2, "aurora_polar's D iterations (1 = row-normalize, then polar)")
+    pp_beta: float = hparam(0.5, "exponent of aurora_polar's D update, in (0, 1]")
+    contra: float = hparam(0.4, "Contra-Muon strength (subtracts contra/2 of the spectral-normalized momentum)")
+    uw_floor: float = hparam(0.35, "smallest update/weight Frobenius ratio")
+    weight_decay: float = hparam(0.0, "decoupled weight decay of the matrices")
+    aurora_on: str = hparam("nonsquare", "matrices that get aurora_polar: nonsquare (record) or tall")
+    ns_iteration: str = hparam("quintic12", "Newton-Schulz: quintic12 (record) or cans12 (float32 cubic)")
+    ns_dtype: str = hparam("auto", "Newton-Schulz dtype: auto = bfloat16 on CUDA (record), float32 on CPU")
+    aurora_batched: bool = hparam(False, "stack same-shape matrices (fast path; same rule up to rounding)")
+    # neuron-health diagnostics at validation steps (diagnostics.py)
+    diagnostics: bool = hparam(True, "measure dead/starved/frozen MLP neurons at validation steps")
+    diag_tokens: int = hparam(64 * 1024, "rank 0's first validation tokens used for `dead`")
+    dead_threshold: float = hparam(0.001, "dead: positive pre-activation on < this fraction of tokens")
+    starved_threshold: float = hparam(0.1, "starved: row leverage < this fraction of uniform")
+    frozen_threshold: float = hparam(0.1, "frozen: moved < this fraction of the median row movement")
     # run
-    seed: int = 0
-    trials: int = 1
-    val_loss_target: float = 3.28
+    preset: str = hparam("record", "record (default), tiny (CPU smoke run), small (124M, quarter batch)")
+    seed: int = hparam(None, "seed of trial 0 (trial i: seed+i); default none: the record's own "
+                             "random stream, which trial i continues")
+    trials: int = hparam(1, "independent trials in this process, each re-initialized")
+    first_trial: int = hparam(0, "without --seed: start at trial K of the record's stream (the "
+                                 "initializations of trials 0..K-1 are drawn and dropped)")
+    compile: str = hparam("auto", "torch.compile the model and Aurora's per-matrix step: auto (on with CUDA), on, off")
+    allow_cpu: bool = hparam(False, "let the record or small preset run without CUDA (slow: hours to days)")
+    run_name: str = hparam(None, "record folder records/<date>_<run_name>/ (default <rule>_<preset>)")
+    records_dir: str = hparam(os.path.join(ROOT, "records"), "parent of the record folders")
+    append: bool = hparam(False, "add this run to an existing record folder of the same configuration")
+    val_loss_target: float = hparam(3.28, "target of the record summary")
 
 
-# A few-million-parameter model on the synthetic shards (data/synthetic.py): about two minutes on
-# 2 CPU cores. Same code path, optimizer and schedule shape as the record; only sizes change.
+CHOICES = dict(rule=("aurora", "muon", "normuon"), aurora_on=("nonsquare", "tall"),
+               ns_iteration=("quintic12", "cans12"), ns_dtype=("auto", "bfloat16", "float32"),
+               compile=("auto", "on", "off"), preset=("record", "tiny", "small"))
+# Hyperparameters that may differ between the logs of one record folder.
+PER_RUN = ("seed", "trials", "first_trial", "data_dir", "records_dir", "run_name", "append", "allow_cpu")
+
 PRESETS = {
     "record": {},
+    # A 2.2M-parameter model on the synthetic shards (data/synthetic.py): a smoke run of about two
+    # minutes on 2 CPU cores. Same code path, optimizer and schedule shape; only sizes change.
     "tiny": dict(data_dir=os.path.join(ROOT, "data", "synthetic"), batch_tokens=32 * 128,
                  seq_len=128, micro_batch_seqs=16, val_tokens=8 * 32 * 128, vocab_size=1024,
                  n_layer=4, d_model=192, head_dim=32, train_steps=200, val_every=25,
-                 val_every_late=10, diag_tokens=8 * 32 * 128),
+                 val_every_late=10, diag_tokens=8 * 32 * 128, aurora_batched=True),
     # The record's model with a quarter of the batch: ablations at 124M scale on one GPU.
     "small": dict(batch_tokens=2 * 64 * 1024, val_tokens=4 * 2 * 64 * 1024, train_steps=400,
                   val_every=50, val_every_late=25),
 }
 
-# =================================================================================================
-# Data: FineWeb shards (256 int32 header values, then uint16 tokens) and the per-rank loader
-# =================================================================================================
 
-SHARD_MAGIC, SHARD_VERSION, HEADER_BYTES = 20240520, 1, 256 * 4
+def check_hyperparameters(hp):
+    """Every range and choice, in one place; raises ValueError naming the flag."""
+    def bad(name, why):
+        raise ValueError(f"--{name.replace('_', '-')} {why}, got {getattr(hp, name)!r}")
+    for name, allowed in CHOICES.items():
+        if getattr(hp, name) not in allowed:
+            bad(name, f"must be one of {', '.join(allowed)}")
+    for name in ("batch_tokens", "seq_len", "micro_batch_seqs", "val_tokens", "vocab_size", "n_layer",
+                 "d_model", "head_dim", "mlp_ratio", "train_steps", "val_every", "val_every_late",
+                 "pp_iterations", "trials", "diag_tokens"):
+        if getattr(hp, name) < 1:
+            bad(name, "must be >= 1")
+    if not 0 < hp.pp_beta <= 1:
+        bad("pp_beta", "must be in (0, 1]")
+    if not 0 < hp.momentum < 1:
+        bad("momentum", "must be in (0, 1)")
+    for name in ("lr_embed", "lr_head", "lr_scalar", "lr_matrix"):
+        if not getattr(hp, name) > 0:
+            bad(name, "must be > 0")
+    for name in ("contra", "uw_floor", "weight_decay"):
+        if getattr(hp, name) < 0:
+            bad(name, "must be >= 0")
+    if not 0 <= hp.cooldown_frac <= 1:
+        bad("cooldown_frac", "must be in [0, 1]")
+    if hp.d_model % hp.head_dim or hp.head_dim % 4:
+        raise ValueError(f"--d-model ({hp.d_model}) must be a multiple of --head-dim ({hp.head_dim}), "
+                         "itself a multiple of 4 (rotary)")
+    if hp.val_tokens % hp.batch_tokens:
+        raise ValueError(f"--val-tokens ({hp.val_tokens:,}) must be a multiple of the batch "
+                         f"({hp.batch_tokens:,} tokens)")
+    if hp.seed is not None and not 0 <= hp.seed <= 2**63 - hp.trials:
+        bad("seed", "must be in [0, 2^63 - trials] (torch.manual_seed's range)")
+    if hp.first_trial < 0 or (hp.first_trial and hp.seed is not None):
+        bad("first_trial", "must be >= 0, and is for the record's stream only (no --seed)")
+    if hp.run_name is not None and (not hp.run_name or "/" in hp.run_name or hp.run_name.startswith(".")):
+        bad("run_name", "must be a plain folder name")
 
 
-class DataError(Exception):
-    """Missing, corrupt or insufficient data; the message says how to fix it."""
+def check_hardware(hp, cuda):
+    """The record and small presets are GPU runs: refuse to start them on a CPU by accident."""
+    if hp.preset in ("record", "small") and not cuda and not hp.allow_cpu:
+        raise ValueError(
+            f"the {hp.preset} preset trains the 124M model and needs CUDA GPUs, and none is "
+            "available: on a CPU it would take days (or run out of memory). Use --preset tiny for "
+            "a CPU smoke run, or pass --allow-cpu to start it anyway")
 
 
-def read_shard_header(path):
-    """Validate a shard's header and size; return its number of tokens."""
+def parse_args(argv=None):
+    """(hyperparameters, dry_run) from the command line: one flag per Hyperparameters field."""
+    ap = argparse.ArgumentParser(description="Train GPT with Aurora (default: the 3175-step record). "
+                                 "Defaults are the record's (or the chosen preset's).")
+    ap.add_argument("--dry-run", action="store_true", help="check the flags and the configuration "
+                    "(world size from $WORLD_SIZE, default 1) and exit; touches no data or records")
+    for f in dataclasses.fields(Hyperparameters):
+        flag = "--" + f.name.replace("_", "-")
+        kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default {f.default})")
+        if f.type is bool:
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif f.type is tuple:
+            ap.add_argument(flag, type=float, nargs=len(f.default), **kw)
+        else:
+            ap.add_argument(flag, type=f.type, choices=CHOICES.get(f.name), **kw)
+    args = vars(ap.parse_args(argv))
+    dry_run = args.pop("dry_run")
+    if "adam_betas" in args:
+        args["adam_betas"] = tuple(args["adam_betas"])
+    preset = args.get("preset", "record")
+    hp = Hyperparameters(**{**PRESETS.get(preset, {}), **args})
     try:
-        with open(path, "rb") as f:
-            raw = f.read(HEADER_BYTES)
-    except OSError as e:
-        raise DataError(f"cannot read shard {path}: {e}") from None
-    header = np.frombuffer(raw[:len(raw) // 4 * 4], dtype="<i4")
-    if len(raw) < HEADER_BYTES:
-        raise DataError(f"{path}: file is shorter than the {HEADER_BYTES}-byte header; "
-                        "delete it and download/generate it again")
-    if header[0] != SHARD_MAGIC:
-        raise DataError(f"{path}: bad magic number {header[0]} (expected {SHARD_MAGIC}); "
-                        "not a FineWeb token shard")
-    if header[1] != SHARD_VERSION:
-        raise DataError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})")
-    n_tokens = int(header[2])
-    expected, actual = HEADER_BYTES + 2 * n_tokens, os.path.getsize(path)
-    if actual != expected:
-        raise DataError(f"{path}: size is {actual} bytes but its header promises {n_tokens} tokens "
-                        f"({expected} bytes); the file is truncated or corrupt: delete it and "
-                        "download/generate it again")
-    return n_tokens
+        check_hyperparameters(hp)
+    except ValueError as e:
+        ap.error(str(e))
+    return hp, dry_run
 
 
-def load_shard(path, vocab_size):
-    n_tokens = read_shard_header(path)
-    tokens = np.fromfile(path, dtype="<u2", count=n_tokens, offset=HEADER_BYTES)
-    if tokens.size != n_tokens:
-        raise DataError(f"{path}: read {tokens.size} tokens, header says {n_tokens}")
-    if n_tokens and int(tokens.max()) >= vocab_size:
-        raise DataError(f"{path}: token id {int(tokens.max())} >= the model's vocab_size "
-                        f"{vocab_size}; use a preset whose vocabulary matches these shards")
-    return torch.from_numpy(tokens.astype(np.int32))
+# =================================================================================================
+# Data: FineWeb shards (data/shards.py has the format) and the per-rank loaders
+# =================================================================================================
 
 
 def find_shards(data_dir, split):
-    files = sorted(glob.glob(os.path.join(data_dir, f"fineweb_{split}_*.bin")))
+    files = sorted(glob.glob(os.path.join(glob.escape(data_dir), f"fineweb_{split}_*.bin")))
     if not files:
         raise DataError(
             f"no {split} shards (fineweb_{split}_*.bin) in {data_dir}. Download FineWeb with "
@@ -173,59 +236,81 @@ def batches_per_shard(n_tokens, batch):
     return count
 
 
-def check_enough_tokens(files, batch, steps, what):
-    """Fail before training, not hours in, if the shards cannot feed `steps` batches."""
-    sizes = [read_shard_header(f) for f in files]
-    per_shard = [batches_per_shard(n, batch) for n in sizes]
-    if sum(per_shard) >= steps:
-        return
-    typical = max(per_shard) or 1
-    missing = math.ceil((steps - sum(per_shard)) / typical)
+def shards_needed(files, batch, steps, what):
+    """The train shards `steps` batches read; fails before training, not hours in, if too few."""
+    sizes, total = [], 0
+    for f in files:
+        sizes.append(read_shard_header(f))
+        total += batches_per_shard(sizes[-1], batch)
+        if total >= steps:
+            return files[:len(sizes)]
+    typical = max(batches_per_shard(n, batch) for n in sizes) or 1
+    missing = math.ceil((steps - total) / typical)
     raise DataError(
-        f"{what}: {len(files)} shard(s) hold {sum(sizes):,} tokens = {sum(per_shard)} batches of "
+        f"{what}: {len(files)} shard(s) hold {sum(sizes):,} tokens = {total} batches of "
         f"{batch:,} tokens, but {steps} are needed (about {missing} more shard(s) of this size). "
         "Download more with `python data/cached_fineweb10B.py N` (N = number of train shards) "
         "or generate more synthetic ones")
 
 
+def load_shard(path, vocab_size):
+    return torch.from_numpy(read_shard_tokens(path, vocab_size).astype(np.int32))
+
+
 class TokenLoader:
     """Each step, rank r reads tokens [pos + r*L, pos + r*L + L + 1) of the current shard
-    (L = batch / world): inputs are the first L, targets the last L. Then pos += batch; a shard
-    whose remaining tokens cannot hold another batch (+1) is left for the next one."""
+    (L = batch / world): inputs (int32) are the first L, targets (int64) the last L. Then
+    pos += batch; a shard whose remaining tokens cannot hold another batch (+1) is skipped."""
 
-    def __init__(self, files, batch, rank, world, vocab_size, device):
-        self.files, self.batch, self.rank, self.world = files, batch, rank, world
-        self.local = batch // world
-        self.vocab_size, self.device = vocab_size, device
-        self.cache = {}
+    def __init__(self, files, batch, ctx, vocab_size):
+        self.files, self.batch, self.ctx, self.vocab_size = files, batch, ctx, vocab_size
+        self.local = batch // ctx.world
         self.reset()
 
     def reset(self):
         self.shard, self.pos = 0, 0
-        self.tokens = self._load(0)
-
-    def _load(self, i):
-        if i >= len(self.files):
-            raise DataError(f"ran out of data after {len(self.files)} shard(s)")
-        if i not in self.cache:
-            self.cache = {i: load_shard(self.files[i], self.vocab_size)}  # keep one shard in memory
-        return self.cache[i]
+        self.tokens = load_shard(self.files[0], self.vocab_size)
 
     def next_batch(self):
         if self.pos + self.batch + 1 > len(self.tokens):
             self.shard, self.pos = self.shard + 1, 0
-            self.tokens = self._load(self.shard)
-        start = self.pos + self.rank * self.local
-        buf = self.tokens[start:start + self.local + 1]
+            if self.shard >= len(self.files):
+                raise DataError(f"ran out of data after {len(self.files)} shard(s)")
+            self.tokens = load_shard(self.files[self.shard], self.vocab_size)
+        start = self.pos + self.ctx.rank * self.local
+        buf = self.tokens[start:start + self.local + 1].to(self.ctx.device, non_blocking=True)
         self.pos += self.batch
         if self.pos + self.batch + 1 >= len(self.tokens):
             self.pos = len(self.tokens)  # skip the tail: the next call opens the next shard
-        buf = buf.to(self.device, dtype=torch.int64, non_blocking=True)
-        return buf[:-1], buf[1:]
+        return buf[:-1], buf[1:].long()
+
+
+def load_val_tokens(files, hp, ctx):
+    """This rank's validation slice, read once: the first val_tokens (+1) tokens of the val shards
+    are ONE batch, and rank r holds [r*V/W, (r+1)*V/W + 1). Returns (inputs int32, targets int64)."""
+    need, parts = hp.val_tokens + 1, []
+    for f in files:
+        parts.append(load_shard(f, hp.vocab_size)[:need - sum(map(len, parts))])
+        if sum(map(len, parts)) == need:
+            break
+    tokens = torch.cat(parts)
+    if len(tokens) < need:
+        raise DataError(f"validation shards in {hp.data_dir} hold {len(tokens) - 1:,} tokens, "
+                        f"val_tokens needs {hp.val_tokens:,}: lower --val-tokens or add shards")
+    local = hp.val_tokens // ctx.world
+    buf = tokens[ctx.rank * local:(ctx.rank + 1) * local + 1].to(ctx.device)
+    return buf[:-1], buf[1:].long()
+
+
+def micro_batches(x, y, ctx, seq_len):
+    """A rank's tokens as (inputs, targets) micro-batches of ctx.micro sequences."""
+    return zip(x.view(-1, ctx.micro, seq_len), y.view(-1, ctx.micro, seq_len))
 
 
 # =================================================================================================
-# Model: GPT with RMSNorm, half-truncated rotary, QK-norm, relu^2 MLP, soft-capped logits
+# Model: GPT with RMSNorm, half-truncated rotary, QK-norm, relu^2 MLP, soft-capped logits.
+# Modules are registered in the record's order, so named_parameters() visits the parameters as
+# the record's initialization does.
 # =================================================================================================
 
 
@@ -239,10 +324,10 @@ class Linear(nn.Linear):
 class RMSNorm(nn.Module):
     def __init__(self, dim):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.gains = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x, (x.size(-1),), self.weight.to(x.dtype))
+        return F.rms_norm(x, (x.size(-1),), self.gains.to(x.dtype))
 
 
 class Rotary(nn.Module):
@@ -295,8 +380,8 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, hp):
         super().__init__()
-        self.norm1, self.attn = RMSNorm(hp.d_model), Attention(hp)
-        self.norm2, self.mlp = RMSNorm(hp.d_model), MLP(hp)
+        self.attn, self.mlp = Attention(hp), MLP(hp)
+        self.norm1, self.norm2 = RMSNorm(hp.d_model), RMSNorm(hp.d_model)
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
@@ -308,25 +393,26 @@ class GPT(nn.Module):
         super().__init__()
         self.act_dtype, self.softcap = act_dtype, hp.logit_softcap
         self.embed = nn.Embedding(hp.vocab_size, hp.d_model).bfloat16()  # stored in bf16
-        self.norm1 = RMSNorm(hp.d_model)
         self.blocks = nn.ModuleList(Block(hp) for _ in range(hp.n_layer))
-        self.norm2 = RMSNorm(hp.d_model)
-        # Named *proj because the record zero-initializes every weight whose name contains "proj",
-        # the LM head included.
-        self.lm_head_proj = Linear(hp.d_model, hp.vocab_size)
-        self.init_weights(hp.init_var)
+        # The LM head is named `proj` because the record zero-initializes every weight whose name
+        # contains "proj", the head included.
+        self.proj = Linear(hp.d_model, hp.vocab_size)
+        self.norm1, self.norm2 = RMSNorm(hp.d_model), RMSNorm(hp.d_model)
 
     @torch.no_grad()
     def init_weights(self, init_var):
+        """The record's re-initialization, in named_parameters() order. Each call draws from the
+        default generator exactly as the record's does (the gains' normal_(1, 0) is 1 but still
+        draws), so the same generator state gives the record's weights."""
         for name, p in self.named_parameters():
-            if p.ndim < 2:  # 1-D parameters are biases (0) and norm gains (1)
-                p.fill_(0.0 if name.endswith("bias") else 1.0)
-            elif "proj" in name:
+            if name.endswith("gains"):
+                p.normal_(mean=1.0, std=0.0)
+            elif name.endswith("bias") or "proj" in name:
                 p.zero_()
             elif p is self.embed.weight:
-                p.normal_(0.0, 1.0)
+                p.normal_()
             else:
-                p.normal_(0.0, math.sqrt(init_var / p.size(1)))
+                p.normal_(std=math.sqrt(init_var) / math.sqrt(p.size(1)))
 
     def trunk(self, idx):
         """Hidden states after the last block (before the final norm and the head)."""
@@ -335,10 +421,13 @@ class GPT(nn.Module):
             x = block(x)
         return x
 
+    def logits(self, idx):
+        logits = self.proj(self.norm2(self.trunk(idx))).float()
+        return self.softcap * logits * torch.rsqrt(logits.square() + self.softcap ** 2)
+
     def forward(self, idx, targets):
         """Summed (not mean) cross-entropy of the soft-capped logits."""
-        logits = self.lm_head_proj(self.norm2(self.trunk(idx))).float()
-        logits = self.softcap * logits / torch.sqrt(logits.square() + self.softcap ** 2)
+        logits = self.logits(idx)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
 
 
@@ -347,25 +436,26 @@ class GPT(nn.Module):
 # =================================================================================================
 
 
-def build_optimizers(model, hp):
+def build_optimizers(model, hp, device):
     matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
     scalars = [p for p in model.parameters() if p.ndim < 2]
     adam = torch.optim.AdamW(
         [dict(params=[model.embed.weight], lr=hp.lr_embed),
-         dict(params=[model.lm_head_proj.weight], lr=hp.lr_head),
+         dict(params=[model.proj.weight], lr=hp.lr_head),
          dict(params=scalars, lr=hp.lr_scalar)],
-        betas=hp.adam_betas, eps=hp.adam_eps, weight_decay=0.0)
-    aurora = Aurora(matrices, lr=hp.lr_matrix, mu=hp.momentum, nesterov=hp.nesterov,
+        betas=hp.adam_betas, eps=hp.adam_eps, weight_decay=0.0,
+        fused=device.type in ("cuda", "cpu"))  # the record's fused kernel where torch has one
+    aurora = Aurora(matrices, lr=hp.lr_matrix, momentum=hp.momentum, nesterov=hp.nesterov,
                     pp_iterations=hp.pp_iterations, pp_beta=hp.pp_beta, contra=hp.contra,
-                    uw_floor=hp.uw_floor, weight_decay=hp.weight_decay, rule=hp.optimizer,
-                    aurora_on=hp.aurora_on, polar_kind=hp.polar)
-    optimizers = [adam, aurora]
-    assigned = sum(len(g["params"]) for opt in optimizers for g in opt.param_groups)
+                    uw_floor=hp.uw_floor, weight_decay=hp.weight_decay, rule=hp.rule,
+                    aurora_on=hp.aurora_on, ns_iteration=hp.ns_iteration, ns_dtype=hp.ns_dtype,
+                    batched=hp.aurora_batched, compile={"on": True, "off": False}.get(hp.compile, "auto"))
+    assigned = sum(len(g["params"]) for opt in (adam, aurora) for g in opt.param_groups)
     assert assigned == len(list(model.parameters())), "every parameter must have one optimizer"
-    for opt in optimizers:
+    for opt in (adam, aurora):
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
-    return optimizers
+    return adam, aurora
 
 
 def lr_multiplier(step, hp):
@@ -382,90 +472,18 @@ def is_val_step(step, hp):
 
 
 # =================================================================================================
-# Setup: command line, distributed, logging
+# Setup: distributed context, record folder, log
 # =================================================================================================
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="Train GPT with Aurora (default: the 3175-step record).")
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="record",
-                    help="record: the published configuration (default); tiny: a small model on "
-                         "synthetic shards for a ~2 minute CPU smoke run")
-    ap.add_argument("--train-steps", type=int, help="number of optimizer steps (record: 3200); "
-                    "the lr schedule and validation cadence scale with it")
-    ap.add_argument("--trials", type=int, default=1, help="independent runs in this process; "
-                    "trial i re-initializes the model with seed+i (default 1)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of trial 0 (default 0)")
-    ap.add_argument("--data-dir", help="folder of fineweb_{train,val}_*.bin shards "
-                    "(record: data/fineweb10B, tiny: data/synthetic)")
-    ap.add_argument("--run-name", help="record directory name: records/<date>_<run-name>/ "
-                    "(default: <optimizer>_<preset>)")
-    ap.add_argument("--optimizer", choices=["aurora", "muon", "normuon"], default="aurora",
-                    help="aurora (record); for ablations, the same pipeline with plain polar (muon) "
-                         "or polar plus NorMuon's per-row normalization (normuon)")
-    ap.add_argument("--aurora-on", choices=["nonsquare", "tall"],
-                    help="matrices that get aurora_polar: nonsquare (record; wide ones via "
-                         "transpose) or tall only (the authors' later release)")
-    ap.add_argument("--polar", choices=["quintic12", "cans12"],
-                    help="Newton-Schulz iteration: quintic12 (record, bf16) or cans12 (float32 cubic)")
-    ap.add_argument("--pp-iterations", type=int, help="aurora_polar iterations of D (record 2; "
-                    "1 = row-normalize then polar, the MuonEq baseline)")
-    ap.add_argument("--pp-beta", type=float, help="exponent of the D update (record 0.5)")
-    ap.add_argument("--diagnostics", choices=["on", "off"], default="on",
-                    help="neuron-health diagnostics at validation steps (default on)")
-    ap.add_argument("--val-tokens", type=int, help="validation tokens (record: 10,485,760); "
-                    "a multiple of the batch size")
-    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                    help="torch.compile the model (auto: on with CUDA, off on CPU)")
-    ap.add_argument("--records-dir", default=os.path.join(ROOT, "records"),
-                    help="where record directories are created (default: records/)")
-    ap.add_argument("--append", action="store_true",
-                    help="add this run's log to an existing record directory of the same "
-                         "configuration (e.g. more seeds) instead of refusing")
-    args = ap.parse_args(argv)
-    if args.pp_beta is not None and not 0 < args.pp_beta <= 1:
-        ap.error(f"--pp-beta must be in (0, 1], got {args.pp_beta}")
-    for name in ("train_steps", "trials", "val_tokens", "pp_iterations"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.run_name is not None and (not args.run_name or "/" in args.run_name
-                                      or args.run_name.startswith(".")):
-        ap.error(f"--run-name must be a plain folder name, got {args.run_name!r}")
-    return args
-
-
-def hyperparameters_from(args):
-    hp = Hyperparameters(**PRESETS[args.preset])
-    overrides = dict(train_steps=args.train_steps, data_dir=args.data_dir, val_tokens=args.val_tokens,
-                     trials=args.trials, seed=args.seed, optimizer=args.optimizer,
-                     aurora_on=args.aurora_on, polar=args.polar, pp_iterations=args.pp_iterations,
-                     pp_beta=args.pp_beta, diagnostics=args.diagnostics == "on")
-    return dataclasses.replace(hp, **{k: v for k, v in overrides.items() if v is not None})
-
-
-def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (multi-node too); plain `python` is one process."""
-    if "RANK" not in os.environ:
-        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        return 0, 1, device
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"local rank {local_rank} has no GPU: this node shows "
-                             f"{torch.cuda.device_count()} GPU(s); start at most that many "
-                             "processes per node (--nproc_per_node), or set "
-                             "CUDA_VISIBLE_DEVICES= to train on the CPU")
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return rank, world, device
+@dataclasses.dataclass
+class Context:
+    """Where this process runs: its rank, the world size, its device, and its micro-batching."""
+    rank: int
+    world: int
+    device: torch.device
+    micro: int   # sequences per micro-batch
+    accum: int   # micro-batches per step
 
 
 def micro_batch_plan(hp, world):
@@ -478,53 +496,161 @@ def micro_batch_plan(hp, world):
     if local_seqs % micro:
         raise ValueError(f"world size {world}: {local_seqs} sequences per rank do not split into "
                          f"micro-batches of {micro}")
-    if hp.val_tokens % hp.batch_tokens:
-        raise ValueError(f"val_tokens ({hp.val_tokens:,}) must be a multiple of the batch "
-                         f"({hp.batch_tokens:,} tokens)")
     return micro, local_seqs // micro
 
 
-def config_for_record(hp):
-    """The hyperparameters that must agree between logs of one record (not seeds or trials)."""
-    cfg = {k: v for k, v in dataclasses.asdict(hp).items() if k not in ("seed", "trials", "data_dir")}
-    return json.loads(json.dumps(cfg))  # tuples -> lists, as they come back from config.json
+def setup_distributed(hp):
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (multi-node too); plain `python` is one process."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    micro, accum = micro_batch_plan(hp, world)  # before any process group: fail fast on every rank
+    check_hardware(hp, torch.cuda.is_available())
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"local rank {local_rank} has no GPU: this node shows "
+                             f"{torch.cuda.device_count()} GPU(s); start at most that many "
+                             "processes per node (--nproc_per_node), or set "
+                             "CUDA_VISIBLE_DEVICES= to train on the CPU")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if "RANK" in os.environ:
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    return Context(rank, world, device, micro, accum)
 
 
-def open_record(hp, args):
-    """Create records/<date>_<run-name>/ and a new <uuid>.txt in it; never touch an older log."""
-    run_name = args.run_name or f"{hp.optimizer}_{args.preset}"
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    record_dir = os.path.join(args.records_dir, f"{date}_{run_name}")
-    config_path = os.path.join(record_dir, "config.json")
-    logs = glob.glob(os.path.join(record_dir, "*.txt"))
-    if logs and not args.append:
-        raise FileExistsError(f"{record_dir} already holds {len(logs)} log(s). Pass --append to add "
-                              "this run to that record (same configuration, more seeds), or choose "
-                              "another --run-name")
-    if logs and os.path.exists(config_path):
-        with open(config_path) as f:
-            old = json.load(f)
-        new = config_for_record(hp)
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if diff:
-            raise ValueError(f"--append: this run's configuration differs from {config_path} in "
-                             f"{diff}; use another --run-name")
-    os.makedirs(record_dir, exist_ok=True)
-    if not os.path.exists(config_path):
-        with open(config_path, "w") as f:
-            json.dump(config_for_record(hp), f, indent=2)
-    log_path = os.path.join(record_dir, f"{uuid.uuid4()}.txt")
-    return record_dir, log_path, open(log_path, "x")  # "x": fail rather than overwrite
+class Logger:
+    """Rank 0 writes to stdout and the log file; errors go to stderr (every rank) and the log."""
+
+    def __init__(self, rank):
+        self.rank, self.file = rank, None
+
+    def __call__(self, msg, error=False):
+        if error or self.rank == 0:
+            print(msg, file=sys.stderr if error else sys.stdout, flush=True)
+        if self.file:
+            self.file.write(msg + "\n")
+            self.file.flush()
 
 
-def environment_lines(hp, world, device, micro, accum):
+LOCAL_IMPORT = re.compile(r"^from (aurora|data\.shards|diagnostics) import .*$", re.M)
+
+
+def runnable_source():
+    """This file with each local module it imports inlined in place of the import line: the
+    benchmark wants all code a run used in its log, as one script that runs on its own. (A script
+    cut from a log has nothing left to inline, so its own logs carry it byte for byte.)"""
+    with open(os.path.abspath(__file__)) as f:
+        source = f.read()
+
+    def inline(match):
+        path = os.path.join(ROOT, *match.group(1).split(".")) + ".py"
+        with open(path) as f:
+            module = f.read().rstrip("\n")
+        name = os.path.relpath(path, ROOT)
+        return f"# {'-' * 40} {name} (inlined) {'-' * 40}\n{module}\n# {'-' * 40} end of {name} {'-' * 40}"
+    return LOCAL_IMPORT.sub(inline, source)
+
+
+def record_config(hp):
+    """The hyperparameters every log of one record folder must share, as the log prints them."""
+    return {k: json.dumps(v) for k, v in dataclasses.asdict(hp).items() if k not in PER_RUN}
+
+
+def header_config(log_path):
+    """The `name: value` hyperparameter lines of an existing log's header."""
+    with open(log_path, errors="replace") as f:
+        text = f.read()
+    sections = text.split("\n" + "=" * 100 + "\n")
+    header = sections[1] if len(sections) > 2 else ""
+    fields = {f.name for f in dataclasses.fields(Hyperparameters)} - set(PER_RUN)
+    return {k: v for k, v in (line.split(": ", 1) for line in header.splitlines() if ": " in line)
+            if k in fields}
+
+
+SEED_LINE = re.compile(r"^trial:\d+ seed:(\S+)", re.M)
+
+
+def seeds_in(record_dir):
+    """Seed values of every trial already logged in a record folder ("record<k>": the record's
+    unseeded stream, trial k)."""
+    seeds = set()
+    for log in glob.glob(os.path.join(glob.escape(record_dir), "*.txt")):
+        with open(log, errors="replace") as f:
+            seeds |= set(SEED_LINE.findall(f.read().split("=" * 100, 1)[-1]))
+    return seeds
+
+
+def seed_label(hp, trial):
+    return f"record{hp.first_trial + trial}" if hp.seed is None else str(hp.seed + trial)
+
+
+def open_record(hp):
+    """Find or create the record folder and open a new <uuid>.txt in it, under a lock so that two
+    runs started together cannot both create or join a folder with different configurations.
+    Refuses (ValueError/FileExistsError) without writing anything; never touches an older log.
+    Returns (folder, log path, open log file, hp with the seed actually used)."""
+    run_name = hp.run_name or f"{hp.rule}_{hp.preset}"
+    os.makedirs(hp.records_dir, exist_ok=True)
+    with open(os.path.join(hp.records_dir, ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+        record_dir = os.path.join(hp.records_dir, f"{today}_{run_name}")
+        earlier = sorted(glob.glob(os.path.join(glob.escape(hp.records_dir), f"*_{glob.escape(run_name)}")))
+        if hp.append and earlier and not os.path.exists(record_dir):
+            record_dir = earlier[-1]  # --append after midnight joins the run's latest folder
+        logs = sorted(glob.glob(os.path.join(glob.escape(record_dir), "*.txt")))
+        if logs and not hp.append:
+            raise FileExistsError(f"{record_dir} already holds {len(logs)} log(s). Pass --append to "
+                                  "add this run to that record (same configuration, more seeds), "
+                                  "or choose another --run-name")
+        config_path = os.path.join(record_dir, "config.json")
+        if logs:
+            if os.path.exists(config_path):
+                with open(config_path) as f:
+                    old = {k: json.dumps(v) for k, v in json.load(f).items()}
+            else:  # never take the configuration from the newcomer
+                old = header_config(logs[0])
+            new = record_config(hp)
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            if diff:
+                raise ValueError(f"--append: this run's configuration differs from the record in "
+                                 f"{record_dir}: " + ", ".join(f"{k} {old.get(k)} -> {new.get(k)}"
+                                                                for k in diff) + "; use another --run-name")
+            hp = choose_seeds(hp, seeds_in(record_dir))
+        os.makedirs(record_dir, exist_ok=True)
+        if not os.path.exists(config_path):
+            with open(config_path, "w") as f:
+                json.dump({k: json.loads(v) for k, v in record_config(hp).items()}, f, indent=2)
+            os.chmod(config_path, 0o644)
+        log_path = os.path.join(record_dir, f"{uuid.uuid4()}.txt")
+        return record_dir, log_path, open(log_path, "x"), hp  # "x": fail rather than overwrite
+
+
+def choose_seeds(hp, taken):
+    """A seed already in the folder is refused; without --seed, the run takes the next trials of
+    the record's stream that are not in the folder yet."""
+    clash = sorted({seed_label(hp, t) for t in range(hp.trials)} & taken)
+    if clash and hp.seed is not None:
+        raise ValueError(f"--append: seed(s) {clash} already in this record; choose another "
+                         "--seed, or leave it out to continue the record's stream")
+    while {seed_label(hp, t) for t in range(hp.trials)} & taken:
+        hp = dataclasses.replace(hp, first_trial=hp.first_trial + 1)
+    return hp
+
+
+def environment_lines(hp, ctx):
     lines = [f"python {platform.python_version()}  torch {torch.__version__}  "
              f"cuda {torch.version.cuda}  platform {platform.platform()}"]
-    if device.type == "cuda":
-        lines.append(f"device {torch.cuda.get_device_name(device)}  world_size {world}")
+    if ctx.device.type == "cuda":
+        lines.append(f"device {torch.cuda.get_device_name(ctx.device)}  world_size {ctx.world}")
     else:
         lines.append(f"device cpu ({platform.processor() or platform.machine()}, "
-                     f"{torch.get_num_threads()} threads)  world_size {world}")
+                     f"{torch.get_num_threads()} threads)  world_size {ctx.world}")
     try:
         git = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=ROOT,
                              capture_output=True, text=True, timeout=5)
@@ -532,9 +658,12 @@ def environment_lines(hp, world, device, micro, accum):
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     lines.append(f"git_commit {commit}")
-    lines.append(f"micro_batch_seqs_used {micro}  grad_accum_steps {accum}")
-    lines.append(f"seeds {[hp.seed + i for i in range(hp.trials)]}")
-    lines += [f"{k}: {v}" for k, v in dataclasses.asdict(hp).items()]
+    lines.append(f"micro_batch_seqs_used {ctx.micro}  grad_accum_steps {ctx.accum}  "
+                 f"ns_dtype_used {str(ns_dtype_for(hp.ns_dtype, ctx.device)).removeprefix('torch.')}  "
+                 f"activations {str(activation_dtype(ctx)).removeprefix('torch.')}  "
+                 f"compile_used {use_compile(hp, ctx)}")
+    lines.append(f"seeds {[seed_label(hp, t) for t in range(hp.trials)]}")
+    lines += [f"{k}: {json.dumps(v)}" for k, v in dataclasses.asdict(hp).items()]
     try:
         smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=10).stdout
         lines += smi.rstrip().splitlines() if smi else []
@@ -543,18 +672,12 @@ def environment_lines(hp, world, device, micro, accum):
     return lines
 
 
-class Logger:
-    """Rank 0 writes to stdout and the log file; errors go to stderr (every rank) and the log."""
+def activation_dtype(ctx):
+    return torch.bfloat16 if ctx.device.type == "cuda" else torch.float32  # CPU: fp32 is faster
 
-    def __init__(self, file=None, quiet=False):
-        self.file, self.quiet = file, quiet
 
-    def __call__(self, msg, error=False):
-        if error or not self.quiet:
-            print(msg, file=sys.stderr if error else sys.stdout, flush=True)
-        if self.file:
-            self.file.write(msg + "\n")
-            self.file.flush()
+def use_compile(hp, ctx):
+    return hp.compile == "on" or (hp.compile == "auto" and ctx.device.type == "cuda")
 
 
 # =================================================================================================
@@ -562,265 +685,249 @@ class Logger:
 # =================================================================================================
 
 
-def all_reduce_sum(t, world):
-    if world > 1:
-        dist.all_reduce(t)
-    return t
+@dataclasses.dataclass
+class Run:
+    """What every trial of this process shares."""
+    hp: Hyperparameters
+    ctx: Context
+    log: Logger
+    model: GPT
+    compiled: nn.Module            # the model as called for training and validation
+    train_loader: TokenLoader
+    val: tuple                     # this rank's validation (inputs, targets)
+    jsonl: object = None           # diagnostics file (rank 0)
+    trial: int = 0                 # where training is, for messages
+    step: int = 0
+
+
+class Clock:
+    """Training time with validation excluded; synchronizes the GPU when it starts and stops."""
+
+    def __init__(self, device):
+        self.device, self.total, self.started = device, 0.0, None
+        self.last_val_time, self.last_val_step = 0.0, 0
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self):
+        self._sync()
+        self.started = time.perf_counter()
+
+    def stop(self):
+        self._sync()
+        self.total += time.perf_counter() - self.started
+        self.started = None
+
+    def elapsed(self):
+        return self.total + (time.perf_counter() - self.started if self.started else 0.0)
+
+    def val_fields(self, step):
+        """train_time and step_avg (mean step time since the previous validation) of a val line."""
+        steps = step - self.last_val_step
+        avg = 1000 * (self.total - self.last_val_time) / steps if steps else float("nan")
+        self.last_val_time, self.last_val_step = self.total, step
+        return f"train_time:{self.total:.3f}s step_avg:{avg:.2f}ms"
 
 
 @torch.no_grad()
-def evaluate(model, loader, hp, micro, world):
-    """Summed loss over the first val_tokens tokens (all ranks) divided by val_tokens."""
-    loader.reset()
-    total = torch.zeros((), device=loader.device, dtype=torch.float32)
-    for _ in range(hp.val_tokens // hp.batch_tokens):
-        x, y = loader.next_batch()
-        for xm, ym in zip(x.view(-1, micro, hp.seq_len), y.view(-1, micro, hp.seq_len)):
-            total += model(xm, ym).float()
-    return all_reduce_sum(total, world).item() / hp.val_tokens
+def evaluate(run):
+    """Summed loss of this rank's validation slice, summed over ranks, / val_tokens (float32)."""
+    total = torch.zeros((), device=run.ctx.device, dtype=torch.float32)
+    for xm, ym in micro_batches(*run.val, run.ctx, run.hp.seq_len):
+        total += run.compiled(xm, ym)
+    if run.ctx.world > 1:
+        dist.all_reduce(total)
+    return (total / run.hp.val_tokens).item()
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def train_step(model, compiled, optimizers, x, y, hp, micro, world, step):
-    """One optimizer step on this rank's tokens: gradients summed over micro-batches and ranks,
-    lr set from the schedule, Adam and Aurora stepped. Returns the mean train loss per token."""
-    loss = torch.zeros((), device=x.device, dtype=torch.float32)
-    for xm, ym in zip(x.view(-1, micro, hp.seq_len), y.view(-1, micro, hp.seq_len)):
-        micro_loss = compiled(xm, ym)
+def train_step(run, optimizers, step):
+    """One optimizer step: gradients summed over micro-batches and ranks (each parameter's in its
+    own dtype, as the record), lr from the schedule, Adam and Aurora. Returns the train loss."""
+    hp, ctx, model = run.hp, run.ctx, run.model
+    loss = torch.zeros((), device=ctx.device, dtype=torch.float32)
+    for xm, ym in micro_batches(*run.train_loader.next_batch(), ctx, hp.seq_len):
+        micro_loss = run.compiled(xm, ym)
         micro_loss.backward()
-        loss += micro_loss.detach().float()
-    if world > 1:
-        # Sum (not average) over ranks: the record's losses and grads are sums.
-        grads = [p.grad for p in model.parameters()]
-        flat = torch.cat([g.flatten().float() for g in grads] + [loss.view(1)])
-        dist.all_reduce(flat)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-        loss = flat[-1]
+        loss += micro_loss.detach()
+    if ctx.world > 1:  # SUM, not average: the record's losses and gradients are sums
+        handles = [dist.all_reduce(p.grad, async_op=True) for p in model.parameters()]
+        handles.append(dist.all_reduce(loss, async_op=True))
+        for h in handles:
+            h.wait()
+    adam, aurora = optimizers
     train_loss = loss.item() / hp.batch_tokens  # also the NaN check, on every rank alike
     if not math.isfinite(train_loss):
+        check_updates(aurora, step)  # a non-finite update of the step before is the cause: name it
         raise FloatingPointError(f"non-finite train loss ({train_loss}) at step {step + 1}")
     mult = lr_multiplier(step, hp)
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * mult
-        try:
-            opt.step()
-        except FloatingPointError as e:
-            raise FloatingPointError(f"{e} (optimizer step {step + 1})") from None
+    adam.step()
+    check_updates(aurora, step)  # step() would check them too; this names the step
+    aurora.step()
     model.zero_grad(set_to_none=True)
     return train_loss
 
 
-@torch.no_grad()
-def mlp_diagnostics(model, fc_init, aurora, x, hp, micro, world, rank):
-    """Neuron health of every block's MLP (fc rows = hidden neurons), one dict per layer:
-    dead     fraction of neurons whose pre-activation is positive on < dead_threshold of the
-             tokens of `x` (relu^2 then outputs zero almost always);
-    leverage row leverage r_i = ||U_i||^2 / (cols/rows) of the fc update direction U of the last
-             step, after the polar step (1 = uniform): its coefficient of variation and min, and
-             starved = fraction of rows with r_i < starved_threshold;
-    frozen   fraction of neurons whose fc row moved since initialization by less than
-             frozen_threshold of the median row movement.
-    Collective (leverage lives on the rank that owns each matrix): call on every rank. Only
-    rank 0 measures the rest and returns the rows; other ranks may pass fc_init = x = None."""
-    fcs = [block.mlp.fc for block in model.blocks]
-    hidden = fcs[0].weight.size(0)
-    device = fcs[0].weight.device
-    lev = torch.zeros(len(fcs), hidden, device=device)
-    have = torch.zeros(len(fcs), device=device)
-    for i, fc in enumerate(fcs):
-        if fc.weight in aurora.leverage:
-            lev[i], have[i] = aurora.leverage[fc.weight], 1
-    aurora.leverage.clear()
-    if world > 1:
-        dist.all_reduce(lev)
-        dist.all_reduce(have)
-    if rank != 0:
-        return None
-    # dead: count positive pre-activations with hooks on the eager (uncompiled) model
-    positive = torch.zeros(len(fcs), hidden, device=device)
-
-    def count_positive(i):
-        def hook(module, args, out):
-            positive[i] += (out > 0).flatten(0, -2).sum(0)
-            # returns None: a forward hook that returns a value replaces the module's output
-        return hook
-
-    hooks = [fc.register_forward_hook(count_positive(i)) for i, fc in enumerate(fcs)]
-    n_micro = max(1, min(hp.diag_tokens, x.numel()) // (micro * hp.seq_len))
+def check_updates(aurora, step):
+    """Aurora checks its updates lazily (no host sync in its step); raise for those of `step`."""
     try:
-        for xm in x.view(-1, micro, hp.seq_len)[:n_micro]:
-            model.trunk(xm)  # eager, and no logits: the hooks need only the MLP pre-activations
-    finally:
-        for h in hooks:
-            h.remove()
-    n_tokens = n_micro * micro * hp.seq_len
-    rows = []
-    for i, fc in enumerate(fcs):
-        moved = (fc.weight.float() - fc_init[i]).norm(dim=1)
-        median = moved.median()
-        row = dict(layer=i, tokens=n_tokens,
-                   dead=(positive[i] < hp.dead_threshold * n_tokens).float().mean().item(),
-                   frozen=(moved < hp.frozen_threshold * median).float().mean().item()
-                   if median > 0 else None)
-        if have[i]:
-            r = lev[i]
-            row.update(leverage_cv=(r.std() / r.mean()).item(), leverage_min=r.min().item(),
-                       starved=(r < hp.starved_threshold).float().mean().item())
-        else:  # no update yet (step 0)
-            row.update(leverage_cv=None, leverage_min=None, starved=None)
-        rows.append(row)
-    return rows
+        aurora.check_finite()
+    except FloatingPointError as e:
+        raise FloatingPointError(f"{e} (update of step {step})") from None
 
 
-def diagnostics_line(rows):
-    """One log line: each diagnostic's mean over layers."""
-    def mean(key):
-        values = [r[key] for r in rows if r[key] is not None]
-        return f"{sum(values) / len(values):.4f}" if values else "nan"
-    return (f"diagnostics: dead:{mean('dead')} starved:{mean('starved')} "
-            f"leverage_cv:{mean('leverage_cv')} leverage_min:{mean('leverage_min')} "
-            f"frozen:{mean('frozen')} (mean over {len(rows)} MLP layers)")
-
-
-def train_trial(trial, hp, model, compiled, train_loader, val_loader, micro, world, rank, device,
-                log, diag_file=None):
-    """One seed: re-initialize, train hp.train_steps steps, validate on schedule. Returns the
-    final val loss. Raises FloatingPointError (naming the step) on a non-finite loss."""
-    seed = hp.seed + trial
-    torch.manual_seed(seed)
+def train_trial(run, trial):
+    """One trial (one seed of a record): re-initialize, then the record's loop: validate (clock
+    paused) on schedule, stop after the last validation, else train one step."""
+    hp, ctx, log, model = run.hp, run.ctx, run.log, run.model
+    run.trial, run.step = trial, 0
+    if hp.seed is not None:
+        torch.manual_seed(hp.seed + trial)  # else: the record's stream, continued trial by trial
+    elif trial == 0:
+        for _ in range(hp.first_trial):  # only initializations draw: skip to trial first_trial
+            model.init_weights(hp.init_var)
     model.init_weights(hp.init_var)
-    optimizers = build_optimizers(model, hp)
-    aurora = optimizers[1]
-    # Only rank 0 measures neuron health (frozen needs the initial fc rows, dead some val tokens).
-    diag_rank0 = hp.diagnostics and rank == 0
-    fc_init = ([block.mlp.fc.weight.detach().float().clone() for block in model.blocks]
-               if diag_rank0 else None)
-    train_loader.reset()
-    log(f"trial:{trial} seed:{seed}")
-    train_time, last_val_time, last_val_step = 0.0, 0.0, 0
-    sync(device)
-    t0 = time.perf_counter()
+    if ctx.world > 1:
+        for p in model.parameters():
+            dist.broadcast(p.data, 0)
+    adam, aurora = build_optimizers(model, hp, ctx.device)
+    run.train_loader.reset()
+    probe = NeuronHealth(model, aurora, run.val[0][:hp.diag_tokens // hp.seq_len * hp.seq_len]
+                         .view(-1, hp.seq_len) if ctx.rank == 0 else None, hp, ctx, run.jsonl)
+    log(f"trial:{trial} seed:{seed_label(hp, trial)}")
+    clock = Clock(ctx.device)
+    clock.start()
     for step in range(hp.train_steps + 1):
+        run.step = step
         if is_val_step(step, hp):
-            sync(device)
-            train_time += time.perf_counter() - t0
-            aurora.check_finite()  # Aurora checks its updates lazily; do it now
-            val_loss = evaluate(compiled, val_loader, hp, micro, world)
-            step_avg = (1000 * (train_time - last_val_time) / (step - last_val_step)
-                        if step > last_val_step else float("nan"))
-            log(f"step:{step}/{hp.train_steps} val_loss:{val_loss:.5f} "
-                f"train_time:{train_time:.3f}s step_avg:{step_avg:.2f}ms")
+            clock.stop()
+            check_updates(aurora, step)
+            val_loss = evaluate(run)
+            log(f"step:{step}/{hp.train_steps} val_loss:{val_loss:.5f} {clock.val_fields(step)}")
             if not math.isfinite(val_loss):
                 raise FloatingPointError(f"non-finite val loss ({val_loss}) at step {step}")
-            if hp.diagnostics:
-                x = None
-                if diag_rank0:  # rank 0's first diag_tokens validation tokens
-                    val_loader.reset()
-                    n_batches = min(math.ceil(hp.diag_tokens * world / hp.batch_tokens),
-                                    hp.val_tokens // hp.batch_tokens)
-                    x = torch.cat([val_loader.next_batch()[0] for _ in range(n_batches)])
-                rows = mlp_diagnostics(model, fc_init, aurora, x, hp, micro, world, rank)
-                if rows:
-                    log(diagnostics_line(rows))
-                    for row in rows:
-                        diag_file.write(json.dumps(dict(trial=trial, step=step, **row)) + "\n")
-                    diag_file.flush()
-            last_val_time, last_val_step = train_time, step
-            sync(device)
-            t0 = time.perf_counter()
+            probe.report(trial, step, log)
+            clock.start()
         if step == hp.train_steps:
-            if device.type == "cuda":
-                log(f"peak memory allocated: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
-            return val_loss
-        aurora.collect_leverage = hp.diagnostics and is_val_step(step + 1, hp)
-        train_loss = train_step(model, compiled, optimizers, *train_loader.next_batch(), hp, micro,
-                                world, step)
-        elapsed = train_time + time.perf_counter() - t0
+            break
+        probe.before_step(is_val_step(step + 1, hp))
+        train_loss = train_step(run, (adam, aurora), step)
+        elapsed = clock.elapsed()
         log(f"step:{step + 1}/{hp.train_steps} train_loss:{train_loss:.4f} "
             f"train_time:{elapsed:.3f}s step_avg:{1000 * elapsed / (step + 1):.2f}ms")
+    if ctx.device.type == "cuda":
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated(ctx.device) / 2**30:.2f} GiB")
+    return val_loss
 
 
-def run(args, hp, rank, world, device, log):
-    micro, accum = micro_batch_plan(hp, world)
-    train_files, val_files = find_shards(hp.data_dir, "train"), find_shards(hp.data_dir, "val")
-    check_enough_tokens(train_files, hp.batch_tokens, hp.train_steps, f"train data in {hp.data_dir}")
-    check_enough_tokens(val_files, hp.batch_tokens, hp.val_tokens // hp.batch_tokens,
-                        f"validation data in {hp.data_dir}")
-    if rank == 0:
-        record_dir, log_path, log_file = open_record(hp, args)
-        log.file = log_file
-        for path in (os.path.abspath(__file__), os.path.join(ROOT, "aurora.py")):
-            with open(path) as f:  # the benchmark requires every log to hold all code that ran
-                log_file.write(f"#### {os.path.basename(path)} ####\n{f.read()}\n")
-        log_file.write("=" * 100 + "\n")
-        env = environment_lines(hp, world, device, micro, accum)
-        for line in env + ["=" * 100, f"log: {log_path}"]:
+# The seed torch gave its default generators in a fresh process up to torch 2.10, which produced
+# the record (newer releases seed the CPU generator randomly): the record's random stream.
+RECORD_STREAM_SEED = 67280421310721
+
+
+def build_model(hp, ctx):
+    """The model as the record builds it: default PyTorch init (it draws from the CPU generator),
+    then moved to the device. Without --seed the process first puts its generators where the
+    record's fresh process had them, so trial 0 gets the record's first trial's weights."""
+    if hp.seed is None:
+        torch.manual_seed(RECORD_STREAM_SEED)
+    return GPT(hp, activation_dtype(ctx)).to(ctx.device)
+
+
+class Interrupted(Exception):
+    """SIGTERM (preemption, a kill) or SIGINT while training."""
+
+
+def on_signal(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def prepare(hp, ctx, log):
+    """Everything that can fail before the first step is checked before the record folder is
+    created (so a bad input never leaves a stub log); then the log, the model and the data."""
+    train_files = shards_needed(find_shards(hp.data_dir, "train"), hp.batch_tokens, hp.train_steps,
+                                f"train data in {hp.data_dir}")
+    for f in train_files:  # token ids of every shard the run will read
+        read_shard_tokens(f, hp.vocab_size)
+    val = load_val_tokens(find_shards(hp.data_dir, "val"), hp, ctx)
+    record_dir = jsonl = None
+    if ctx.rank == 0:
+        record_dir, log_path, log.file, hp = open_record(hp)
+        log.file.write(runnable_source() + "=" * 100 + "\n")
+        for line in environment_lines(hp, ctx) + ["=" * 100, f"log: {log_path}"]:
             log(line)
+        if hp.diagnostics:  # one JSON object per (step, layer), next to the log
+            jsonl = open(os.path.splitext(log_path)[0] + ".jsonl", "x")
+            log(f"diagnostics file: {jsonl.name}")
+    if ctx.world > 1:  # every rank uses the trials rank 0 chose for this record folder
+        first = [hp.first_trial]
+        dist.broadcast_object_list(first, 0)
+        hp = dataclasses.replace(hp, first_trial=first[0])
+    model = build_model(hp, ctx)
+    log(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
+    compiled = torch.compile(model, dynamic=False) if use_compile(hp, ctx) else model
+    loader = TokenLoader(train_files, hp.batch_tokens, ctx, hp.vocab_size)
+    return Run(hp, ctx, log, model, compiled, loader, val, jsonl), record_dir
 
-    act_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # CPU: fp32 is faster
-    model = GPT(hp, act_dtype).to(device)
-    log(f"parameters: {sum(p.numel() for p in model.parameters()):,}  activations: {act_dtype}")
-    use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
-    compiled = torch.compile(model, dynamic=False) if use_compile else model
-    train_loader = TokenLoader(train_files, hp.batch_tokens, rank, world, hp.vocab_size, device)
-    val_loader = TokenLoader(val_files, hp.batch_tokens, rank, world, hp.vocab_size, device)
-    finals = []
-    diag_file = None
-    if rank == 0 and hp.diagnostics:  # one JSON object per (step, layer), next to the log
-        diag_file = open(os.path.splitext(log_path)[0] + ".jsonl", "x")
-        log(f"diagnostics file: {diag_file.name}")
-    try:
-        for trial in range(hp.trials):
-            try:
-                finals.append(train_trial(trial, hp, model, compiled, train_loader, val_loader,
-                                          micro, world, rank, device, log, diag_file))
-            except FloatingPointError as e:
-                raise FloatingPointError(f"trial {trial} (seed {hp.seed + trial}): {e}") from None
-    finally:
-        if diag_file:
-            diag_file.close()
-    if rank == 0:
-        log(f"final val losses: {' '.join(f'{v:.5f}' for v in finals)}")
-        from tools.records import write_summary  # post-processing only: reads the logs back
-        summary = write_summary(record_dir, target=hp.val_loss_target,
-                                extra=dict(torch=torch.__version__, device=env[1], world_size=world))
-        step = summary["step"]
-        print(f"summary: {os.path.join(record_dir, 'summary.json')}: n={summary['n']} record "
-              f"step={step if step is not None else 'not reached'} mean={summary['mean']:.5f}")
-    if world > 1:
-        dist.barrier()  # leave together: a gloo rank that exits while a peer still talks can abort
-    return 0
+
+def refresh_summary(record_dir, log):
+    """Post-processing, when the records toolkit sits beside this script: rewrite summary.json."""
+    tool = os.path.join(ROOT, "tools", "records.py")
+    if os.path.exists(tool):
+        proc = subprocess.run([sys.executable, tool, "summary", record_dir, "--write"],
+                              capture_output=True, text=True)
+        last = (proc.stdout.strip().splitlines() or [""])[-1]
+        log(f"summary: {os.path.join(record_dir, 'summary.json')}: {last}" if proc.returncode == 0
+            else f"summary not written: {proc.stderr.strip()}", error=proc.returncode != 0)
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    hp = hyperparameters_from(args)
+    hp, dry_run = parse_args(argv)
     try:
-        rank, world, device = setup_distributed()
+        if dry_run:
+            world = int(os.environ.get("WORLD_SIZE", 1))
+            micro, accum = micro_batch_plan(hp, world)
+            check_hardware(hp, torch.cuda.is_available())
+            print(f"dry run: configuration ok (preset {hp.preset}, world size {world}, "
+                  f"{accum} micro-batch(es) of {micro} sequences per rank)")
+            return 0
+        ctx = setup_distributed(hp)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    log = Logger(quiet=rank != 0)
+    log, run = Logger(ctx.rank), None
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
-        return run(args, hp, rank, world, device, log)
+        run, record_dir = prepare(hp, ctx, log)
+        finals = [train_trial(run, trial) for trial in range(run.hp.trials)]
+        if ctx.rank == 0:
+            log(f"final val losses: {' '.join(f'{v:.5f}' for v in finals)}")
+            refresh_summary(record_dir, log)
+        if ctx.world > 1:
+            dist.barrier()  # leave together: a gloo rank that exits while a peer still talks can abort
+        return 0
     except (DataError, ValueError, FileExistsError) as e:  # bad input or configuration
         log(f"error: {e}", error=True)
         return 2
-    except FloatingPointError as e:  # NaN/inf loss or update: stop, keep the log
+    except (FloatingPointError, Interrupted) as e:  # NaN/inf, or killed: stop, keep the log
+        trial = f"trial {run.trial} (seed {seed_label(run.hp, run.trial)})" if run else "setup"
+        if isinstance(e, Interrupted):  # a line the records toolkit reads: this trial is incomplete
+            log(f"interrupted: {e} at step {run.step if run else 0}, {trial}", error=True)
+        else:
+            log(f"failed: {trial}: {e}", error=True)
         kept = f"; the log so far is kept in {log.file.name}" if log.file else ""
-        log(f"error: {e}. Training stopped{kept}", error=True)
-        return 1
+        log(f"error: {trial}: {e}. Training stopped{kept}", error=True)
+        return 130 if isinstance(e, Interrupted) else 1
     finally:
         if log.file:
             log.file.close()
+        if run and run.jsonl:
+            run.jsonl.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from train_gpt import DataError, read_shard_header  # noqa: E402  (one shard reader for the project)
+from data.shards import DataError, read_shard_header  # noqa: E402  (the one shard reader)
 
 REPO_ID = "kjj0/fineweb10B-gpt2"  # dataset repo of the published shards
 MAX_TRAIN_SHARDS = 103

@@ -20,29 +20,18 @@ average. It is printed and stored in `meta.json` beside the shards.
 import argparse
 import json
 import os
+import sys
 
 import numpy as np
 from tqdm import tqdm
 
-MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data.shards import write_shard  # noqa: E402  (the one shard writer of the project)
+
 # Probabilities of the four rules for each next token (the rest of the mass is the unigram).
 P_BIGRAM, P_TRIGRAM, P_COPY = 0.45, 0.25, 0.15
 N_BIGRAM, N_TRIGRAM, TRIGRAM_BUCKETS = 4, 2, 8192
 MEAN_DOC_LEN = 256
-
-
-def write_shard(path, tokens):
-    """Write `tokens` (ints < 65536) as one shard: 256 int32 header values, then uint16 tokens."""
-    tokens = np.asarray(tokens)
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
-        raise ValueError(f"{path}: token ids must be in [0, 65536) to fit uint16")
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = MAGIC, VERSION, tokens.size
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype("<u2").tobytes())
-    os.replace(tmp, path)  # a crash never leaves a half-written shard under the real name
 
 
 def zipf(n, s=1.1):

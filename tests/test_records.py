@@ -1,17 +1,23 @@
-"""tools/records.py: parsing every log variant, the statistics, compare, plot, errors, CLI."""
+"""tools/records.py: parsing every log variant, the statistics, compare, plot, diff, submit,
+errors, CLI."""
 import json
 import math
 import os
+import stat
 import subprocess
 import sys
 
 import pytest
 
-from tools.records import (RecordsError, compare, load_runs, parse_log, plot_records, summarize,
-                           write_summary)
+from tools.records import (PUBLISHED, RecordsError, compare, diff_records, load_runs, parse_log,
+                           pass_probability, plot_records, read_log, submit, summarize,
+                           trials_needed, write_summary)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REFERENCE = os.path.join(ROOT, "..", "shared", "reference-logs", "track3_aurora_3175_n20.txt")
+# The published record's output: the in-repo copy (always there), and the shared file it was
+# copied from (only where the workspace has it).
+REFERENCE = os.path.join(ROOT, "records", "published_aurora_3175", "track3_aurora_3175_n20.txt")
+SHARED_REFERENCE = os.path.join(ROOT, "..", "shared", "reference-logs", "track3_aurora_3175_n20.txt")
 CLI = [sys.executable, os.path.join(ROOT, "tools", "records.py")]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -66,14 +72,15 @@ def test_file_starting_with_separator(tmp_path):  # the reference log's layout
 
 def test_multi_trial_file_without_step_zero_and_seed_lines(tmp_path):
     path = write(tmp_path / "a.txt", [
-        "trial:0 seed:7 lr:0.1", val(125, 4.0), val(250, 3.5),
-        "trial:1 seed:8", val(125, 4.1), val(250, 3.6),
-        val(125, 4.2), val(250, 3.7)])  # a third trial with no seed line: step went back
+        "trial:0 seed:7 lr:0.1", val(125, 4.0, total=250), val(250, 3.5, total=250),
+        "trial:1 seed:8", val(125, 4.1, total=250), val(250, 3.6, total=250),
+        val(125, 4.2, total=250), val(250, 3.7, total=250)])  # a third trial with no seed line: step went back
     trials = parse_log(path)
     assert [t["seed"] for t in trials] == [7, 8, None]
     assert [t["trial"] for t in trials] == [0, 1, 2]
     assert [t["steps"] for t in trials] == [[125, 250]] * 3
     assert [t["losses"][-1] for t in trials] == [3.5, 3.6, 3.7]
+    assert all(t["complete"] for t in trials)
 
 
 def test_seed_line_starts_a_trial_even_if_the_step_increases(tmp_path):
@@ -134,22 +141,23 @@ def test_margin_exactly_at_the_threshold_passes(tmp_path):
 
 
 def test_no_passing_step_reports_the_last_common_step(tmp_path):
-    write(tmp_path / "a.txt", [val(100, 3.30), val(200, 3.2765)])  # one run needs < 3.276
+    write(tmp_path / "a.txt", [val(100, 3.30, total=200), val(200, 3.2765, total=200)])  # one run needs < 3.276
     s = summarize(load_runs([str(tmp_path)]))
     assert s["step"] is None and s["mean"] == 3.2765 and s["final_step"] == 200 and s["std"] == 0.0
     assert s["first_step_at_target"] == [200]
     out = cli("summary", tmp_path).stdout
-    assert "record: not reached" in out and "pass" not in out.replace("does not pass", "")
+    table = [line for line in out.splitlines() if line[:6].strip().isdigit()]
+    assert len(table) == 2 and not any("pass" in line for line in table)
+    assert out.splitlines()[-1].startswith("record: not reached")
 
 
 def test_only_common_steps_count(tmp_path):
-    write(tmp_path / "a.txt", [val(100, 3.30), val(150, 3.27), val(200, 3.26)])
-    write(tmp_path / "b.txt", [val(100, 3.30), val(200, 3.26)])  # no val at 150
+    write(tmp_path / "a.txt", [val(100, 3.30, total=200), val(150, 3.27, total=200), val(200, 3.26, total=200)])
+    write(tmp_path / "b.txt", [val(100, 3.30, total=200), val(200, 3.26, total=200)])  # no val at 150
     s = summarize(load_runs([str(tmp_path)]))
     assert s["steps"] == [100, 200] and s["step"] == 200
 
 
-@pytest.mark.skipif(not os.path.exists(REFERENCE), reason="shared reference log not present")
 def test_reference_log_gives_the_published_record():
     runs = load_runs([REFERENCE])
     s = summarize(runs)
@@ -163,6 +171,7 @@ def test_reference_log_gives_the_published_record():
     assert (data["n"], data["step"], round(data["mean"], 6)) == (20, 3175, 3.278845)
     proc = cli("summary", REFERENCE, cwd="/")  # the script works from any directory
     assert proc.returncode == 0 and proc.stdout.splitlines()[-1].startswith("record: step 3175")
+    assert s["incomplete"] == [] and s["duplicates"] == [] and s["bad_lines"] == []
 
 
 # ------------------------------------------------------------------------------------------------
@@ -273,8 +282,8 @@ def test_write_summary_diverged_run_is_strict_json(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 def no_common_steps(d):
-    write(d / "a.txt", [val(100, 3.3)])
-    write(d / "b.txt", [val(200, 3.3)])
+    write(d / "a.txt", [val(100, 3.3, total=100)])
+    write(d / "b.txt", [val(200, 3.3, total=200)])  # both complete, different schedules
     return str(d)
 
 
@@ -315,3 +324,512 @@ def test_write_summary_skips_a_log_without_validation_lines(tmp_path):
     (tmp_path / "good.txt").unlink()
     with pytest.raises(RecordsError, match="no log in .* has validation lines"):
         write_summary(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------
+# What counts: complete trials, whole lines, each seed once
+# ------------------------------------------------------------------------------------------------
+
+def test_incomplete_trials_are_listed_not_pooled_ours(tmp_path):
+    path = write(tmp_path / "a.txt", [
+        "trial:0 seed:0", val(50, 3.5), val(100, 3.27),
+        "trial:1 seed:1", val(50, 3.0),  # a much lower loss that must not leak into the mean
+        "step:51/100 train_loss:3.1 train_time:5.1s step_avg:100.00ms",
+        "interrupted: SIGTERM at step 51",
+        "trial:2 seed:2", val(50, 3.4), val(100, 3.28)])
+    write(tmp_path / "b.txt", ["trial:0 seed:3", val(50, 3.6),  # killed: the log just ends
+                               "step:73/100 train_loss:3.1 train_time:7.3s step_avg:100.00ms"])
+    runs = load_runs([str(tmp_path)])
+    assert [(r["seed"], r["complete"]) for r in runs] == [(0, True), (1, False), (2, True), (3, False)]
+    s = summarize(runs)
+    assert s["n"] == 2 and s["seeds"] == [0, 2] and math.isclose(s["per_step"][0]["mean"], 3.45)
+    assert [(os.path.basename(i["source"]), i["trial"], i["seed"], i["last_step"], i["total_steps"])
+            for i in s["incomplete"]] == [("a.txt", 1, 1, 51, 100), ("b.txt", 0, 3, 73, 100)]
+    assert s["incomplete"][0]["reason"] == "interrupted: SIGTERM at step 51"
+    assert "log ends" in s["incomplete"][1]["reason"]
+    on_disk = json.loads(json.dumps(write_summary(str(tmp_path))))
+    assert [(i["source"], i["trial"]) for i in on_disk["incomplete"]] == [("a.txt", 1), ("b.txt", 0)]
+    assert [r["seed"] for r in on_disk["runs"]] == [0, 2]
+    out = cli("summary", tmp_path).stdout
+    assert "incomplete (not counted)" in out and "b.txt trial 0 seed 3: last step 73/100" in out
+    assert "(2 trial(s) left out" in out
+
+
+def test_incomplete_trials_upstream_format(tmp_path):
+    path = tmp_path / "up.txt"  # no trial lines: each trial restarts at step 0
+    path.write_text("code\n" + "=" * 100 + "\nRunning PyTorch\n" + "=" * 100 + "\n" + "\n".join([
+        val(0, 10.8), val(50, 3.6), val(100, 3.27),
+        val(0, 10.8), val(50, 3.1),  # killed (crashed) half way
+        val(0, 10.8), val(50, 3.5), val(100, 3.29)]) + "\n")
+    runs = parse_log(str(path))
+    assert [r["complete"] for r in runs] == [True, False, True] and runs[1]["seed"] is None
+    s = summarize(runs)
+    assert s["n"] == 2 and math.isclose(s["final_mean"], 3.28)
+    assert [(i["trial"], i["last_step"]) for i in s["incomplete"]] == [(1, 50)]
+    assert "next trial started" in s["incomplete"][0]["reason"]
+
+
+def test_a_run_that_only_started_is_listed_not_an_error(tmp_path):
+    write(tmp_path / "done.txt", ["trial:0 seed:0", val(100, 3.27)])
+    write(tmp_path / "running.txt", ["trial:0 seed:1",  # compiling: no validation yet
+                                     "step:1/100 train_loss:10.8 train_time:1.0s step_avg:1000.00ms"])
+    s = summarize(load_runs([str(tmp_path)]))
+    assert s["n"] == 1 and [i["seed"] for i in s["incomplete"]] == [1]
+    with pytest.raises(RecordsError, match="no complete trial.*running.txt trial 0 stopped at step 1/100"):
+        summarize(load_runs([str(tmp_path / "running.txt")]))
+
+
+CUT = [
+    "step:100/100 val_loss:3.27",                                        # cut after the loss
+    "step:100/100 val_lo",                                               # cut in the key
+    "step:100/100 val_loss:3.27011 train_time:10.0",                     # no unit
+    "step:100/100 val_loss:3.27011 train_time:10.000s step_avg:100.0",  # no unit
+    "step:100/100 val_loss:3.27011 train_time:10.000s step_avg:100.00m",
+    "step:100/100 val_loss:3.2x7 train_time:10.000s step_avg:100.00ms",  # garbled number
+    "step:100/100 val_loss: train_time:10.000s step_avg:100.00ms",       # empty value
+    "step:100/100 val_loss:3.27011 train_time:10.000s step_avg:100.00ms ema_be",
+    "step:10",
+    "ste",
+]
+
+
+@pytest.mark.parametrize("cut", CUT)
+def test_a_cut_final_line_is_ignored_and_reported(tmp_path, cut):
+    # the last line of a killed log: never read as a loss, and the trial is not complete
+    path = write(tmp_path / "a.txt", ["trial:0 seed:0", val(50, 3.5), cut])
+    number = open(path).read().splitlines().index(cut) + 1
+    (trial,) = parse_log(path)
+    assert trial["steps"] == [50] and not trial["complete"]
+    write(tmp_path / "b.txt", ["trial:0 seed:1", val(50, 3.5), val(100, 3.29)])
+    s = summarize(load_runs([str(tmp_path)]))
+    assert s["n"] == 1 and s["final_losses"] == [3.29]
+    assert s["bad_lines"] == [dict(source=path, line=number, text=cut)]
+    assert [i["seed"] for i in s["incomplete"]] == [0]
+
+
+def test_a_cut_line_mid_trial_drops_that_step_only(tmp_path):
+    path = write(tmp_path / "a.txt", [
+        val(0, 10.8), "step:50/100 val_loss:3.4 train_ti", val(100, 3.27), "step:10"])
+    (trial,) = parse_log(path)
+    assert trial["steps"] == [0, 100] and trial["complete"]
+    s = write_summary(str(tmp_path))
+    assert s["n"] == 1 and s["steps"] == [0, 100]
+    lines = open(path).read().splitlines()  # 4 code lines, '=', header, '=': output from line 8
+    assert lines.index("step:50/100 val_loss:3.4 train_ti") + 1 == 9 and lines.index("step:10") + 1 == 11
+    assert [(b["source"], b["line"]) for b in s["bad_lines"]] == [("a.txt", 9), ("a.txt", 11)]
+    out = cli("summary", path).stdout
+    assert "cut line (ignored):" in out and "line 9: 'step:50/100 val_loss:3.4 train_ti'" in out
+
+
+def test_only_cut_lines_is_an_error_that_says_so(tmp_path):
+    path = write(tmp_path / "a.txt", ["step:100/100 val_loss:3.27"])
+    with pytest.raises(RecordsError, match="no validation lines.*1 cut line.*line 8"):
+        parse_log(path)
+
+
+def test_ms_train_time_of_upstream_logs(tmp_path):
+    path = tmp_path / "up.txt"
+    path.write_text("=" * 100 + "\n" + "step:125/125 val_loss:4.2 train_time:30851ms step_avg:246.81ms\n")
+    (trial,) = parse_log(str(path))
+    assert trial["losses"] == [4.2] and math.isclose(trial["train_time"][0], 30.851)
+
+
+def test_duplicate_seeds_are_flagged_and_counted_once(tmp_path):
+    write(tmp_path / "a.txt", ["trial:0 seed:0", val(100, 3.270), "trial:1 seed:record0", val(100, 3.272)])
+    write(tmp_path / "b.txt", ["trial:0 seed:0", val(100, 3.290)])         # same int seed, other file
+    write(tmp_path / "c.txt", ["trial:0 seed:record0", val(100, 3.290),    # two unseeded processes
+                               "trial:1 seed:record1", val(100, 3.274)])
+    write(tmp_path / "d.txt", ["trial:0 seed:5", val(50, 3.3)])            # incomplete: not a dup
+    write(tmp_path / "e.txt", ["trial:0 seed:5", val(100, 3.276)])         # its complete rerun
+    s = summarize(load_runs([str(tmp_path)]))
+    assert s["seeds"] == [0, "record0", "record1", 5] and s["n"] == 4
+    assert math.isclose(s["mean"], (3.270 + 3.272 + 3.274 + 3.276) / 4)
+    assert [(os.path.basename(d["source"]), d["seed"], d["duplicate_of"].split("/")[-1])
+            for d in s["duplicates"]] == [("b.txt", 0, "a.txt trial 0"), ("c.txt", "record0", "a.txt trial 1")]
+    assert [i["seed"] for i in s["incomplete"]] == [5]
+    data = json.loads(cli("summary", tmp_path, "--json").stdout)
+    assert data["seeds"] == [0, "record0", "record1", 5] and len(data["duplicates"]) == 2
+    assert "duplicate seed (counted once)" in cli("summary", tmp_path).stdout
+
+
+def test_trials_without_seed_are_never_duplicates(tmp_path):
+    for name in ("a.txt", "b.txt"):  # upstream logs: no trial lines, seed None
+        write(tmp_path / name, [val(100, 3.27), val(100, 3.28)])
+    s = summarize(load_runs([str(tmp_path)]))
+    assert s["n"] == 4 and s["duplicates"] == [] and s["seeds"] == [None] * 4
+
+
+def test_summary_json_is_world_readable(tmp_path):
+    write(tmp_path / "x.txt", [val(100, 3.27)])
+    old = os.umask(0o077)  # even under a strict umask: the summary is meant to be read by others
+    try:
+        write_summary(str(tmp_path))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "summary.json").st_mode) == 0o644
+
+
+# ------------------------------------------------------------------------------------------------
+# How many seeds to pay for
+# ------------------------------------------------------------------------------------------------
+
+def test_pass_probability_by_hand():
+    # mean 3.277, std 0.002, n 4: ((3.28 - 3.277) * 2 - 0.004) / 0.002 = 1 -> Phi(1) = 0.841345
+    assert math.isclose(pass_probability(3.277, 0.002, 4), 0.8413447, rel_tol=1e-6)
+    # mu estimated from 4 trials: scale 0.002 * sqrt(1 + 4/4) -> Phi(1/sqrt(2)) = 0.760250
+    assert math.isclose(pass_probability(3.277, 0.002, 4, n_obs=4), 0.7602499, rel_tol=1e-6)
+    # a mean exactly at the edge of passing: Phi(0) = 1/2 either way
+    assert math.isclose(pass_probability(3.278, 0.002, 4), 0.5)
+    assert math.isclose(pass_probability(3.278, 0.002, 4, n_obs=4), 0.5)
+    # n for 90%: mu exact, n=4 gives 0.841, n=5 gives Phi((0.003 sqrt5 - 0.004)/0.002) = Phi(1.354) = 0.912
+    assert trials_needed(3.277, 0.002) == 5
+    # mu estimated: n=7 gives Phi(1.187) = 0.882, n=8 gives Phi(1.295) = 0.902
+    assert trials_needed(3.277, 0.002, n_obs=4) == 8
+    assert trials_needed(3.2805, 0.001) is None and pass_probability(3.2805, 0.001, 100) < 1e-9
+    # mu estimated from few noisy trials: the limit Phi((3.28 - mean) sqrt(n_obs) / std) < 90%
+    assert trials_needed(3.2795, 0.002, n_obs=2) is None  # limit Phi(0.354) = 0.64
+    assert pass_probability(3.277, 0.0, 4) == 1.0 and pass_probability(3.279, 0.0, 4) == 0.0
+
+
+def test_pass_chance_in_summary(tmp_path):
+    losses = [3.275, 3.279, 3.277, 3.277]  # mean 3.277, std sqrt(8/3) * 1e-3
+    for i, loss in enumerate(losses):
+        write(tmp_path / f"{i}.txt", [f"trial:0 seed:{i}", val(50, 3.5), val(100, loss)])
+    s = summarize(load_runs([str(tmp_path)]))
+    (row,) = [r for r in s["pass_chance"]["rows"] if r["step"] == 100]
+    std = math.sqrt(8 / 3) * 1e-3
+    assert math.isclose(row["std"], std) and row["n"] == 4 and row["n_obs"] == 4
+    # by hand: ((3.28 - 3.277) * 2 - 0.004) / std = 0.002 / 0.0016330 = 1.2247 -> Phi = 0.8897
+    assert math.isclose(row["p_exact"], 0.5 * (1 + math.erf(0.002 / std / math.sqrt(2))))
+    assert round(row["p_exact"], 4) == 0.8897
+    assert math.isclose(row["p_exact"], pass_probability(3.277, std, 4))
+    assert math.isclose(row["p_estimated"], pass_probability(3.277, std, 4, n_obs=4))
+    assert row["p_estimated"] < row["p_exact"]
+    assert "estimate" in s["pass_chance"]["note"] and "normal" in s["pass_chance"]["note"]
+    bigger = summarize(load_runs([str(tmp_path)]), new_trials=10)["pass_chance"]["rows"][-1]
+    assert bigger["n"] == 10 and bigger["p_exact"] > row["p_exact"]
+    one = summarize(load_runs([str(tmp_path / "0.txt")]))["pass_chance"]
+    assert one["rows"][-1]["p_exact"] is None and "at least 2" in one["note"]
+
+
+def test_pass_chance_on_the_published_record():
+    s = summarize(load_runs([REFERENCE]))
+    rows = {r["step"]: r for r in s["pass_chance"]["rows"]}
+    assert sorted(rows) == [3150, 3175, 3200]  # the record step and its neighbours
+    r = rows[3175]
+    assert round(r["mean"], 6) == 3.278845 and round(r["std"], 5) == 0.00111 and r["n"] == 20
+    # a fresh 20-trial reproduction passes at 3175 about 75-85% of the time: the variants bracket it
+    assert 0.75 <= r["p_estimated"] < r["p_exact"] <= 0.86
+    assert r["n90_exact"] == 23 and r["n90_estimated"] > r["n90_exact"]
+    assert rows[3150]["p_exact"] < 1e-3 and rows[3150]["n90_exact"] is None  # mean above target
+    out = cli("summary", REFERENCE).stdout
+    assert "how many seeds to pay for" in out and "an estimate" in out and "85.3%" in out
+
+
+# ------------------------------------------------------------------------------------------------
+# The published record's in-repo copy
+# ------------------------------------------------------------------------------------------------
+
+def test_published_copy_is_in_the_repo_and_the_default_baseline():
+    assert PUBLISHED == REFERENCE and os.path.isfile(REFERENCE)
+    with open(REFERENCE, "rb") as f:
+        assert f.readline() == b"=" * 100 + b"\n"  # the output part only: no code before it
+    readme = open(os.path.join(os.path.dirname(REFERENCE), "README.md")).read()
+    for fact in ("#17", "Tilde Research", "Aurora", "May 2026", "20 seeds", "8xH100", "3175",
+                 "3.27885", "code part"):
+        assert fact in readme, fact
+
+
+@pytest.mark.skipif(not os.path.exists(SHARED_REFERENCE), reason="shared reference log not present")
+def test_published_copy_is_byte_identical_to_the_shared_reference_log():
+    with open(REFERENCE, "rb") as ours, open(SHARED_REFERENCE, "rb") as shared:
+        assert ours.read() == shared.read()
+
+
+# ------------------------------------------------------------------------------------------------
+# diff
+# ------------------------------------------------------------------------------------------------
+
+TRAINER = '''#### train_gpt.py ####
+import dataclasses
+import os
+
+
+@dataclasses.dataclass
+class Hyperparameters:
+    train_steps: int = 3200
+    lr_matrix: float = 0.0375
+    lr_head: float = 1 / 320
+    optimizer: str = "aurora"
+    seed: int = 0
+    trials: int = 1
+
+
+PRESETS = {"record": {}, "tiny": dict(train_steps=200, data_dir=os.path.join("data", "synthetic"))}
+FLAGS = ["--preset", "--train-steps", "--trials", "--seed", "--run-name"]
+print(f"step:{step}/{total} val_loss:{val_loss:.5f}")
+#### aurora.py ####
+step:1/2 val_loss:9.9 train_time:0.0s step_avg:0ms
+trial:0 seed:999
+def polar(x):
+    return x
+'''  # a trainer-like code part (decoys in the second file, which is never parsed as Python)
+
+HP = dict(data_dir="/data/fineweb10B", train_steps="3200", lr_matrix="0.0375", lr_head="0.003125",
+          optimizer="aurora", seed="0", trials="2")
+
+
+def write_ours(path, trials, hp=None, code=TRAINER, steps=(3000, 3100, 3200), total=3200):
+    """A log like our trainer's: environment and hyperparameter header lines; trials maps each
+    seed to its losses at `steps`."""
+    hp = dict(HP, **(hp or {}))
+    header = ["python 3.12.3  torch 2.11.0+cu130  cuda 13.0  platform Linux-x86_64",
+              "device NVIDIA H100 80GB HBM3  world_size 8", "git_commit abc123",
+              f"seeds {list(trials)}"] + [f"{k}: {v}" for k, v in hp.items()] + [
+              "| NVIDIA-SMI 580.159.04   Driver Version: 580.159.04   CUDA Version: 13.0 |"]
+    out = []
+    for i, (seed, losses) in enumerate(trials.items()):
+        out += [f"trial:{i} seed:{seed}"] + [val(s, v, total=total) for s, v in zip(steps, losses)]
+    path.write_text(code + "=" * 100 + "\n" + "\n".join(header) + "\n" + "=" * 100 + "\n"
+                    + "\n".join(out) + "\n")
+    return str(path)
+
+
+def test_read_log_header_and_code(tmp_path):
+    log = read_log(write_ours(tmp_path / "a.txt", {0: [3.3, 3.29, 3.28]}))
+    assert log["code"] == TRAINER  # everything before the first '=' line, byte for byte
+    assert log["hyperparameters"] == HP  # `name: value` header lines only (not nvidia-smi's)
+    assert log["environment"][1] == "device NVIDIA H100 80GB HBM3  world_size 8"
+    assert [t["seed"] for t in log["trials"]] == [0] and log["bad_lines"] == []
+
+
+def test_diff_two_logs(tmp_path):
+    a = write_ours(tmp_path / "a.txt", {0: [3.30, 3.285, 3.275]})
+    b = write_ours(tmp_path / "b.txt", {1: [3.29, 3.280, 3.272]}, hp=dict(lr_matrix="0.04", seed="1", trials="1"),
+                   code=TRAINER.replace("lr_matrix: float = 0.0375", "lr_matrix: float = 0.04"))
+    d = diff_records(a, b)
+    assert d["hyperparameters"] == [dict(name="lr_matrix", a="0.0375", b="0.04")]
+    assert {r["name"] for r in d["run_specific"]} == {"seed", "trials"}
+    assert not d["code_identical"] and "-    lr_matrix: float = 0.0375" in d["code_diff"]
+    assert "+    lr_matrix: float = 0.04" in d["code_diff"]
+    assert [(r["step"], round(r["diff"], 6)) for r in d["side_by_side"]] == [
+        (3000, -0.01), (3100, -0.005), (3200, -0.003)]
+    assert d["compare"] is None  # one trial each: no pairwise test
+    proc = cli("diff", a, b)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "lr_matrix: 0.0375 -> 0.04" in out and "(run-specific) seed: 0 -> 1" in out
+    assert "+++ B: " in out and "+    lr_matrix: float = 0.04" in out
+    assert " 3000   3.30000   3.29000  -0.01000" in out
+    data = json.loads(cli("diff", a, a, "--json").stdout)
+    assert data["code_identical"] and data["hyperparameters"] == [] and data["code_diff"] == []
+    assert all(r["diff"] == 0 for r in data["side_by_side"])
+
+
+def test_diff_folders_and_upstream_logs(tmp_path):
+    (tmp_path / "up").mkdir()
+    for i, name in enumerate(("1.txt", "2.txt")):  # upstream: code part, '=' lines, val lines only
+        (tmp_path / "up" / name).write_text("import torch\nlr = 0.05\n" + "=" * 100 + "\nRunning PyTorch\n"
+                                            + "=" * 100 + "\n" + "\n".join(
+                                                val(s, v + i * 0.001, total=3200) for s, v in
+                                                zip((3000, 3100, 3200), (3.29, 3.277, 3.270))) + "\n")
+    other = tmp_path / "other.txt"
+    other.write_text("import torch\nlr = 0.06\n" + "=" * 100 + "\n" + "\n".join(
+        val(s, v, total=3200) for s, v in zip((3000, 3100, 3200), (3.30, 3.29, 3.279))) + "\n")
+    d = diff_records(str(tmp_path / "up"), str(other))
+    assert not d["has_hyperparameters_a"] and not d["has_hyperparameters_b"]
+    assert "-lr = 0.05" in d["code_diff"] and "+lr = 0.06" in d["code_diff"]
+    assert d["n_a"] == 2 and math.isclose(d["side_by_side"][1]["a"], 3.2775)
+    assert d["compare"]["verdict"] == "A is significantly better than B"
+    out = cli("diff", tmp_path / "up", REFERENCE).stdout
+    assert "neither has hyperparameter lines" in out and "not compared: B has no code part" in out
+    # A passes at 3200 only: (3.28 - 3.2775) * sqrt(2) = 0.0035 < 0.004 at 3100
+    assert "pairwise test: A n=2 step 3200 mean 3.270500" in out and "B n=20 step 3175" in out
+    assert " 3175 " not in out.split("pairwise")[0]  # only common steps: ours validate 3000/3100/3200
+
+
+# ------------------------------------------------------------------------------------------------
+# submit
+# ------------------------------------------------------------------------------------------------
+
+def make_submission(directory, hp=None, code=TRAINER, means=(3.29, 3.277, 3.270)):
+    """Two logs of two trials each (seeds 0..3), passing at step 3100 (mean 3.277, margin 0.006)."""
+    directory.mkdir()
+    for f, seeds in (("a.txt", (0, 1)), ("b.txt", (2, 3))):
+        write_ours(directory / f, {s: [m + 0.001 * (s - 1.5) for m in means] for s in seeds},
+                   hp=hp, code=code)
+    return str(directory)
+
+
+def test_submit_end_to_end(tmp_path):
+    record = make_submission(tmp_path / "rec", hp=dict(lr_matrix="0.04"))
+    parent = make_submission(tmp_path / "parent", means=(3.30, 3.285, 3.2775))  # passes at 3200
+    out = tmp_path / "results" / "20261123_lr04"
+    proc = cli("submit", record, "--name", "lr04", "--baseline", parent, "--out", out,
+               "--date", "2026-11-23", "--contributors", "A. Person")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(out)) == ["README.md", "a.txt", "b.txt", "figure.png",
+                                       "train_gpt_simple_lr04.py", "zoomed_figure.png"]
+    assert sorted(os.listdir(out.parent)) == ["20261123_lr04"]  # no temporary folder left
+    for f in os.listdir(out):
+        assert stat.S_IMODE(os.stat(out / f).st_mode) == 0o644, f
+    assert (out / "a.txt").read_text() == open(os.path.join(record, "a.txt")).read()
+    assert (out / "train_gpt_simple_lr04.py").read_text() == TRAINER  # the code part, exactly
+    for png in ("figure.png", "zoomed_figure.png"):
+        assert (out / png).read_bytes()[:8] == PNG_MAGIC
+    (row,) = [line for line in proc.stdout.splitlines() if line.startswith("| ?")]
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert len(cells) == 7 and cells[:3] == ["?", "3100", "3.2770 (n=4)✓"]
+    assert cells[4:] == ["2026-11-23", "[log](results/20261123_lr04/a.txt)", "A. Person"]
+    assert cells[3] == "Differs from the parent in lr_matrix=0.04"
+    readme = (out / "README.md").read_text()
+    assert row in readme
+    for part in ("## Method and difference from the parent record",
+                 "`lr_matrix`: 0.0375 (parent) -> 0.04",
+                 "- Code: identical to the parent's code part.",
+                 "| **3100** (claimed) | 3.277000 |", "| 3000 | 3.290000 |", "| fail |", "| PASS |",
+                 "| 0 | [a.txt](a.txt) trial 0 | 3.28850 | 3.27550 | 3.26850 |",
+                 "| 3 | [b.txt](b.txt) trial 1 |", "| **mean** | |", "| **std** | |",
+                 "## How many seeds to pay for", "an estimate", "## Comparison with the parent record",
+                 "this record is significantly better than the parent",
+                 "| parent | 4 | 3200 | 3.277500 |", "| lr_matrix | 0.04 |", "| train_steps | 3200 |",
+                 "`device NVIDIA H100 80GB HBM3  world_size 8`", "`python 3.12.3  torch 2.11.0+cu130",
+                 "./run.sh --trials 4 --seed 0 --run-name lr04",
+                 "lr_matrix: 0.04: not the script's default and no command-line flag",
+                 "Left out: none"):
+        assert part in readme, part
+    assert "| data_dir |" not in readme and "| seed | 0 |" not in readme and "| trials |" not in readme
+
+
+def test_submit_default_baseline_is_the_published_record(tmp_path):
+    record = make_submission(tmp_path / "rec", code=TRAINER.replace("lr_head: float = 1 / 320",
+                                                                      "lr_head: float = 1 / 300"),
+                             hp=dict(train_steps="3200"))
+    r = submit(record, "same", out=str(tmp_path / "o"), date="2026-11-23")
+    readme = open(os.path.join(r["out"], "README.md")).read()
+    assert "the published record" in readme and "records/published_aurora_3175" in readme
+    assert "the parent's log has no hyperparameter lines" in readme
+    assert "not compared (the parent's log holds no code part)" in readme
+    assert "lr_head: 0.003125" in readme  # 1/300 is the script's default: logged 1/320 needs setting
+    assert r["comparison"]["n_b"] == 20 and r["comparison"]["steps_b"] == 3175
+    assert r["comparison"]["verdict"] == "A is significantly better than B"  # 3100 vs 3175 steps
+    assert r["row"].startswith("| ? | 3100 | 3.2770 (n=4)✓ | same (optimizer aurora) |")
+
+
+def test_submit_reports_left_out_trials_and_unseeded_commands(tmp_path):
+    record = tmp_path / "rec"
+    record.mkdir()
+    write_ours(record / "a.txt", {f"record{k}": [3.29, 3.277 + 0.001 * k, 3.270] for k in range(4)})
+    with open(record / "a.txt", "a") as f:
+        f.write("trial:4 seed:record4\n" + val(3000, 3.29, total=3200) + "\ninterrupted: SIGINT at step 3050\n")
+    r = submit(str(record), "unseeded", out=str(tmp_path / "o"), date="2026-11-23",
+               baseline=REFERENCE)
+    readme = open(os.path.join(r["out"], "README.md")).read()
+    assert r["summary"]["n"] == 4
+    assert "incomplete (not counted): a.txt trial 4 seed record4, last step 3050/3200: interrupted" in readme
+    assert "./run.sh --trials 4 --run-name unseeded" in readme and "record0..record3" in readme
+
+
+def test_submit_refusals(tmp_path):
+    record = make_submission(tmp_path / "rec")
+    # a log of another configuration
+    bad = make_submission(tmp_path / "cfg")
+    write_ours(tmp_path / "cfg" / "b.txt", {2: [3.29, 3.277, 3.270]}, hp=dict(lr_matrix="0.04"))
+    with pytest.raises(RecordsError, match=r"do not share one configuration.*b\.txt differs from a\.txt "
+                                           r"in lr_matrix \(0\.0375 vs 0\.04\)"):
+        submit(bad, "x", out=str(tmp_path / "o1"))
+    # the same hyperparameters, other code
+    code = make_submission(tmp_path / "code")
+    write_ours(tmp_path / "code" / "b.txt", {2: [3.29, 3.277, 3.270]}, code=TRAINER + "# changed\n")
+    with pytest.raises(RecordsError, match=r"code part of b\.txt differs from a\.txt's"):
+        submit(code, "x", out=str(tmp_path / "o2"))
+    # no step passes
+    slow = make_submission(tmp_path / "slow", means=(3.30, 3.29, 3.279))
+    with pytest.raises(RecordsError, match="no validated step passes"):
+        submit(slow, "x", out=str(tmp_path / "o3"))
+    # an output-only log (no code part)
+    with pytest.raises(RecordsError, match="holds no code part"):
+        submit(REFERENCE, "x", out=str(tmp_path / "o4"))
+    with pytest.raises(RecordsError, match="plain name"):
+        submit(record, "../x", out=str(tmp_path / "o5"))
+    assert not any(os.path.exists(tmp_path / f"o{i}") for i in range(1, 6))
+    # an existing, non-empty folder is never overwritten; an empty one is used
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    proc = cli("submit", record, "--name", "x", "--out", tmp_path / "full")
+    assert proc.returncode == 2 and proc.stderr.startswith("error:") and "not empty" in proc.stderr
+    assert os.listdir(tmp_path / "full") == ["keep.txt"] and proc.stdout == ""
+    (tmp_path / "empty").mkdir()
+    assert "README.md" in submit(record, "x", out=str(tmp_path / "empty"))["files"]
+    assert sorted(os.listdir(tmp_path)) == sorted(["rec", "cfg", "code", "slow", "full", "empty"])
+
+
+def test_summary_write_rewrites_summary_json(tmp_path):
+    # train_gpt.py runs `tools/records.py summary RECORD_DIR --write` after each run and logs the
+    # last line of stdout: the record line
+    write(tmp_path / "x.txt", ["trial:0 seed:0", val(50, 3.5), val(100, 3.27)])
+    write(tmp_path / "y.txt", ["trial:0 seed:1", val(50, 3.6)])  # killed
+    proc = cli("summary", tmp_path, "--write")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "record: step 100  mean 3.270000  margin 0.01000 >= 0.004  (n=1)"
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["n"] == 1 and [i["source"] for i in on_disk["incomplete"]] == ["y.txt"]
+    assert stat.S_IMODE(os.stat(tmp_path / "summary.json").st_mode) == 0o644
+    # a diverged run: null in summary.json, nan in the text, no crash
+    write(tmp_path / "z.txt", ["trial:0 seed:2", val(50, 3.5),
+                               "step:100/100 val_loss:nan train_time:1.0s step_avg:nanms"])
+    proc = cli("summary", tmp_path, "--write")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "record: not reached (last common step 100: mean nan, margin nan < 0.004)"
+    proc = cli("summary", tmp_path, tmp_path / "x.txt", "--write")
+    assert proc.returncode == 2 and "exactly one PATH" in proc.stderr
+
+
+NEW_TRAINER = '''#### train_gpt.py ####
+import argparse
+import dataclasses
+
+
+def hparam(default, help):
+    return dataclasses.field(default=default, metadata=dict(help=help))
+
+
+@dataclasses.dataclass
+class Hyperparameters:
+    train_steps: int = hparam(3200, "optimizer steps")
+    lr_matrix: float = hparam(0.0375, "Aurora lr")
+    adam_betas: tuple = hparam((0.8, 0.95), "Adam betas")
+    diagnostics: bool = hparam(True, "neuron diagnostics")
+    preset: str = hparam("record", "record or tiny")
+    seed: int = hparam(None, "seed of trial 0")
+    trials: int = hparam(1, "trials")
+    append: bool = hparam(False, "add to an existing record folder")
+
+
+PER_RUN = ("seed", "trials", "data_dir", "append")
+PRESETS = {"record": {}, "tiny": dict(train_steps=200)}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser()
+    for f in dataclasses.fields(Hyperparameters):  # one flag per field, bools as --x/--no-x
+        ap.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction)
+#### aurora.py ####
+'''  # the trainer's newer style: hparam() defaults, generated flags, PER_RUN, a preset line
+
+
+def test_submit_with_a_trainer_that_generates_its_flags(tmp_path):
+    record = tmp_path / "rec"
+    record.mkdir()
+    hp = dict(preset="tiny", train_steps="200", lr_matrix="0.04", adam_betas="(0.9, 0.95)",
+              diagnostics="False")
+    for f, seeds, append in (("a.txt", (0, 1), "False"), ("b.txt", (2, 3), "True")):
+        write_ours(record / f, {s: [3.29, 3.277 + 0.001 * (s - 1.5), 3.270] for s in seeds},
+                   hp=dict(hp, append=append), code=NEW_TRAINER, steps=(150, 175, 200), total=200)
+    r = submit(str(record), "newstyle", out=str(tmp_path / "o"), date="2026-11-23")  # append: per run
+    readme = open(os.path.join(r["out"], "README.md")).read()
+    # flags in the order of the log's lines; train_steps 200 comes with the preset: no flag
+    assert ("./run.sh --trials 4 --seed 0 --lr-matrix 0.04 --preset tiny --adam-betas 0.9 0.95 "
+            "--no-diagnostics --run-name newstyle") in readme
+    assert "| append |" not in readme and "| preset | tiny |" in readme
+    assert "seed, trials, data_dir, append" in readme

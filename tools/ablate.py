@@ -1,7 +1,7 @@
 """Muon / NorMuon / Aurora ablation: same seed, same data, same pipeline; only the update differs.
 
     python tools/ablate.py                          # tiny preset on the CPU (a few minutes)
-    python tools/ablate.py --variants               # + Aurora's later release and MuonEq
+    python tools/ablate.py --variants               # + the tall-only/cans12 variant and MuonEq
     python tools/ablate.py --preset small           # the 124M model, quarter batch (one GPU)
 
 Runs train_gpt.py once per optimizer into records/<date>_ablation_<preset>/ (one record
@@ -22,13 +22,13 @@ sys.path.insert(0, ROOT)
 from tools.records import parse_log  # noqa: E402
 
 RUNS = {
-    "muon": ["--optimizer", "muon"],
-    "normuon": ["--optimizer", "normuon"],
-    "aurora": ["--optimizer", "aurora"],
+    "muon": ["--rule", "muon"],
+    "normuon": ["--rule", "normuon"],
+    "aurora": ["--rule", "aurora"],
 }
 VARIANTS = {
-    "aurora_tall_cans12": ["--optimizer", "aurora", "--aurora-on", "tall", "--polar", "cans12"],
-    "muoneq": ["--optimizer", "aurora", "--pp-iterations", "1"],  # row-normalize, then polar
+    "aurora_tall_cans12": ["--rule", "aurora", "--aurora-on", "tall", "--ns-iteration", "cans12"],
+    "muoneq": ["--rule", "aurora", "--pp-iterations", "1"],  # row-normalize, then polar
 }
 METRICS = ("dead", "starved", "leverage_cv", "frozen")
 

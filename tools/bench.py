@@ -71,25 +71,35 @@ def bench_optimizer(hp, device, iters, warmup):
     return shapes, results
 
 
+class FixedBatch:
+    """Stands in for the train loader: the same tokens every step."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def next_batch(self):
+        return self.x, self.y
+
+
 def bench_training(hp, device, iters, warmup):
-    micro, accum = train_gpt.micro_batch_plan(hp, 1)
-    act_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = train_gpt.GPT(hp, act_dtype).to(device)
+    ctx = train_gpt.Context(0, 1, device, *train_gpt.micro_batch_plan(hp, 1))
+    model = train_gpt.GPT(hp, train_gpt.activation_dtype(ctx)).to(device)
     compiled = torch.compile(model, dynamic=False) if device.type == "cuda" else model
     gen = torch.Generator(device=device).manual_seed(0)
     tokens = torch.randint(0, min(hp.vocab_size, 50257), (hp.batch_tokens + 1,), generator=gen,
                            device=device)
-    x, y = tokens[:-1], tokens[1:]
+    batch = FixedBatch(tokens[:-1].int(), tokens[1:])
     results = {}
     for rule in ("muon", "aurora"):
         model.init_weights(hp.init_var)
-        optimizers = train_gpt.build_optimizers(model, train_gpt.dataclasses.replace(hp, optimizer=rule))
-        step = lambda: train_gpt.train_step(model, compiled, optimizers, x, y, hp, micro, 1, 0)  # noqa: E731
-        results[rule] = timed(step, device, iters, warmup)
+        rule_hp = train_gpt.dataclasses.replace(hp, rule=rule)
+        run = train_gpt.Run(rule_hp, ctx, train_gpt.Logger(1), model, compiled, batch, None)
+        optimizers = train_gpt.build_optimizers(model, rule_hp, device)
+        results[rule] = timed(lambda: train_gpt.train_step(run, optimizers, 0), device, iters, warmup)
     n_params = sum(p.numel() for p in model.parameters())
     n_matmul = n_params - model.embed.weight.numel()  # the embedding is a lookup, not a matmul
     flops_per_token = 6 * n_matmul + 6 * hp.n_layer * hp.seq_len * hp.d_model  # + causal attention
-    return results, flops_per_token * hp.batch_tokens, accum
+    return results, flops_per_token * hp.batch_tokens, ctx.accum
 
 
 def main(argv=None):
@@ -127,7 +137,7 @@ def main(argv=None):
     if args.train:
         steps, flops, accum = bench_training(hp, device, args.iters, args.warmup)
         print(f"\n(b) training step: {hp.batch_tokens:,} tokens, {accum} micro-batches, one process, "
-              f"fast optimizer path; {flops / 1e12:.1f} TFLOP per step")
+              f"{'batched' if hp.aurora_batched else 'per-matrix'} optimizer path; {flops / 1e12:.1f} TFLOP per step")
         print(f"{'rule':8} {'median ms':>10} {'min ms':>10} {'MFU':>7}")
         for rule, (med, low) in steps.items():
             mfu = f"{flops / (med / 1000) / (peak * 1e12):7.1%}" if peak else "    n/a"

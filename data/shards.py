@@ -1,0 +1,66 @@
+"""The FineWeb token shard format, in one place for the trainer, the downloader and the generator.
+
+A shard is a header of 256 little-endian int32 values (magic 20240520, version 1, token count N,
+the rest zero), then N little-endian uint16 tokens: 1024 + 2N bytes in all.
+"""
+import os
+
+import numpy as np
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+HEADER_BYTES = 4 * HEADER_INTS
+
+
+class DataError(Exception):
+    """Missing, corrupt or insufficient data; the message says how to fix it."""
+
+
+def read_shard_header(path):
+    """Validate a shard's header and size; return its number of tokens."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+    except OSError as e:
+        raise DataError(f"cannot read shard {path}: {e}") from None
+    if len(raw) < HEADER_BYTES:
+        raise DataError(f"{path}: file is shorter than the {HEADER_BYTES}-byte header; "
+                        "delete it and download/generate it again")
+    header = np.frombuffer(raw, dtype="<i4")
+    if header[0] != SHARD_MAGIC:
+        raise DataError(f"{path}: bad magic number {header[0]} (expected {SHARD_MAGIC}); "
+                        "not a FineWeb token shard")
+    if header[1] != SHARD_VERSION:
+        raise DataError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})")
+    n_tokens = int(header[2])
+    expected, actual = HEADER_BYTES + 2 * n_tokens, os.path.getsize(path)
+    if actual != expected:
+        raise DataError(f"{path}: size is {actual} bytes but its header promises {n_tokens} tokens "
+                        f"({expected} bytes); the file is truncated or corrupt: delete it and "
+                        "download/generate it again")
+    return n_tokens
+
+
+def read_shard_tokens(path, vocab_size):
+    """All tokens of a shard as a uint16 numpy array, checked against the model's vocabulary."""
+    n_tokens = read_shard_header(path)
+    tokens = np.fromfile(path, dtype="<u2", count=n_tokens, offset=HEADER_BYTES)
+    if tokens.size != n_tokens:
+        raise DataError(f"{path}: read {tokens.size} tokens, header says {n_tokens}")
+    if n_tokens and int(tokens.max()) >= vocab_size:
+        raise DataError(f"{path}: token id {int(tokens.max())} >= the model's vocab_size "
+                        f"{vocab_size}; use a preset whose vocabulary matches these shards")
+    return tokens
+
+
+def write_shard(path, tokens):
+    """Write `tokens` (ints < 65536) as one shard; a crash never leaves half a shard under `path`."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise ValueError(f"{path}: token ids must be in [0, 65536) to fit uint16")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = SHARD_MAGIC, SHARD_VERSION, tokens.size
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2").tobytes())
+    os.replace(tmp, path)

@@ -1,0 +1,116 @@
+"""Neuron health of the MLPs during training: the measurements behind Aurora's motivation.
+
+An MLP's fc weight is tall, one row per hidden neuron. At every validation step, per block:
+
+    dead      fraction of neurons whose pre-activation is positive on fewer than `dead_threshold`
+              of the probe tokens (relu^2 then outputs zero almost always);
+    leverage  row leverage r_i = ||O_i||^2 / (cols/rows) of the fc update's orthogonalized
+              direction O in the step just before (1 = uniform): its coefficient of variation,
+              its minimum, and `starved` = fraction of rows with r_i < starved_threshold;
+    frozen    fraction of neurons whose fc row moved since initialization by less than
+              frozen_threshold of the median row movement.
+
+Optional: the trainer makes one `NeuronHealth` per trial and calls `before_step` and `report`;
+both return at once when diagnostics are off. Nothing here changes training.
+"""
+import json
+
+import torch
+import torch.distributed as dist
+
+
+class NeuronHealth:
+    """Rank 0 measures (it keeps the initial fc rows and counts activations on `tokens`, its
+    first validation inputs, shape (n, seq_len)); every rank joins the all-reduce of the leverage,
+    which lives on the rank that updated each fc matrix."""
+
+    def __init__(self, model, aurora, tokens, hp, ctx, jsonl=None):
+        self.enabled = hp.diagnostics
+        if not self.enabled:
+            return
+        self.model, self.aurora, self.hp, self.ctx, self.jsonl = model, aurora, hp, ctx, jsonl
+        self.fcs = [block.mlp.fc for block in model.blocks]
+        self.tokens = tokens
+        self.fc_init = ([fc.weight.detach().float().clone() for fc in self.fcs]
+                        if ctx.rank == 0 else None)
+
+    def before_step(self, next_step_validates):
+        """The leverage is a by-product of the optimizer step: ask for it before the step whose
+        result the next validation reports."""
+        if self.enabled and next_step_validates:
+            self.aurora.track_leverage()
+
+    def report(self, trial, step, log):
+        """Measure (collective), write one JSON object per layer and one summary line to the log."""
+        if not self.enabled:
+            return
+        rows = self.measure()
+        if rows is None:
+            return
+        log(summary_line(rows))
+        for row in rows:
+            self.jsonl.write(json.dumps(dict(trial=trial, step=step, **row)) + "\n")
+        self.jsonl.flush()
+
+    @torch.no_grad()
+    def measure(self):
+        """One dict per layer on rank 0 (see the module docstring), None on other ranks."""
+        hidden, device = self.fcs[0].weight.size(0), self.fcs[0].weight.device
+        leverage = self.aurora.pop_leverage()
+        lev = torch.zeros(len(self.fcs), hidden, device=device)
+        have = torch.zeros(len(self.fcs), device=device)
+        for i, fc in enumerate(self.fcs):
+            if fc.weight in leverage:
+                lev[i], have[i] = leverage[fc.weight], 1
+        if self.ctx.world > 1:
+            dist.all_reduce(lev)
+            dist.all_reduce(have)
+        if self.ctx.rank != 0:
+            return None
+        positive, n_tokens = self.count_positive()
+        rows = []
+        for i, fc in enumerate(self.fcs):
+            moved = (fc.weight.float() - self.fc_init[i]).norm(dim=1)
+            median = moved.median()
+            row = dict(layer=i, tokens=n_tokens,
+                       dead=(positive[i] < self.hp.dead_threshold * n_tokens).float().mean().item(),
+                       frozen=(moved < self.hp.frozen_threshold * median).float().mean().item()
+                       if median > 0 else None)
+            if have[i]:
+                r = lev[i]
+                row.update(leverage_cv=(r.std() / r.mean()).item(), leverage_min=r.min().item(),
+                           starved=(r < self.hp.starved_threshold).float().mean().item())
+            else:  # no update yet (step 0)
+                row.update(leverage_cv=None, leverage_min=None, starved=None)
+            rows.append(row)
+        return rows
+
+    def count_positive(self):
+        """Per layer and neuron, on how many probe tokens the fc pre-activation is > 0: forward
+        hooks on the eager model's trunk (no logits needed)."""
+        positive = torch.zeros(len(self.fcs), self.fcs[0].weight.size(0), device=self.tokens.device)
+
+        def counter(i):
+            def hook(module, args, out):
+                positive[i] += (out > 0).flatten(0, -2).sum(0)
+                # returns None: a forward hook that returns a value replaces the module's output
+            return hook
+
+        hooks = [fc.register_forward_hook(counter(i)) for i, fc in enumerate(self.fcs)]
+        try:
+            for xm in self.tokens.split(self.ctx.micro):
+                self.model.trunk(xm)
+        finally:
+            for h in hooks:
+                h.remove()
+        return positive, self.tokens.numel()
+
+
+def summary_line(rows):
+    """One log line: each diagnostic's mean over layers."""
+    def mean(key):
+        values = [r[key] for r in rows if r[key] is not None]
+        return f"{sum(values) / len(values):.4f}" if values else "nan"
+    return (f"diagnostics: dead:{mean('dead')} starved:{mean('starved')} "
+            f"leverage_cv:{mean('leverage_cv')} leverage_min:{mean('leverage_min')} "
+            f"frozen:{mean('frozen')} (mean over {len(rows)} MLP layers)")
