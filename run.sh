@@ -1,57 +1,120 @@
 #!/usr/bin/env bash
 # ./run.sh [train_gpt.py flags]
-#   With NVIDIA GPUs: fetch the FineWeb shards the record needs (skipped when present), then train
-#   on every GPU of this node with torchrun. Multi-node: set NNODES, NODE_RANK, MASTER_ADDR and
-#   MASTER_PORT on every node.
-#   Without GPUs: generate synthetic shards (once) and run the `tiny` preset on the CPU.
+#   With NVIDIA GPUs: check the flags, fetch the FineWeb shards the run needs (skipped when
+#   present), then train on every GPU of this node with torchrun.
+#   Multi-node: set NNODES, NODE_RANK (0..NNODES-1), MASTER_ADDR and optionally MASTER_PORT
+#   (default 29500) on every node.
+#   Without GPUs (or with CUDA_VISIBLE_DEVICES= set empty): train on the CPU; the `tiny` preset
+#   on synthetic shards unless you pass --preset (record/small on a CPU also need --allow-cpu).
+#
+# Before any download, data generation or launch, the flags are checked by
+# `train_gpt.py --dry-run` with WORLD_SIZE set to the number of ranks the real run will have.
+# Relative paths in the flags (--data-dir, --records-dir, --resume, ...) are relative to the
+# directory you call run.sh from: run.sh does not change directory.
+#
+# Environment:
+#   PYTHON        the Python interpreter (default python3); also runs torchrun and the downloader
+#   NNODES        number of nodes (default 1); NODE_RANK, MASTER_ADDR, MASTER_PORT as above
+#   RUN_SH_NGPU   number of GPUs to assume instead of asking torch (for tests)
 set -euo pipefail
-cd "$(dirname "$0")"
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PYTHON=${PYTHON:-python3}
 
+die() { echo "run.sh: $*" >&2; exit 2; }
+is_count() { [[ $1 =~ ^[0-9]{1,6}$ ]]; }  # a non-negative integer of sane size
+
+# ---- environment: checked before anything runs -------------------------------------------------
+NNODES=${NNODES:-1}
+is_count "$NNODES" && (( 10#$NNODES >= 1 )) \
+  || die "NNODES must be a positive integer (the number of nodes), got '$NNODES'"
+NNODES=$((10#$NNODES))
+NODE_RANK=${NODE_RANK:-}
+if [[ -n $NODE_RANK ]]; then
+  is_count "$NODE_RANK" && (( 10#$NODE_RANK < NNODES )) \
+    || die "NODE_RANK must be an integer from 0 to NNODES-1 = $((NNODES - 1)), got '$NODE_RANK'" \
+           "(NNODES=$NNODES$( ((NNODES > 1)) || echo "; set NNODES for a multi-node run"))"
+  NODE_RANK=$((10#$NODE_RANK))
+elif (( NNODES > 1 )); then
+  die "NNODES=$NNODES: set NODE_RANK (0..$((NNODES - 1))) on every node, 0 on the node at MASTER_ADDR"
+fi
+MASTER_ADDR=${MASTER_ADDR:-}
+if (( NNODES > 1 )) && [[ -z $MASTER_ADDR ]]; then
+  die "NNODES=$NNODES: set MASTER_ADDR to the address of node 0 on every node"
+fi
+MASTER_PORT=${MASTER_PORT:-29500}
+is_count "$MASTER_PORT" && (( 10#$MASTER_PORT >= 1 && 10#$MASTER_PORT <= 65535 )) \
+  || die "MASTER_PORT must be a port number from 1 to 65535, got '$MASTER_PORT'"
+MASTER_PORT=$((10#$MASTER_PORT))
+
+# ---- GPUs that torch can use (honours CUDA_VISIBLE_DEVICES; empty forces the CPU path) ----------
+if [[ -n ${RUN_SH_NGPU:-} ]]; then
+  is_count "$RUN_SH_NGPU" || die "RUN_SH_NGPU must be a non-negative integer, got '$RUN_SH_NGPU'"
+  NGPU=$((10#$RUN_SH_NGPU))
+else
+  NGPU=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null | tail -n 1) || true
+  is_count "${NGPU:-}" || NGPU=0
+  NGPU=$((10#$NGPU))
+fi
+
 has_flag() {  # has_flag --name "$@": is --name (or --name=...) among the arguments?
-  local name=$1; shift
+  local name=$1 a; shift
   for a in "$@"; do [[ $a == "$name" || $a == "$name="* ]] && return 0; done
   return 1
 }
-is_tiny() {
-  local prev=""
+preset_of() {  # the preset train_gpt.py will use: the last --preset given, else record
+  local preset=record prev="" a
   for a in "$@"; do
-    [[ $a == "--preset=tiny" || ( $prev == "--preset" && $a == "tiny" ) ]] && return 0
+    if [[ $prev == --preset ]]; then preset=$a; elif [[ $a == --preset=* ]]; then preset=${a#--preset=}; fi
     prev=$a
   done
-  return 1
-}
-ensure_synthetic() {
-  if [[ ! -f data/synthetic/fineweb_val_000000.bin ]]; then
-    echo "run.sh: generating synthetic shards in data/synthetic/"
-    "$PYTHON" data/synthetic.py --out data/synthetic
-  fi
+  echo "$preset"
 }
 
-# GPUs that torch can use (honours CUDA_VISIBLE_DEVICES; set it empty to force the CPU path).
-NGPU=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if (( NGPU == 0 )); then
+  (( NNODES == 1 )) || die "NNODES=$NNODES but no NVIDIA GPU found on this node; multi-node runs need GPUs"
+  echo "run.sh: no NVIDIA GPU found: CPU run (the record needs 8 GPUs; see README.md)."
+  has_flag --preset "$@" || set -- --preset tiny "$@"  # no --preset: the CPU smoke run
+  WORLD=1
+else
+  WORLD=$((NGPU * NNODES))
+fi
+PRESET=$(preset_of "$@")
 
-if [[ $NGPU -eq 0 ]]; then
-  echo "run.sh: no NVIDIA GPU found: running the tiny preset on the CPU (synthetic data)."
-  echo "run.sh: the record needs 8 GPUs; see README.md."
-  has_flag --data-dir "$@" || ensure_synthetic
-  has_flag --preset "$@" && exec "$PYTHON" train_gpt.py "$@"
-  exec "$PYTHON" train_gpt.py --preset tiny "$@"
+# ---- check the flags and the configuration: nothing is downloaded, generated or launched yet ----
+rc=0
+checked=$(WORLD_SIZE=$WORLD "$PYTHON" "$HERE/train_gpt.py" --dry-run "$@") || rc=$?
+[[ -n $checked ]] && printf '%s\n' "$checked"
+(( rc == 0 )) || exit "$rc"
+if ! grep -q '^dry run: configuration ok' <<<"$checked" || has_flag --dry-run "$@"; then
+  exit 0  # --help, or a dry run asked for: nothing to train
 fi
 
+# ---- data ----------------------------------------------------------------------------------------
 if ! has_flag --data-dir "$@"; then
-  if is_tiny "$@"; then
-    ensure_synthetic
+  if [[ $PRESET == tiny ]]; then
+    if [[ ! -f $HERE/data/synthetic/meta.json ]]; then  # meta.json is written after the shards
+      echo "run.sh: generating synthetic shards in data/synthetic/"
+      "$PYTHON" "$HERE/data/synthetic.py" --out "$HERE/data/synthetic"
+    fi
   else
-    "$PYTHON" data/cached_fineweb10B.py
+    echo "run.sh: fetching the FineWeb shards into data/fineweb10B/ (skipped when present)"
+    "$PYTHON" "$HERE/data/cached_fineweb10B.py"
   fi
 fi
 
-NNODES=${NNODES:-1}
-if [[ $NNODES -gt 1 ]]; then
-  : "${NODE_RANK:?set NODE_RANK (0..NNODES-1) on every node}"
-  : "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0}"
-  exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" \
-    --master_port="${MASTER_PORT:-29500}" --nproc_per_node="$NGPU" train_gpt.py "$@"
+# ---- train ----------------------------------------------------------------------------------------
+if (( NGPU == 0 )); then
+  if has_flag --data-dir "$@"; then data="the shards in --data-dir"
+  elif [[ $PRESET == tiny ]]; then data="synthetic shards from data/synthetic/"
+  else data="FineWeb shards from data/fineweb10B/"; fi
+  echo "run.sh: running the $PRESET preset on the CPU with $data."
+  exec "$PYTHON" "$HERE/train_gpt.py" "$@"
 fi
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" train_gpt.py "$@"
+if (( NNODES > 1 )); then
+  echo "run.sh: node $NODE_RANK of $NNODES: $NGPU GPU(s) here, world size $WORLD, master $MASTER_ADDR:$MASTER_PORT"
+  exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK" \
+    --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" --nproc_per_node="$NGPU" \
+    "$HERE/train_gpt.py" "$@"
+fi
+echo "run.sh: training on $NGPU GPU(s)."
+exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" "$HERE/train_gpt.py" "$@"
