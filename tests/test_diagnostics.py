@@ -1,5 +1,7 @@
-"""Issue 4: NorMuon and the Aurora variants, neuron-health diagnostics, the ablation tool."""
+"""The trainer's neuron-health diagnostics and the ablation tool. (The optimizer's variants,
+NorMuon, aurora_on=tall, cans12 and the leverage diagnostics, are tested in test_aurora.py.)"""
 import glob
+import io
 import json
 import math
 import os
@@ -8,95 +10,105 @@ import pytest
 import torch
 
 import train_gpt
-from aurora import Aurora, aurora_polar, aurora_update, orthogonalize, polar, polar_cans12
-from test_aurora import matrix
-from test_train import data_dir, run  # noqa: F401  (module fixture: small synthetic shards)
+from aurora import Aurora
+from diagnostics import NeuronHealth, summary_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(args, data_dir, records):
+    return train_gpt.main(["--preset", "tiny", "--data-dir", data_dir, "--records-dir", str(records)] + args)
 
 
 def cv(r):
     return (r.std() / r.mean()).item()
 
 
-@pytest.mark.parametrize("fn", [polar, polar_cans12])
-@pytest.mark.parametrize("shape", [(256, 64), (64, 256), (96, 96)])
-def test_both_polar_iterations_give_singular_values_near_one(fn, shape):
-    s = torch.linalg.svdvals(fn(matrix(*shape, seed=0)).float())
-    assert s.min() > 0.9 and s.max() < 1.1, s
+class GivenLeverage:
+    """Stands in for Aurora: hands the probe a fixed leverage once, as pop_leverage() does."""
+
+    def __init__(self, leverage):
+        self.leverage, self.tracking = leverage, False
+
+    def track_leverage(self):
+        self.tracking = True
+
+    def pop_leverage(self):
+        leverage, self.leverage = self.leverage, {}
+        return leverage
 
 
-def test_cans12_runs_in_float32():
-    assert polar_cans12(matrix(64, 32, seed=1)).dtype == torch.float32
+def probe(model, optimizer, tokens, hp=None, jsonl=None):
+    hp = hp or train_gpt.Hyperparameters(**train_gpt.PRESETS["tiny"])
+    ctx = train_gpt.Context(0, 1, torch.device("cpu"), 16, 1)
+    return NeuronHealth(model, optimizer, tokens, hp, ctx, jsonl)
 
 
-def test_normuon_update_matches_the_formula():
-    u = matrix(48, 16, seed=2, skew_rows=True)
-    v = torch.full((48, 1), 0.01)
-    O = polar(u).float()
-    v_new = 0.95 * 0.01 + 0.05 * O.square().mean(dim=1, keepdim=True)
-    N = O / (v_new.sqrt() + 1e-10)
-    expected = N * O.norm() / N.norm()
-    got = orthogonalize(u, "normuon", row_v=v)
-    torch.testing.assert_close(v, v_new)
-    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
-    assert math.isclose(got.norm().item(), O.norm().item(), rel_tol=1e-5)
-
-
-def test_normuon_optimizer_keeps_per_row_state():
-    W = torch.nn.Parameter(torch.zeros(32, 8))
-    W.grad = matrix(32, 8, seed=3)
-    opt = Aurora([W], lr=0.1, rule="normuon")
-    opt.step()
-    assert opt.state[W]["row_v"].shape == (32, 1) and (opt.state[W]["row_v"] > 0).all()
-
-
-def test_aurora_on_tall_leaves_wide_matrices_on_plain_polar():
-    wide, tall = matrix(32, 128, seed=4, skew_rows=True), matrix(128, 32, seed=5, skew_rows=True)
-    torch.testing.assert_close(orthogonalize(wide, "aurora", aurora_on="tall"), polar(wide).float())
-    torch.testing.assert_close(orthogonalize(tall, "aurora", aurora_on="tall"), aurora_polar(tall))
-    assert not torch.allclose(orthogonalize(wide, "aurora"), polar(wide).float(), atol=1e-3)
-
-
-def test_leverage_of_aurora_updates_is_uniform_and_plain_polar_is_not():
-    G = matrix(768, 192, seed=6, skew_rows=True)
-    lev = []
-    aurora_update(G, torch.zeros_like(G), torch.randn(768, 192), leverage=lev)
-    assert cv(lev[0]) < 0.05
-    lev_muon = []
-    aurora_update(G, torch.zeros_like(G), torch.randn(768, 192), rule="muon", leverage=lev_muon)
-    assert cv(lev_muon[0]) > 0.3
-    assert abs(lev_muon[0].mean().item() - 1) < 0.02  # orthogonal: leverage averages to 1
-
-
-def test_mlp_diagnostics_on_a_hand_built_layer():
+def test_neuron_health_on_a_hand_built_layer():
     hp = train_gpt.Hyperparameters(**train_gpt.PRESETS["tiny"])
     torch.manual_seed(0)
     model = train_gpt.GPT(hp, torch.float32)
+    model.init_weights(hp.init_var)
     fc = model.blocks[0].mlp.fc
-    fc_init = [b.mlp.fc.weight.detach().clone() for b in model.blocks]
     hidden = fc.weight.size(0)
     with torch.no_grad():
         fc.bias[:hidden // 4] = -1e4         # a quarter of layer 0's neurons can never fire
         fc.bias[hidden // 4:] = 1e4          # the rest always fire
-    opt = Aurora([b.mlp.fc.weight for b in model.blocks], lr=0.1)
     lev = torch.ones(hidden)
     lev[:hidden // 8] = 0.05                 # an eighth of the rows starved
-    opt.leverage = {fc.weight: lev}
-    x = torch.randint(0, hp.vocab_size, (2 * 16 * 128,))
-    rows = train_gpt.mlp_diagnostics(model, fc_init, opt, x, hp, micro=16, world=1, rank=0)
+    given = GivenLeverage({fc.weight: lev})
+    tokens = torch.randint(0, hp.vocab_size, (2 * 16, 128))
+    health = probe(model, given, tokens, hp)
+    rows = health.measure()
     layer0 = rows[0]
     assert layer0["tokens"] == 2 * 16 * 128
     assert layer0["dead"] == 0.25
     assert layer0["starved"] == 0.125 and math.isclose(layer0["leverage_min"], 0.05, rel_tol=1e-6)
     assert math.isclose(layer0["leverage_cv"], cv(lev), rel_tol=1e-5)
     assert layer0["frozen"] is None  # nothing moved yet: no median movement to compare with
-    assert rows[1]["leverage_cv"] is None and not opt.leverage  # consumed; layer 1 had none
+    assert rows[1]["leverage_cv"] is None and not given.leverage  # consumed; layer 1 had none
     with torch.no_grad():
         fc.weight[:hidden * 3 // 4] += 1.0   # three quarters of the rows moved by sqrt(192) ...
         fc.weight[hidden * 3 // 4:hidden * 3 // 4 + 10] += 0.01  # ... 10 rows barely
-    rows = train_gpt.mlp_diagnostics(model, fc_init, opt, x, hp, micro=16, world=1, rank=0)
-    assert rows[0]["frozen"] == 0.25  # the unmoved quarter, the 10 barely-moved rows among them
+    assert health.measure()[0]["frozen"] == 0.25  # the unmoved quarter, the 10 barely-moved among them
+
+
+def test_leverage_is_asked_for_before_the_step_a_validation_reports():
+    hp = train_gpt.Hyperparameters(**train_gpt.PRESETS["tiny"])
+    model = train_gpt.GPT(hp, torch.float32)
+    matrices = [b.mlp.fc.weight for b in model.blocks]
+    aurora = Aurora(matrices, lr=0.1)
+    health = probe(model, aurora, torch.zeros(16, 128, dtype=torch.long), hp, io.StringIO())
+    def step(next_step_validates):
+        health.before_step(next_step_validates)
+        for p in matrices:
+            p.grad = torch.randn_like(p)
+        aurora.step()
+
+    step(False)
+    assert aurora.pop_leverage() == {}  # not asked for: not kept
+    step(True)
+    rows = health.measure()  # the tracked step's leverage reached the probe
+    assert all(r["leverage_cv"] is not None for r in rows)
+    assert all(abs(r["leverage_cv"]) < 0.3 for r in rows)  # Aurora: near-uniform leverage
+
+
+def test_diagnostics_off_do_nothing():
+    hp = train_gpt.Hyperparameters(**{**train_gpt.PRESETS["tiny"], "diagnostics": False})
+    model = train_gpt.GPT(hp, torch.float32)
+    given = GivenLeverage({})
+    health = probe(model, given, None, hp)
+    health.before_step(True)
+    lines = []
+    health.report(0, 0, lines.append)
+    assert not given.tracking and lines == []
+
+
+def test_summary_line_means_over_layers():
+    rows = [dict(dead=0.0, starved=0.5, leverage_cv=0.1, leverage_min=0.2, frozen=None),
+            dict(dead=1.0, starved=None, leverage_cv=0.3, leverage_min=0.4, frozen=None)]
+    assert summary_line(rows) == ("diagnostics: dead:0.5000 starved:0.5000 leverage_cv:0.2000 "
+                                  "leverage_min:0.3000 frozen:nan (mean over 2 MLP layers)")
 
 
 def test_dead_fraction_matches_a_direct_count_in_every_layer():
@@ -110,31 +122,29 @@ def test_dead_fraction_matches_a_direct_count_in_every_layer():
                 p.normal_(0, 0.05)  # non-zero residual branches, so layers depend on each other
             if name.endswith("mlp.fc.bias"):
                 p.normal_(-0.3, 0.5)  # some neurons nearly dead
-    x = torch.randint(0, hp.vocab_size, (4 * 16 * 128,))
+    tokens = torch.randint(0, hp.vocab_size, (4 * 16, 128))
     pre = []
     hooks = [b.mlp.fc.register_forward_hook(lambda m, a, out: pre.append(out.detach().clone()) and None)
              for b in model.blocks]
     with torch.no_grad():
-        reference_out = model.trunk(x.view(-1, 16, 128).flatten(0, 0)[0])
+        reference_out = model.trunk(tokens[:16])
         pre.clear()
-        for xm in x.view(-1, 16, 128):
+        for xm in tokens.split(16):
             model.trunk(xm)
     for h in hooks:
         h.remove()
-    opt = Aurora([b.mlp.fc.weight for b in model.blocks], lr=0.1)
-    fc_init = [b.mlp.fc.weight.detach().clone() for b in model.blocks]
-    rows = train_gpt.mlp_diagnostics(model, fc_init, opt, x, hp, micro=16, world=1, rank=0)
+    rows = probe(model, GivenLeverage({}), tokens, hp).measure()
     n_layer = len(model.blocks)
     for layer in range(n_layer):
         acts = torch.cat([pre[k * n_layer + layer].flatten(0, 1) for k in range(4)])
         direct = ((acts > 0).sum(0) < 0.001 * acts.size(0)).float().mean().item()
         assert rows[layer]["dead"] == direct, (layer, rows[layer]["dead"], direct)
     with torch.no_grad():  # and the model computes the same thing after the diagnostics
-        torch.testing.assert_close(model.trunk(x.view(-1, 16, 128)[0]), reference_out)
+        assert torch.equal(model.trunk(tokens[:16]), reference_out)
 
 
-def test_training_writes_diagnostics_jsonl_and_log_line(data_dir, tmp_path):  # noqa: F811
-    assert run(["--train-steps", "12", "--run-name", "diag", "--optimizer", "normuon"], data_dir, tmp_path) == 0
+def test_training_writes_diagnostics_jsonl_and_log_line(data_dir, tmp_path):
+    assert run(["--train-steps", "12", "--run-name", "diag", "--rule", "normuon"], data_dir, tmp_path) == 0
     record_dir = glob.glob(str(tmp_path / "*_diag"))[0]
     log = glob.glob(os.path.join(record_dir, "*.txt"))[0]
     rows = [json.loads(line) for line in open(os.path.splitext(log)[0] + ".jsonl")]
@@ -142,21 +152,13 @@ def test_training_writes_diagnostics_jsonl_and_log_line(data_dir, tmp_path):  # 
     last = rows[-1]
     assert set(last) >= {"trial", "step", "layer", "dead", "leverage_cv", "leverage_min", "starved", "frozen"}
     assert last["leverage_cv"] is not None and 0 <= last["dead"] <= 1
+    assert rows[0]["leverage_cv"] is None  # step 0: no update yet
     text = open(log).read()
-    assert "optimizer: normuon" in text and "aurora_on: nonsquare" in text and "polar: quintic12" in text
+    assert 'rule: "normuon"' in text and 'aurora_on: "nonsquare"' in text and 'ns_iteration: "quintic12"' in text
     assert "\ndiagnostics: dead:" in text
 
 
-def test_bad_variant_flags():
-    with pytest.raises(SystemExit):
-        train_gpt.parse_args(["--pp-iterations", "0"])
-    with pytest.raises(SystemExit):
-        train_gpt.parse_args(["--pp-beta", "1.5"])
-    with pytest.raises(SystemExit):
-        train_gpt.parse_args(["--polar", "cubic"])
-
-
-def test_ablation_tool_end_to_end(data_dir, tmp_path):  # noqa: F811
+def test_ablation_tool_end_to_end(data_dir, tmp_path):
     from tools import ablate
     out = tmp_path / "abl"
     ablate.main(["--train-steps", "6", "--data-dir", data_dir, "--out", str(out)])
