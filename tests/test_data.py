@@ -8,9 +8,13 @@ import pytest
 import torch
 
 from data import cached_fineweb10B
-from data.synthetic import Generator, main as synthetic_main, write_shard
-from train_gpt import (DataError, TokenLoader, batches_per_shard, check_enough_tokens, find_shards,
-                       load_shard, read_shard_header)
+from data.shards import DataError, read_shard_header, write_shard
+from data.synthetic import Generator, main as synthetic_main
+from train_gpt import Context, TokenLoader, batches_per_shard, find_shards, load_shard, shards_needed
+
+
+def make_loader(files, batch, rank, world, vocab):
+    return TokenLoader(files, batch, Context(rank, world, torch.device("cpu"), 1, 1), vocab)
 
 
 def shard(tmp_path, name, tokens):
@@ -79,7 +83,7 @@ def test_loader_slices_per_rank_and_skips_shard_tails(tmp_path):
     f1 = shard(tmp_path, "fineweb_train_000001.bin", np.arange(100))
     f2 = shard(tmp_path, "fineweb_train_000002.bin", 1000 + np.arange(100))
     batch, world = 16, 4
-    loaders = [TokenLoader([f1, f2], batch, r, world, 2000, torch.device("cpu")) for r in range(world)]
+    loaders = [make_loader([f1, f2], batch, r, world, 2000) for r in range(world)]
     steps_in_shard1 = batches_per_shard(100, batch)
     assert steps_in_shard1 == 6  # reads at 0..80; 96 + 16 + 1 >= 100, so the tail 96..99 is skipped
     for step in range(steps_in_shard1 + 2):
@@ -89,13 +93,13 @@ def test_loader_slices_per_rank_and_skips_shard_tails(tmp_path):
             start = base + r * (batch // world)
             assert x.tolist() == list(range(start, start + 4))
             assert y.tolist() == list(range(start + 1, start + 5))  # targets shifted by one
-            assert x.dtype == torch.int64
+            assert x.dtype == torch.int32 and y.dtype == torch.int64  # as the record
 
 
 def test_loader_one_rank_reads_what_all_ranks_read(tmp_path):
     f = shard(tmp_path, "fineweb_train_000001.bin", np.arange(500))
-    one = TokenLoader([f], 32, 0, 1, 1000, torch.device("cpu"))
-    two = [TokenLoader([f], 32, r, 2, 1000, torch.device("cpu")) for r in range(2)]
+    one = make_loader([f], 32, 0, 1, 1000)
+    two = [make_loader([f], 32, r, 2, 1000) for r in range(2)]
     for _ in range(3):
         x, y = one.next_batch()
         parts = [loader.next_batch() for loader in two]
@@ -106,9 +110,10 @@ def test_loader_one_rank_reads_what_all_ranks_read(tmp_path):
 def test_too_few_tokens_says_how_many_shards_are_missing(tmp_path):
     files = [shard(tmp_path, f"fineweb_train_{i:06d}.bin", np.zeros(1000)) for i in (1, 2)]
     per_shard = batches_per_shard(1000, 100)
-    check_enough_tokens(files, 100, 2 * per_shard, "train")  # exactly enough: fine
+    assert shards_needed(files, 100, per_shard, "train") == files[:1]  # only what the run reads
+    assert shards_needed(files, 100, 2 * per_shard, "train") == files  # exactly enough: fine
     with pytest.raises(DataError, match=r"but 40 are needed \(about 3 more shard"):
-        check_enough_tokens(files, 100, 40, "train")
+        shards_needed(files, 100, 40, "train")
 
 
 def test_synthetic_is_deterministic_learnable_and_in_shard_format(tmp_path):
