@@ -147,7 +147,8 @@ def aurora_direction(grad, momentum, hp=RECORD, row_v=None, leverage=False):
     """Steps 1-5 of the record's per-matrix rule (the part the record compiles). Updates
     `momentum` in place and overwrites `grad` with the Nesterov look-ahead, as the record does.
     Returns the float32 direction U, or (U, row leverage) when leverage=True: the leverage
-    ||O_i||^2 / (cols/rows) of the orthogonalized O (1 = uniform), for diagnostics.
+    ||O_i||^2 / (n/m) of the rows of the orthogonalized O in its tall orientation (m x n, m >= n;
+    1 = uniform), for diagnostics.
     Batched over leading dims."""
     # 1. Momentum, then Nesterov look-ahead.
     momentum.lerp_(grad, 1 - hp["momentum"])
@@ -157,7 +158,9 @@ def aurora_direction(grad, momentum, hp=RECORD, row_v=None, leverage=False):
     # 3. Orthogonalize: leverage-uniform polar (Aurora); plain polar (Muon) or NorMuon for ablations.
     U = orthogonalize(u, hp, row_v)
     rows, cols = U.shape[-2:]
-    lev = U.square().sum(dim=-1) / (cols / rows) if leverage else None
+    # leverage of the rows of the tall orientation (the rows Aurora equalizes): 1 = uniform
+    lev = ((U if rows >= cols else U.mT).square().sum(dim=-1) * (max(rows, cols) / min(rows, cols))
+           if leverage else None)
     # 4. Contra-Muon: subtract part of the spectral-normalized momentum, keep U's Frobenius norm.
     #    The record's configuration names this strength contra=0.4 and subtracts 0.2 * c. The
     #    norm f is taken in float32, as the record's compiled kernel does.
@@ -200,6 +203,9 @@ class Aurora(torch.optim.Optimizer):
     With torch.distributed initialized, call step() on every rank after the gradients have been
     summed across ranks; each rank updates its share of the matrices and the results are
     all-gathered, so all ranks end with identical weights. Momentum lives on the owning rank.
+
+    Like the record, the per-matrix path leaves the Nesterov look-ahead in p.grad after step()
+    (the batched path works on stacked copies and leaves p.grad as it was).
 
     batched=False (default) is the record's scheme: matrices sorted by shape, largest first
     (Python's stable sort on p.size(), descending), rank r updates matrix round*world + r of each
@@ -380,6 +386,88 @@ class Aurora(torch.optim.Optimizer):
                 self.state[p][key] = buf
             first[key + "_stack"] = stack
         return stack
+
+    def owners(self, group, world):
+        """The rank that updates each matrix of `group`, in group["params"] order: the per-matrix
+        path deals the matrices, sorted by shape largest first, round by round (matrix j of that
+        order to rank j % world); the batched path deals each shape's matrices in turn, carrying
+        the offset from shape to shape (as the two step methods do)."""
+        params = group["params"]
+        if self.batched:
+            shapes, owner, offset = {}, {}, 0
+            for p in params:
+                shapes.setdefault(tuple(p.shape), []).append(p)
+            for same in shapes.values():
+                owner.update((p, (offset + i) % world) for i, p in enumerate(same))
+                offset = (offset + len(same)) % world
+        else:
+            order = sorted(params, key=lambda p: p.size(), reverse=True)
+            owner = {p: j % world for j, p in enumerate(order)}
+        return [owner[p] for p in params]
+
+    STATE_KEYS = ("momentum", "row_v")  # per matrix; the batched path's *_stack keys hold views
+
+    @torch.no_grad()
+    def state_dict(self):
+        """Every matrix's state (momentum; NorMuon's row_v) as float32 CPU copies, in torch's format
+        (state by parameter index, then the groups' hyperparameters), the same whatever the world
+        size or path: checkpoints resume with another world size. Under torch.distributed a rank
+        holds only the matrices it updates, so this is a collective: every rank calls it, and every
+        rank gets the whole state."""
+        distributed = dist.is_available() and dist.is_initialized()
+        rank = dist.get_rank() if distributed else 0
+        params = [p for group in self.param_groups for p in group["params"]]
+        # who holds what: rank + 1 where this rank has the state, 0 elsewhere; summed over ranks
+        holder = torch.tensor([[rank + 1 if key in self.state[p] else 0 for key in self.STATE_KEYS]
+                               for p in params], dtype=torch.int64)
+        if distributed:
+            holder = holder.to(_collective_device())
+            dist.all_reduce(holder)
+        state = {}
+        for i, (p, held) in enumerate(zip(params, holder.tolist())):
+            for key, h in zip(self.STATE_KEYS, held):
+                if not h:
+                    continue  # not stepped yet: no state, as in a fresh optimizer
+                shape = p.shape if key == "momentum" else (p.size(0), 1)
+                buf = (self.state[p][key] if h == rank + 1 else
+                       torch.empty(shape, dtype=torch.float32, device=p.device))
+                if distributed:
+                    buf = buf.to(_collective_device())
+                    dist.broadcast(buf, h - 1)
+                state.setdefault(i, {})[key] = buf.to("cpu", copy=True)  # a copy, never a view
+        groups, start = [], 0
+        for group in self.param_groups:
+            n = len(group["params"])
+            groups.append({**{k: v for k, v in group.items() if k != "params"},
+                           "params": list(range(start, start + n))})
+            start += n
+        return dict(state=state, param_groups=groups)
+
+    def load_state_dict(self, state_dict):
+        """The inverse of state_dict() for this process's world size and path: this rank keeps the
+        state of the matrices it updates (the batched path stacks it at its next step); the groups'
+        hyperparameters are the saved ones. Raises ValueError if the state does not fit."""
+        distributed = dist.is_available() and dist.is_initialized()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        saved_groups = state_dict["param_groups"]
+        if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in self.param_groups]:
+            raise ValueError("Aurora.load_state_dict: the saved groups hold "
+                             f"{[len(g['params']) for g in saved_groups]} matrices, this optimizer "
+                             f"{[len(g['params']) for g in self.param_groups]}")
+        self.state.clear()
+        self._pending = []
+        i = 0
+        for group, saved in zip(self.param_groups, saved_groups):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+            for p, owner in zip(group["params"], self.owners(group, world)):
+                for key, value in state_dict["state"].get(i, {}).items():
+                    shape = tuple(p.shape) if key == "momentum" else (p.size(0), 1)
+                    if key not in self.STATE_KEYS or tuple(value.shape) != shape:
+                        raise ValueError(f"Aurora.load_state_dict: matrix {i} ({tuple(p.shape)}) "
+                                         f"has saved {key!r} of shape {tuple(value.shape)}")
+                    if owner == rank:
+                        self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+                i += 1
 
     def check_finite(self):
         """Raise if any update of the last step was NaN/inf, naming the matrices (host sync)."""
