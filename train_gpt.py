@@ -11,6 +11,9 @@ rule and schedule. Read top to bottom: hyperparameters, data, model, optimizers,
 Each run writes one log, records/<date>_<run-name>/<uuid>.txt. Its code part (everything before
 the first line of 100 '=') is this file with the local modules it imports inlined: a script that
 runs on its own. Then come the environment, every hyperparameter, and the run's output.
+
+With --save-every N the running trial's state is kept in <uuid>.ckpt beside the log (every N steps
+and on SIGTERM); the same command with --resume <uuid>.ckpt continues it, bit for bit, in that log.
 """
 import argparse
 import dataclasses
@@ -20,6 +23,7 @@ import glob
 import json
 import math
 import os
+import pickle
 import platform
 import re
 import signal
@@ -27,6 +31,7 @@ import subprocess
 import sys
 import time
 import uuid
+import zipfile
 
 import numpy as np
 import torch
@@ -114,13 +119,18 @@ class Hyperparameters:
     records_dir: str = hparam(os.path.join(ROOT, "records"), "parent of the record folders")
     append: bool = hparam(False, "add this run to an existing record folder of the same configuration")
     val_loss_target: float = hparam(3.28, "target of the record summary")
+    save_every: int = hparam(0, "write a checkpoint of the running trial every N steps and on SIGTERM, "
+                                "beside the log (<uuid>.ckpt); 0 = off (the record)")
+    resume: str = hparam(None, "continue the run of this checkpoint (same flags and code): appends "
+                               "to its log, then finishes its trials")
 
 
 CHOICES = dict(rule=("aurora", "muon", "normuon"), aurora_on=("nonsquare", "tall"),
                ns_iteration=("quintic12", "cans12"), ns_dtype=("auto", "bfloat16", "float32"),
                compile=("auto", "on", "off"), preset=("record", "tiny", "small"))
 # Hyperparameters that may differ between the logs of one record folder.
-PER_RUN = ("seed", "trials", "first_trial", "data_dir", "records_dir", "run_name", "append", "allow_cpu")
+PER_RUN = ("seed", "trials", "first_trial", "data_dir", "records_dir", "run_name", "append", "allow_cpu",
+           "save_every", "resume")
 
 PRESETS = {
     "record": {},
@@ -170,6 +180,8 @@ def check_hyperparameters(hp):
         bad("seed", "must be in [0, 2^63 - trials] (torch.manual_seed's range)")
     if hp.first_trial < 0 or (hp.first_trial and hp.seed is not None):
         bad("first_trial", "must be >= 0, and is for the record's stream only (no --seed)")
+    if hp.save_every < 0:
+        bad("save_every", "must be >= 0 (0: no checkpoints)")
     if hp.run_name is not None and (not hp.run_name or "/" in hp.run_name or hp.run_name.startswith(".")):
         bad("run_name", "must be a plain folder name")
 
@@ -185,7 +197,8 @@ def check_hardware(hp, cuda):
 
 def parse_args(argv=None):
     """(hyperparameters, dry_run) from the command line: one flag per Hyperparameters field."""
-    ap = argparse.ArgumentParser(description="Train GPT with Aurora (default: the 3175-step record). "
+    ap = argparse.ArgumentParser(allow_abbrev=False,  # run.sh must see the same flag names
+                                 description="Train GPT with Aurora (default: the 3175-step record). "
                                  "Defaults are the record's (or the chosen preset's).")
     ap.add_argument("--dry-run", action="store_true", help="check the flags and the configuration "
                     "(world size from $WORLD_SIZE, default 1) and exit; touches no data or records")
@@ -267,9 +280,10 @@ class TokenLoader:
         self.local = batch // ctx.world
         self.reset()
 
-    def reset(self):
-        self.shard, self.pos = 0, 0
-        self.tokens = load_shard(self.files[0], self.vocab_size)
+    def reset(self, shard=0, pos=0):
+        """Start of the data, or (resuming) where a checkpoint left it."""
+        self.shard, self.pos = shard, pos
+        self.tokens = load_shard(self.files[shard], self.vocab_size)
 
     def next_batch(self):
         if self.pos + self.batch + 1 > len(self.tokens):
@@ -696,8 +710,19 @@ class Run:
     train_loader: TokenLoader
     val: tuple                     # this rank's validation (inputs, targets)
     jsonl: object = None           # diagnostics file (rank 0)
-    trial: int = 0                 # where training is, for messages
+    trial: int = 0                 # where training is, for messages and checkpoints
     step: int = 0
+    finals: list = dataclasses.field(default_factory=list)  # final val loss of each trial so far
+    # Checkpoints (--save-every, --resume): the code the log holds, where rank 0 writes them, the
+    # signal handler, the checkpoint to continue (until its trial has taken it), and the running
+    # trial's (adam, aurora), diagnostics probe and clock.
+    code: str = None
+    checkpoint: str = None
+    stop: object = None
+    resume: dict = None
+    optimizers: tuple = None
+    probe: object = None
+    clock: object = None
 
 
 class Clock:
@@ -781,29 +806,39 @@ def check_updates(aurora, step):
 
 
 def train_trial(run, trial):
-    """One trial (one seed of a record): re-initialize, then the record's loop: validate (clock
-    paused) on schedule, stop after the last validation, else train one step."""
+    """One trial (one seed of a record): re-initialize (or take the state of the checkpoint being
+    resumed), then the record's loop: validate (clock paused) on schedule, stop after the last
+    validation, else train one step. Checkpoints are taken between a step's validation and the
+    next training step."""
     hp, ctx, log, model = run.hp, run.ctx, run.log, run.model
     run.trial, run.step = trial, 0
-    if hp.seed is not None:
-        torch.manual_seed(hp.seed + trial)  # else: the record's stream, continued trial by trial
-    elif trial == 0:
-        for _ in range(hp.first_trial):  # only initializations draw: skip to trial first_trial
-            model.init_weights(hp.init_var)
-    model.init_weights(hp.init_var)
-    if ctx.world > 1:
-        for p in model.parameters():
-            dist.broadcast(p.data, 0)
+    ckpt, run.resume = run.resume, None
+    if ckpt is None:
+        if hp.seed is not None:
+            torch.manual_seed(hp.seed + trial)  # else: the record's stream, continued trial by trial
+        elif trial == 0:
+            for _ in range(hp.first_trial):  # only initializations draw: skip to trial first_trial
+                model.init_weights(hp.init_var)
+        model.init_weights(hp.init_var)
+        if ctx.world > 1:
+            for p in model.parameters():
+                dist.broadcast(p.data, 0)
     adam, aurora = build_optimizers(model, hp, ctx.device)
-    run.train_loader.reset()
     probe = NeuronHealth(model, aurora, run.val[0][:hp.diag_tokens // hp.seq_len * hp.seq_len]
                          .view(-1, hp.seq_len) if ctx.rank == 0 else None, hp, ctx, run.jsonl)
-    log(f"trial:{trial} seed:{seed_label(hp, trial)}")
     clock = Clock(ctx.device)
+    run.optimizers, run.probe, run.clock = (adam, aurora), probe, clock
+    if ckpt is None:
+        run.train_loader.reset()
+        log(f"trial:{trial} seed:{seed_label(hp, trial)}")
+        start = 0
+    else:  # every rank reads the same checkpoint: no broadcast
+        start = restore_trial(run, ckpt)
+    resumed, ckpt = ckpt is not None, None  # (the checkpoint's memory goes)
     clock.start()
-    for step in range(hp.train_steps + 1):
+    for step in range(start, hp.train_steps + 1):
         run.step = step
-        if is_val_step(step, hp):
+        if is_val_step(step, hp) and not (resumed and step == start):  # that one is in the log
             clock.stop()
             check_updates(aurora, step)
             val_loss = evaluate(run)
@@ -814,6 +849,8 @@ def train_trial(run, trial):
             clock.start()
         if step == hp.train_steps:
             break
+        if hp.save_every:
+            checkpoint_boundary(run, step, start)
         probe.before_step(is_val_step(step + 1, hp))
         train_loss = train_step(run, (adam, aurora), step)
         elapsed = clock.elapsed()
@@ -842,36 +879,309 @@ class Interrupted(Exception):
     """SIGTERM (preemption, a kill) or SIGINT while training."""
 
 
-def on_signal(signum, frame):
-    raise Interrupted(signal.Signals(signum).name)
+class StopRequest:
+    """The SIGTERM/SIGINT handler. It raises Interrupted at once, except while a run that writes
+    checkpoints trains (`defer`): then it notes the signal, and the trial saves a checkpoint and
+    stops at its next step boundary, a step later at most (raising in the middle of a step would
+    leave nothing consistent to save). More signals change nothing: torchrun forwards the one its
+    workers often got too, and a supervisor's SIGKILL follows anyway if a step hangs."""
+
+    def __init__(self):
+        self.defer, self.signum = False, None
+
+    def __call__(self, signum, frame):
+        if not self.defer:
+            raise Interrupted(signal.Signals(signum).name)
+        self.signum = self.signum or signum
+
+
+# =================================================================================================
+# Checkpoints (--save-every, --resume): the running trial's whole state in one file beside the log,
+# written atomically by rank 0; a resumed run continues bit for bit, with any world size that splits
+# the batch (Aurora's momentum is gathered from the ranks that hold it, so no file is per-rank).
+# =================================================================================================
+
+CHECKPOINT_FORMAT = "train_gpt.py checkpoint 1"
+CHECKPOINT_KEYS = ("config", "code", "trial", "seed", "step", "finals", "world_size", "torch", "model",
+                   "adam", "aurora", "loader", "rng", "clock", "fc_init", "log", "log_bytes", "jsonl_bytes")
+# Lines of an interrupted run's log that stay as they are when a resumed run marks the lines it
+# wrote after the checkpoint: they say what happened to it (or were marked by an earlier resume);
+# everything else is redone.
+EVENT_LINE = re.compile(r"^(checkpoint|checkpoint not written|interrupted|failed|error|resumed|lost):")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed (exit status 2, before anything is written)."""
+
+
+def checkpoint_boundary(run, step, start):
+    """Between the validation of `step` and the next training step: write a checkpoint every
+    save_every steps (not at the step the trial started or resumed at: nothing new), and when a
+    signal asked to stop, save, then raise Interrupted. Every rank takes the same decisions."""
+    stop = stop_requested(run)
+    if stop or (step % run.hp.save_every == 0 and step != start):
+        save_checkpoint(run)
+    if stop:
+        raise Interrupted(stop)
+
+
+def stop_requested(run):
+    """The signal that asks this run to stop, or None. Any rank's counts: all ranks must stop at
+    the same step, so with several ranks this is a one-number all-reduce per step (only when
+    checkpointing)."""
+    signum = (run.stop.signum or 0) if run.stop else 0
+    if run.ctx.world > 1:
+        flag = torch.tensor([signum], device=run.ctx.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        signum = int(flag.item())
+    return signal.Signals(signum).name if signum else None
+
+
+def save_checkpoint(run):
+    """Write the running trial's state at run.step (clock paused). Every rank takes part (Aurora's
+    momentum is gathered); rank 0 writes. A failed write is reported and training goes on: the
+    previous checkpoint is still whole."""
+    hp, ctx, log = run.hp, run.ctx, run.log
+    run.clock.stop()
+    started = time.perf_counter()
+    adam, aurora = run.optimizers
+    check_updates(aurora, run.step)  # never save a non-finite state
+    aurora_state = aurora.state_dict()  # collective
+    if ctx.rank == 0:
+        state = dict(
+            format=CHECKPOINT_FORMAT, config=resume_config(hp, ctx, run.train_loader.files),
+            code=run.code, trial=run.trial, seed=seed_label(hp, run.trial), step=run.step,
+            finals=list(run.finals), world_size=ctx.world, torch=str(torch.__version__),
+            model=run.model.state_dict(), adam=adam.state_dict(), aurora=aurora_state,
+            loader=dict(shard=run.train_loader.shard, pos=run.train_loader.pos),
+            rng=dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(ctx.device)
+                     if ctx.device.type == "cuda" else None),
+            clock=dict(total=run.clock.total, last_val_time=run.clock.last_val_time,
+                       last_val_step=run.clock.last_val_step),
+            fc_init=run.probe.fc_init if hp.diagnostics else None,
+            # how far the log and the diagnostics file were written: a resumed run redoes the rest
+            log=os.path.abspath(log.file.name), log_bytes=os.fstat(log.file.fileno()).st_size,
+            jsonl_bytes=os.fstat(run.jsonl.fileno()).st_size if run.jsonl else None)
+        try:
+            write_atomic(run.checkpoint, lambda f: torch.save(state, f))
+            log(f"checkpoint: step {run.step} of trial {run.trial} saved to {run.checkpoint} "
+                f"({os.path.getsize(run.checkpoint) / 1e6:.1f} MB in {time.perf_counter() - started:.2f}s)")
+        except OSError as e:
+            log(f"checkpoint not written: step {run.step} of trial {run.trial}: {e}; training goes "
+                "on, the previous checkpoint (if any) is whole", error=True)
+    run.clock.start()
+
+
+def write_atomic(path, write):
+    """Replace `path` by what write(f) writes, all or nothing: a temporary file in the same folder,
+    flushed to the disk, then renamed over `path` (a kill or a full disk mid-write leaves the old
+    file whole, and at most a stale `path`.tmp)."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself, on the disk
+    finally:
+        os.close(folder)
+
+
+def remove_checkpoint(run):
+    """A complete run needs no checkpoint (the model's final weights are not what a record keeps),
+    nor the temporary file of a write that a kill cut short."""
+    if run.checkpoint and os.path.exists(run.checkpoint + ".tmp"):
+        os.remove(run.checkpoint + ".tmp")
+    if run.checkpoint and os.path.exists(run.checkpoint):
+        os.remove(run.checkpoint)
+        run.log(f"checkpoint: removed {run.checkpoint}: the run is complete")
+
+
+def load_checkpoint(path):
+    """The checkpoint at `path`, whole (each part's CRC32, which torch.load does not check: a
+    flipped or zeroed block would load silently) and of this trainer, or CheckpointError."""
+    what = (f"--resume {path}: the file is not a whole checkpoint of train_gpt.py (truncated by a copy "
+            "or a full disk, or corrupt?)")
+    todo = ("resume from an intact copy of the checkpoint, or start the run again without --resume "
+            "(a run killed while writing a checkpoint keeps the previous one whole: <uuid>.ckpt, not "
+            "<uuid>.ckpt.tmp)")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"--resume {path}: no such file")
+    try:
+        with zipfile.ZipFile(path) as z:
+            broken = z.testzip()
+        if broken:
+            raise CheckpointError(f"{what}: its part {broken} fails its checksum; {todo}")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: runs no code
+    except CheckpointError:
+        raise
+    except Exception as e:  # zipfile, torch and the unpickler raise many kinds: all mean unreadable
+        first = (str(e).splitlines() or [""])[0][:200]
+        detail = ("it holds more than tensors and plain values" if isinstance(e, pickle.UnpicklingError)
+                  else first)
+        raise CheckpointError(f"{what}: {type(e).__name__}: {detail}; {todo}") from None
+    missing = ([k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else
+               list(CHECKPOINT_KEYS))
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or missing:
+        raise CheckpointError(f"{what}: it lacks {', '.join(missing) or 'the format mark'}; {todo}")
+    return ckpt
+
+
+def resume_config(hp, ctx, train_files):
+    """What a resumed run must share with the checkpoint's run to continue it bit for bit: the
+    record's configuration, the trials (seed, count, first), the device type (activation and
+    Newton-Schulz dtypes follow it) and the train shards (names and sizes). Not the world size."""
+    config = record_config(hp)
+    config.update({k: json.dumps(getattr(hp, k)) for k in ("seed", "trials", "first_trial")})
+    config["device"] = json.dumps(ctx.device.type)
+    config["train_shards"] = json.dumps([f"{os.path.basename(f)}:{read_shard_header(f)}"
+                                         for f in train_files])
+    return config
+
+
+def check_resume(ckpt, hp, ctx, train_files, code):
+    """Refuse (CheckpointError) a checkpoint of another configuration or code than this run's;
+    returns hp with the checkpoint's first trial (--append may have moved it) unless the command
+    line sets one."""
+    if hp.first_trial == 0:
+        hp = dataclasses.replace(hp, first_trial=json.loads(ckpt["config"].get("first_trial", "0")))
+    old, new = ckpt["config"], resume_config(hp, ctx, train_files)
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+        raise CheckpointError(
+            f"--resume {hp.resume}: this run's configuration differs from the checkpoint's in "
+            + ", ".join(f"{k} {old.get(k, 'absent')} (checkpoint) vs {new.get(k, 'absent')}" for k in diff)
+            + ". Resume with the flags of the run that wrote it (its log's header lists them)")
+    if ckpt["code"] != code:
+        a, b = ckpt["code"].splitlines(), code.splitlines()
+        line = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        show = (lambda lines: repr(lines[line][:100]) if line < len(lines) else "the end")
+        raise CheckpointError(
+            f"--resume {hp.resume}: the code differs from the code of the run that wrote the "
+            f"checkpoint (its log's code part), first at line {line + 1} of the one-file source: "
+            f"{show(a)} (checkpoint) vs {show(b)}. Resume with the code that wrote it (e.g. the "
+            "log's code part, which runs on its own)")
+    return hp
+
+
+def reopen_record(ckpt_path, ckpt):
+    """The log (and diagnostics file) of the checkpoint's run, reopened to append: found beside
+    the checkpoint (a record folder copied or moved), else where the run wrote it. The lines the
+    interrupted run wrote after the checkpoint were about steps this run redoes: each gets `lost: `
+    in front (kept, but no longer read as steps or trials by the records toolkit), except its
+    event lines (EVENT_LINE); the diagnostics file is cut back to the checkpoint. Checks
+    everything before it writes. Returns (folder, log path, log, diagnostics file, lost lines)."""
+    name = os.path.basename(ckpt["log"])
+    beside = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), name)
+    log_path = beside if os.path.exists(beside) else ckpt["log"]
+    jsonl_path = os.path.splitext(log_path)[0] + ".jsonl"
+    for path, size in ((log_path, ckpt["log_bytes"]), (jsonl_path, ckpt["jsonl_bytes"])):
+        if size is None:
+            continue
+        if not os.path.exists(path):
+            raise CheckpointError(f"--resume {ckpt_path}: its run's {os.path.basename(path)} is "
+                                  f"neither beside it nor in {os.path.dirname(ckpt['log'])}; a "
+                                  "resumed run continues it: keep the record folder together")
+        if os.path.getsize(path) < size:
+            raise CheckpointError(f"--resume {ckpt_path}: {path} holds {os.path.getsize(path):,} "
+                                  f"bytes, fewer than the {size:,} it had when the checkpoint was "
+                                  "written: not the file of this checkpoint's run")
+    with open(log_path, "rb") as f:
+        text = f.read()
+    tail = text[ckpt["log_bytes"]:].decode(errors="replace").splitlines()
+    marked = [line if EVENT_LINE.match(line) else "lost: " + line for line in tail]
+    lost = sum(not EVENT_LINE.match(line) for line in tail)
+    if tail:
+        head = text[:ckpt["log_bytes"]]
+        write_atomic(log_path, lambda f: f.write(head + "".join(m + "\n" for m in marked).encode()))
+    jsonl = None
+    if ckpt["jsonl_bytes"] is not None:
+        os.truncate(jsonl_path, ckpt["jsonl_bytes"])
+        jsonl = open(jsonl_path, "a")
+    return os.path.dirname(log_path), log_path, open(log_path, "a"), jsonl, lost
+
+
+def resumed_line(hp, ctx, ckpt, lost):
+    """The log's line where a resumed run starts (no new `trial:` line: the trial goes on)."""
+    torch_note = f" (checkpoint: {ckpt['torch']})" if ckpt["torch"] != torch.__version__ else ""
+    lost_note = (f"; {lost} line(s) the interrupted run wrote after the checkpoint are marked "
+                 "'lost:' and redone below" if lost else "")
+    return (f"resumed: from {os.path.abspath(hp.resume)} at step {ckpt['step']}, trial {ckpt['trial']} "
+            f"(seed {ckpt['seed']}): world_size {ctx.world} (checkpoint: {ckpt['world_size']}), torch "
+            f"{torch.__version__}{torch_note}{lost_note}")
+
+
+def restore_trial(run, ckpt):
+    """Put the running trial where the checkpoint left it: weights, optimizer states (each rank
+    keeps its share of Aurora's), data position, random generators (the next trial's
+    initialization draws from them), clock, diagnostics' initial rows. Returns the step."""
+    adam, aurora = run.optimizers
+    run.model.load_state_dict(ckpt["model"])
+    adam.load_state_dict(ckpt["adam"])
+    aurora.load_state_dict(ckpt["aurora"])
+    run.train_loader.reset(**ckpt["loader"])
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if run.ctx.device.type == "cuda":
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], run.ctx.device)
+    clock = ckpt["clock"]
+    run.clock.total, run.clock.last_val_time, run.clock.last_val_step = (
+        clock["total"], clock["last_val_time"], clock["last_val_step"])
+    if run.probe.enabled and run.ctx.rank == 0:
+        run.probe.fc_init = [t.to(run.ctx.device) for t in ckpt["fc_init"]]
+    run.step = ckpt["step"]
+    return ckpt["step"]
 
 
 def prepare(hp, ctx, log):
     """Everything that can fail before the first step is checked before the record folder is
-    created (so a bad input never leaves a stub log); then the log, the model and the data."""
+    created (so a bad input never leaves a stub log); then the log, the model and the data.
+    With --resume, the checkpoint is read and checked first, and its log is reopened instead."""
     train_files = shards_needed(find_shards(hp.data_dir, "train"), hp.batch_tokens, hp.train_steps,
                                 f"train data in {hp.data_dir}")
     for f in train_files:  # token ids of every shard the run will read
         read_shard_tokens(f, hp.vocab_size)
     val = load_val_tokens(find_shards(hp.data_dir, "val"), hp, ctx)
-    record_dir = jsonl = None
+    code, ckpt = runnable_source(), None
+    if hp.resume:  # every rank reads and checks it (same file, same verdict): nothing written yet
+        ckpt = load_checkpoint(hp.resume)
+        hp = check_resume(ckpt, hp, ctx, train_files, code)
+    record_dir = jsonl = checkpoint = failure = None
     if ctx.rank == 0:
-        record_dir, log_path, log.file, hp = open_record(hp)
-        log.file.write(runnable_source() + "=" * 100 + "\n")
-        for line in environment_lines(hp, ctx) + ["=" * 100, f"log: {log_path}"]:
-            log(line)
-        if hp.diagnostics:  # one JSON object per (step, layer), next to the log
-            jsonl = open(os.path.splitext(log_path)[0] + ".jsonl", "x")
-            log(f"diagnostics file: {jsonl.name}")
-    if ctx.world > 1:  # every rank uses the trials rank 0 chose for this record folder
-        first = [hp.first_trial]
-        dist.broadcast_object_list(first, 0)
-        hp = dataclasses.replace(hp, first_trial=first[0])
+        try:
+            if ckpt:
+                record_dir, log_path, log.file, jsonl, lost = reopen_record(hp.resume, ckpt)
+                log(resumed_line(hp, ctx, ckpt, lost))
+            else:
+                record_dir, log_path, log.file, hp = open_record(hp)
+                log.file.write(code + "=" * 100 + "\n")
+                for line in environment_lines(hp, ctx) + ["=" * 100, f"log: {log_path}"]:
+                    log(line)
+                if hp.diagnostics:  # one JSON object per (step, layer), next to the log
+                    jsonl = open(os.path.splitext(log_path)[0] + ".jsonl", "x")
+                    log(f"diagnostics file: {jsonl.name}")
+            checkpoint = os.path.splitext(log_path)[0] + ".ckpt"
+        except (ValueError, FileExistsError) as e:
+            failure = e
+    if ctx.world > 1:  # every rank uses the trials rank 0 chose for this record folder, or stops
+        shared = [hp.first_trial, None if failure is None else str(failure)]
+        dist.broadcast_object_list(shared, 0)
+        hp = dataclasses.replace(hp, first_trial=shared[0])
+        failure = failure or (shared[1] and ValueError(f"rank 0: {shared[1]}"))
+    if failure:
+        raise failure
     model = build_model(hp, ctx)
     log(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
     compiled = torch.compile(model, dynamic=False) if use_compile(hp, ctx) else model
     loader = TokenLoader(train_files, hp.batch_tokens, ctx, hp.vocab_size)
-    return Run(hp, ctx, log, model, compiled, loader, val, jsonl), record_dir
+    return Run(hp, ctx, log, model, compiled, loader, val, jsonl, code=code, checkpoint=checkpoint,
+               resume=ckpt, finals=list(ckpt["finals"]) if ckpt else []), record_dir
 
 
 def refresh_summary(record_dir, log):
@@ -899,14 +1209,18 @@ def main(argv=None):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    log, run = Logger(ctx.rank), None
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    log, run, stop = Logger(ctx.rank), None, StopRequest()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
         run, record_dir = prepare(hp, ctx, log)
-        finals = [train_trial(run, trial) for trial in range(run.hp.trials)]
+        run.stop, stop.defer = stop, run.hp.save_every > 0  # a signal now: save, then stop
+        for trial in range(run.resume["trial"] if run.resume else 0, run.hp.trials):
+            run.finals.append(train_trial(run, trial))
+        stop.defer = False
         if ctx.rank == 0:
-            log(f"final val losses: {' '.join(f'{v:.5f}' for v in finals)}")
+            log(f"final val losses: {' '.join(f'{v:.5f}' for v in run.finals)}")
+            remove_checkpoint(run)
             refresh_summary(record_dir, log)
         if ctx.world > 1:
             dist.barrier()  # leave together: a gloo rank that exits while a peer still talks can abort
@@ -921,6 +1235,8 @@ def main(argv=None):
         else:
             log(f"failed: {trial}: {e}", error=True)
         kept = f"; the log so far is kept in {log.file.name}" if log.file else ""
+        if isinstance(e, Interrupted) and run and run.checkpoint and os.path.exists(run.checkpoint):
+            kept += f"; continue with the same flags and --resume {run.checkpoint}"
         log(f"error: {trial}: {e}. Training stopped{kept}", error=True)
         return 130 if isinstance(e, Interrupted) else 1
     finally:

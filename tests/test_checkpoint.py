@@ -1,0 +1,469 @@
+"""Checkpoints (--save-every) and resuming (--resume): a run killed after a checkpoint and resumed
+is the uninterrupted run bit for bit (every val loss, the diagnostics), with 1 process and with 2
+gloo ranks (resumed with 2 ranks and with 1), on the per-matrix and the batched Aurora paths; its
+log stays one trial for the records toolkit; a bad checkpoint or another configuration or code is
+refused before anything is written; Aurora's state does not depend on the world size."""
+import glob
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import train_gpt
+from aurora import Aurora
+from tools import records
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # gloo on the CPU
+# The tiny preset, smaller: 2 blocks, 8 steps, a validation every 2 steps on 2 batches of tokens.
+FLAGS = ["--preset", "tiny", "--n-layer", "2", "--train-steps", "8", "--val-every", "2",
+         "--val-tokens", "8192", "--run-name", "ckpt"]
+VAL_LINE = re.compile(r"^step:(\d+)/\d+ val_loss:(\S+) train_time:(\S+)s ", re.M)
+PER_MATRIX = ["--no-aurora-batched", "--trials", "2"]  # diagnostics on (the default)
+BATCHED = ["--aurora-batched", "--no-diagnostics"]
+
+
+def command(args, nproc):
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    return launcher + [os.path.join(ROOT, "train_gpt.py")] + args
+
+
+def train(args, data_dir, records_dir, nproc=1):
+    """A whole run (or a resumed one) in a subprocess, which must succeed."""
+    proc = subprocess.run(command(FLAGS + ["--data-dir", data_dir, "--records-dir", str(records_dir)]
+                                  + args, nproc), env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def the_log(records_dir):
+    logs = glob.glob(str(records_dir / "*_ckpt" / "*.txt"))
+    assert len(logs) == 1, logs
+    return logs[0]
+
+
+def descendants(pid):
+    """The processes below `pid` (torchrun's workers run in sessions of their own)."""
+    children = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = open(stat).read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.split("/")[2]))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def wait_for(records_dir, marker, proc):
+    """Until the run's log shows `marker` (the run must still be going)."""
+    deadline = time.time() + 240
+    while True:
+        logs = glob.glob(str(records_dir / "*_ckpt" / "*.txt"))
+        if logs and marker in open(logs[0]).read():
+            return
+        assert proc.poll() is None, f"the run ended (status {proc.returncode}) before {marker!r}"
+        assert time.time() < deadline, f"no {marker!r} after 240 s"
+        time.sleep(0.005)
+
+
+def start(args, data_dir, records_dir, nproc=1):
+    out = open(records_dir.parent / f"{records_dir.name}.out", "w")
+    return subprocess.Popen(command(FLAGS + ["--data-dir", data_dir, "--records-dir", str(records_dir)]
+                                    + args, nproc), env=ENV, stdout=out, stderr=subprocess.STDOUT)
+
+
+def kill_9_after(args, data_dir, records_dir, marker, nproc=1):
+    """Start a run and kill -9 all its processes (the launcher and every rank: a node that dies)
+    as soon as its log shows `marker`. The run must not have ended by itself. Returns the log."""
+    proc = start(args, data_dir, records_dir, nproc)
+    try:
+        wait_for(records_dir, marker, proc)
+    finally:
+        for pid in descendants(proc.pid) + [proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return the_log(records_dir)
+
+
+def output_part(text):
+    return text.split("\n" + "=" * 100 + "\n")[-1]
+
+
+def val_lines(text):
+    """(step, val loss) of every val line that counts (not those marked `lost: `)."""
+    return [(int(m.group(1)), m.group(2)) for m in VAL_LINE.finditer(output_part(text))]
+
+
+def checkpoint_of(log):
+    return os.path.splitext(log)[0] + ".ckpt"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    """The uninterrupted runs to compare with, one per (flags, ranks), run once per module."""
+    done = {}
+
+    def get(args, nproc=1):
+        key = (tuple(args), nproc)
+        if key not in done:
+            records_dir = tmp_path_factory.mktemp("uninterrupted")
+            train(args, data_dir, records_dir, nproc)
+            done[key] = open(the_log(records_dir)).read()
+        return done[key]
+    return get
+
+
+def assert_one_trial_per_seed(log, trials):
+    """The records toolkit reads the resumed log as `trials` complete trials, nothing incomplete."""
+    runs = records.load_runs(log)
+    screened = records.screen(runs)
+    assert len(runs) == trials and [r["seed"] for r in runs] == [f"record{t}" for t in range(trials)]
+    assert all(r["complete"] for r in runs) and not screened["incomplete"], runs
+    summary = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "records.py"), "summary",
+                              os.path.dirname(log), "--json"], capture_output=True, text=True)
+    assert summary.returncode == 0, summary.stderr
+    assert json.loads(summary.stdout)["n"] == trials
+
+
+# --- bit for bit after a kill -9 ---
+
+@pytest.mark.parametrize("path", [PER_MATRIX, BATCHED], ids=["per-matrix-2-trials", "batched"])
+def test_kill_9_after_a_checkpoint_then_resume_is_the_uninterrupted_run(data_dir, tmp_path, uninterrupted, path):
+    expected = uninterrupted(path)
+    trials = 2 if "--trials" in path else 1
+    # checkpoint at step 4; killed after the val line of step 6 (which the resumed run redoes)
+    log = kill_9_after(path + ["--save-every", "4"], data_dir, tmp_path / "run", "step:6/8 val_loss")
+    before = open(log).read()
+    assert "checkpoint: step 4 of trial 0 saved to" in before and os.path.exists(checkpoint_of(log))
+    assert "\nstep:6/8 val_loss" in before
+    # resumed from anywhere (the records dir is this run's, not a flag's)
+    proc = train(path + ["--save-every", "4", "--resume", checkpoint_of(log)], data_dir, tmp_path / "elsewhere")
+    assert not os.path.exists(tmp_path / "elsewhere")  # nothing opened there
+    text = open(log).read()
+    assert text.startswith(before.split("checkpoint: step 4")[0])  # the log up to the checkpoint: as it was
+    assert val_lines(text) == val_lines(expected)  # every val loss of every trial, exactly
+    assert len(val_lines(text)) == 5 * trials
+    ours, theirs = output_part(text), output_part(expected)
+    assert re.findall(r"^diagnostics: .*$", ours, re.M) == re.findall(r"^diagnostics: .*$", theirs, re.M)
+    assert re.findall(r"^final val losses: .*$", ours, re.M) == re.findall(r"^final val losses: .*$", theirs, re.M)
+    assert re.search(r"^lost: step:6/8 val_loss:\S+ ", ours, re.M)  # kept, marked, not counted
+    resumed = re.findall(r"^resumed: from (\S+) at step 4, trial 0 \(seed record0\): world_size 1 "
+                         r"\(checkpoint: 1\).*marked 'lost:'", ours, re.M)
+    assert resumed == [checkpoint_of(log)], ours[-3000:]
+    assert [m for m in re.findall(r"^trial:(\d+)", ours, re.M)] == [str(t) for t in range(trials)]
+    times = [float(m.group(3)) for m in VAL_LINE.finditer(ours.split("\ntrial:1 ")[0])]
+    assert times == sorted(times) and len(times) == 5  # trial 0's train_time goes on from the checkpoint's
+    if "--no-diagnostics" not in path:  # the diagnostics file: each (trial, step, layer) once, as uninterrupted
+        jsonl = os.path.splitext(log)[0] + ".jsonl"
+        expected_jsonl = glob.glob(os.path.join(os.path.dirname(the_log_of(expected)), "*.jsonl"))[0]
+        assert open(jsonl).read() == open(expected_jsonl).read()
+    assert not os.path.exists(checkpoint_of(log))  # the run is complete: no checkpoint left
+    assert "checkpoint: removed" in proc.stdout
+    assert_one_trial_per_seed(log, trials)
+
+
+def the_log_of(text):
+    return re.search(r"^log: (\S+)$", text, re.M).group(1)
+
+
+def test_two_ranks_killed_resume_with_two_ranks_and_with_one(data_dir, tmp_path, uninterrupted):
+    args = ["--no-aurora-batched", "--no-diagnostics"]
+    expected = uninterrupted(args, nproc=2)
+    assert val_lines(expected) == val_lines(uninterrupted(args))  # 2 ranks = 1 (test_train), here too
+    log = kill_9_after(args + ["--save-every", "4"], data_dir, tmp_path / "run", "step:6/8 val_loss", nproc=2)
+    copy = tmp_path / "copy"
+    shutil.copytree(os.path.dirname(log), copy / os.path.basename(os.path.dirname(log)))
+    for nproc, ckpt in ((2, checkpoint_of(log)), (1, str(copy / os.path.relpath(checkpoint_of(log), tmp_path / "run")))):
+        train(args + ["--save-every", "4", "--resume", ckpt], data_dir, tmp_path / "unused", nproc)
+        resumed_log = os.path.splitext(ckpt)[0] + ".txt"  # found beside the checkpoint, even copied
+        text = open(resumed_log).read()
+        assert val_lines(text) == val_lines(expected), nproc
+        assert f"world_size {nproc} (checkpoint: 2)" in text
+        assert_one_trial_per_seed(resumed_log, 1)
+
+
+def test_sigterm_saves_a_checkpoint_then_exits_and_resume_finishes_the_run(data_dir, tmp_path, uninterrupted):
+    expected = uninterrupted(BATCHED)
+    records_dir = tmp_path / "run"
+    proc = start(BATCHED + ["--save-every", "100"], data_dir, records_dir)  # only SIGTERM saves
+    wait_for(records_dir, "step:3/8 train_loss", proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 130
+    log = the_log(records_dir)
+    text = open(log).read()
+    stopped = re.search(r"^interrupted: SIGTERM at step (\d+), trial 0 \(seed record0\)$", text, re.M)
+    assert stopped, text[-2000:]
+    step = int(stopped.group(1))
+    assert f"checkpoint: step {step} of trial 0 saved to {checkpoint_of(log)}" in text
+    assert f"continue with the same flags and --resume {checkpoint_of(log)}" in open(tmp_path / "run.out").read()
+    train(BATCHED + ["--resume", checkpoint_of(log)], data_dir, records_dir)  # --save-every 0: no more
+    text = open(log).read()
+    assert val_lines(text) == val_lines(expected)
+    assert not re.search(r"^lost: ", text, re.M)  # nothing after the checkpoint to redo
+    assert_one_trial_per_seed(log, 1)
+
+
+def test_sigterm_to_one_rank_stops_both_at_one_step_with_a_checkpoint(data_dir, tmp_path, uninterrupted):
+    args = ["--no-aurora-batched", "--no-diagnostics"]
+    expected = uninterrupted(args, nproc=2)
+    records_dir = tmp_path / "run"
+    proc = start(args + ["--save-every", "100"], data_dir, records_dir, nproc=2)
+    wait_for(records_dir, "step:3/8 train_loss", proc)
+    workers = {open(f"/proc/{pid}/environ").read().split("\0").count("RANK=1"): pid
+               for pid in descendants(proc.pid)}
+    os.kill(workers[1], signal.SIGTERM)  # rank 1 only: rank 0 learns it at the next step boundary
+    assert proc.wait(timeout=120) != 0
+    log = the_log(records_dir)
+    text = open(log).read()
+    stopped = re.search(r"^interrupted: SIGTERM at step (\d+), trial 0 \(seed record0\)$", text, re.M)
+    assert stopped and f"checkpoint: step {stopped.group(1)} of trial 0 saved to" in text, text[-2000:]
+    train(args + ["--resume", checkpoint_of(log)], data_dir, records_dir)  # one rank finishes it
+    assert val_lines(open(log).read()) == val_lines(expected)
+    assert_one_trial_per_seed(log, 1)
+
+
+# --- refused before anything is written ---
+
+@pytest.fixture(scope="module")
+def killed_run(data_dir, tmp_path_factory):
+    """A record folder whose run was killed right after its checkpoint of step 2."""
+    records_dir = tmp_path_factory.mktemp("killed") / "records"
+    log = kill_9_after(BATCHED + ["--save-every", "2"], data_dir, records_dir, "checkpoint: step 2 ")
+    return os.path.dirname(log)
+
+
+@pytest.fixture
+def folder(killed_run, tmp_path):
+    """A copy of the killed run's folder: (log, checkpoint, listing and contents before)."""
+    copy = str(tmp_path / os.path.basename(killed_run))
+    shutil.copytree(killed_run, copy)
+    log = glob.glob(os.path.join(copy, "*.txt"))[0]
+    return log, checkpoint_of(log), snapshot(copy)
+
+
+def snapshot(path):
+    return {f: open(os.path.join(path, f), "rb").read() for f in sorted(os.listdir(path))}
+
+
+def resume_in_process(args, data_dir, tmp_path, ckpt):
+    return train_gpt.main(FLAGS + BATCHED + ["--data-dir", data_dir, "--records-dir", str(tmp_path / "r"),
+                                             "--resume", ckpt] + args)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "not a whole checkpoint of train_gpt.py"),
+    ("zero a block", "fails its checksum"),
+    ("garbage", "not a whole checkpoint of train_gpt.py"),
+    ("another torch file", "it lacks config, code"),
+    ("missing", "no such file"),
+])
+def test_a_damaged_checkpoint_is_refused_and_nothing_is_written(data_dir, tmp_path, folder, capsys, damage, message):
+    log, ckpt, before = folder
+    raw = open(ckpt, "rb").read()
+    if damage == "truncate":
+        open(ckpt, "wb").write(raw[:len(raw) * 2 // 3])
+    elif damage == "zero a block":  # inside the tensor data: torch.load alone would not notice
+        open(ckpt, "wb").write(raw[:len(raw) // 2] + bytes(4096) + raw[len(raw) // 2 + 4096:])
+    elif damage == "garbage":
+        open(ckpt, "wb").write(b"not a checkpoint\n" * 100)
+    elif damage == "another torch file":
+        torch.save({"weights": torch.zeros(3)}, ckpt)
+    else:
+        os.remove(ckpt)
+    before = snapshot(os.path.dirname(log))
+    assert resume_in_process([], data_dir, tmp_path, ckpt) == 2
+    err = capsys.readouterr().err
+    assert f"error: --resume {ckpt}: " in err and message in err, err
+    if damage != "missing":
+        assert "resume from an intact copy" in err
+    assert snapshot(os.path.dirname(log)) == before and not os.path.exists(tmp_path / "r")
+
+
+def test_another_configuration_or_code_is_refused_and_nothing_is_written(data_dir, tmp_path, folder, capsys,
+                                                                        monkeypatch):
+    log, ckpt, before = folder
+    for args, message in ((["--lr-matrix", "0.04"], 'lr_matrix 0.0375 (checkpoint) vs 0.04'),
+                          (["--trials", "2"], "trials 1 (checkpoint) vs 2"),
+                          (["--seed", "5"], "seed null (checkpoint) vs 5"),
+                          (["--no-aurora-batched"], "aurora_batched true (checkpoint) vs false")):
+        assert resume_in_process(args, data_dir, tmp_path, ckpt) == 2
+        err = capsys.readouterr().err
+        assert "configuration differs from the checkpoint's in " + message in err, err
+        assert "Resume with the flags of the run that wrote it" in err
+    source = train_gpt.runnable_source()
+    monkeypatch.setattr(train_gpt, "runnable_source", lambda: source.replace("init_var: float", "init_var:  float"))
+    assert resume_in_process([], data_dir, tmp_path, ckpt) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"the code differs .* first at line \d+ of the one-file source: '    init_var: float", err), err
+    monkeypatch.undo()
+    assert snapshot(os.path.dirname(log)) == before and not os.path.exists(tmp_path / "r")
+
+
+def test_a_checkpoint_without_its_log_is_refused(data_dir, tmp_path, folder, capsys):
+    log, ckpt, _ = folder
+    with open(log, "r+") as f:  # a log that is not the one the checkpoint continues
+        f.truncate(1000)
+    assert resume_in_process([], data_dir, tmp_path, ckpt) == 2
+    assert "fewer than the" in capsys.readouterr().err
+    state = torch.load(ckpt)  # a log neither beside the checkpoint nor where the run wrote it
+    state["log"] = str(tmp_path / "gone" / os.path.basename(log))
+    torch.save(state, ckpt)
+    os.remove(log)
+    before = snapshot(os.path.dirname(log))
+    assert resume_in_process([], data_dir, tmp_path, ckpt) == 2
+    assert "keep the record folder together" in capsys.readouterr().err
+    assert snapshot(os.path.dirname(log)) == before and not os.path.exists(tmp_path / "r")
+
+
+def test_a_write_that_dies_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    path = str(tmp_path / "run.ckpt")
+    train_gpt.write_atomic(path, lambda f: torch.save({"step": 4}, f))
+
+    def dies(f):  # a kill or a full disk in the middle of the write
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(OSError):
+        train_gpt.write_atomic(path, dies)
+    assert torch.load(path) == {"step": 4} and os.listdir(tmp_path) == ["run.ckpt"]
+    monkeypatch.setattr(os, "replace", lambda *a: os.kill(os.getpid(), 0) or (_ for _ in ()).throw(OSError("killed")))
+    with pytest.raises(OSError):
+        train_gpt.write_atomic(path, lambda f: torch.save({"step": 8}, f))
+    assert torch.load(path) == {"step": 4} and os.listdir(tmp_path) == ["run.ckpt"]
+
+
+# --- Aurora's state: one form for every world size and path ---
+
+def stepped(batched, rule, steps, state=None):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*shape)) for shape in ((24, 8), (8, 8), (24, 8), (8, 24))]
+    opt = Aurora(params, lr=0.02, batched=batched, rule=rule, ns_dtype="float32")
+    if state is not None:
+        opt.load_state_dict(state)
+    grads = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=grads)
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("rule", ["aurora", "normuon"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_aurora_state_dict_round_trip_continues_bit_for_bit(batched, rule):
+    params, opt = stepped(batched, rule, 3)
+    state = opt.state_dict()
+    keys = {"momentum", "row_v"} if rule == "normuon" else {"momentum"}
+    assert sorted(state["state"]) == [0, 1, 2, 3] and all(set(s) == keys for s in state["state"].values())
+    assert all(t.device.type == "cpu" and t.dtype == torch.float32 for s in state["state"].values() for t in s.values())
+    for p, s in zip(params, state["state"].values()):
+        assert torch.equal(s["momentum"], opt.state[p]["momentum"])
+        assert s["momentum"].untyped_storage().data_ptr() != opt.state[p]["momentum"].untyped_storage().data_ptr()
+    assert state["param_groups"][0]["params"] == [0, 1, 2, 3] and state["param_groups"][0]["lr"] == 0.02
+    # continue the original, and a fresh optimizer from the state, one more step on the same gradients
+    ahead = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    fresh = [torch.nn.Parameter(a) for a in ahead]
+    other = Aurora(fresh, lr=0.5, batched=batched, rule=rule, ns_dtype="float32")
+    other.load_state_dict(state)
+    assert other.param_groups[0]["lr"] == 0.02  # the saved hyperparameters
+    for p in fresh:
+        p.grad = torch.ones_like(p)
+    other.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, fresh))
+
+
+def test_aurora_state_is_the_same_for_both_paths_and_refuses_a_misfit():
+    _, per_matrix = stepped(False, "aurora", 2)
+    _, batched = stepped(True, "aurora", 2)
+    a, b = per_matrix.state_dict(), batched.state_dict()
+    assert sorted(a["state"]) == sorted(b["state"]) == [0, 1, 2, 3]
+    assert all(set(s) == {"momentum"} for s in b["state"].values())  # no *_stack: world-size free
+    for i in a["state"]:  # momentum does not depend on the path
+        assert torch.equal(a["state"][i]["momentum"], b["state"][i]["momentum"])
+    torch.manual_seed(0)
+    wrong = Aurora([torch.nn.Parameter(torch.randn(24, 8))], lr=0.02)
+    with pytest.raises(ValueError, match="saved groups hold"):
+        wrong.load_state_dict(a)
+    transposed = Aurora([torch.nn.Parameter(torch.randn(*s)) for s in ((8, 24), (8, 8), (24, 8), (8, 24))], lr=0.02)
+    with pytest.raises(ValueError, match=r"matrix 0 \(\(8, 24\)\) has saved 'momentum' of shape \(24, 8\)"):
+        transposed.load_state_dict(a)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank, port, out_dir, batched, rule):
+    """One of 2 gloo ranks: the state of 3 steps, gathered; then one step from a world-1 state."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        _, opt = stepped(batched, rule, 3)
+        gathered = opt.state_dict()  # collective: every rank gets every matrix's state
+        reference = torch.load(os.path.join(out_dir, "reference.pt"))
+        params = [torch.nn.Parameter(w.clone()) for w in reference["weights"]]
+        opt = Aurora(params, lr=0.02, batched=batched, rule=rule, ns_dtype="float32")
+        opt.load_state_dict(reference["state"])
+        held = sorted(i for i, p in enumerate(params) if opt.state[p])
+        for p, g in zip(params, reference["grads"]):
+            p.grad = g.clone()
+        opt.step()
+        torch.save(dict(gathered=gathered, held=held, weights=[p.detach() for p in params],
+                        after=opt.state_dict()), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.barrier()  # leave together (see test_aurora.py)
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("rule", ["aurora", "normuon"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_aurora_state_with_two_ranks_is_the_one_rank_state(tmp_path, batched, rule):
+    """state_dict() gathers each matrix from the rank that updates it; load_state_dict() gives each
+    rank the matrices it updates (owners()): a world-1 state continues on 2 ranks as on 1."""
+    torch.set_num_threads(1)
+    params, opt = stepped(batched, rule, 3)
+    state = opt.state_dict()
+    grads = [torch.randn(p.shape) for p in params]
+    torch.save(dict(state=state, weights=[p.detach().clone() for p in params], grads=grads),
+               tmp_path / "reference.pt")
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt.step()
+    after = opt.state_dict()
+    mp.spawn(_rank, args=(free_port(), str(tmp_path), batched, rule), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    owners = opt.owners(opt.param_groups[0], 2)
+    for r, got in enumerate(ranks):
+        for which, expected in (("gathered", state), ("after", after)):
+            assert sorted(got[which]["state"]) == sorted(expected["state"])
+            for i, keys in expected["state"].items():
+                for key, value in keys.items():
+                    assert torch.equal(got[which]["state"][i][key], value), (which, i, key)
+        assert got["held"] == [i for i, o in enumerate(owners) if o == r]  # its share only
+        for w, p in zip(got["weights"], params):  # per matrix: the same computation; batched:
+            assert torch.equal(w, p) if not batched else torch.allclose(w, p, rtol=0, atol=1e-6)
