@@ -139,7 +139,7 @@ PRESETS = {
     "tiny": dict(data_dir=os.path.join(ROOT, "data", "synthetic"), batch_tokens=32 * 128,
                  seq_len=128, micro_batch_seqs=16, val_tokens=8 * 32 * 128, vocab_size=1024,
                  n_layer=4, d_model=192, head_dim=32, train_steps=200, val_every=25,
-                 val_every_late=10, diag_tokens=8 * 32 * 128, aurora_batched=True),
+                 val_every_late=10, diag_tokens=8 * 32 * 128),
     # The record's model with a quarter of the batch: ablations at 124M scale on one GPU.
     "small": dict(batch_tokens=2 * 64 * 1024, val_tokens=4 * 2 * 64 * 1024, train_steps=400,
                   val_every=50, val_every_late=25),

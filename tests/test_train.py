@@ -322,7 +322,7 @@ def test_no_bfloat16_matmul_runs_on_the_cpu_path(data_dir):
 # --- end to end ---
 
 def test_tiny_run_writes_a_one_file_log_and_loss_falls(data_dir, tmp_path, capsys):
-    assert run(["--train-steps", "40", "--run-name", "e2e", "--seed", "0"], data_dir, tmp_path) == 0
+    assert run(["--train-steps", "30", "--run-name", "e2e", "--seed", "0"], data_dir, tmp_path) == 0
     record_dir = glob.glob(str(tmp_path / "*_e2e"))[0]
     text = open(only_log(record_dir)).read()
     code, header = text.split("\n" + SEPARATOR + "\n", 1)
@@ -330,16 +330,16 @@ def test_tiny_run_writes_a_one_file_log_and_loss_falls(data_dir, tmp_path, capsy
     for module in ("aurora.py", "data/shards.py", "diagnostics.py"):  # inlined, not imported
         assert f"{module} (inlined)" in code
     assert not re.search(r"^from (aurora|data\.shards|diagnostics) import", code, re.M)
-    for expected in ("torch 2.", "world_size 1", "seeds ['0']", "lr_matrix: 0.0375", "train_steps: 40",
+    for expected in ("torch 2.", "world_size 1", "seeds ['0']", "lr_matrix: 0.0375", "train_steps: 30",
                      "vocab_size: 1024", 'rule: "aurora"', "ns_dtype_used float32", "trial:0 seed:0"):
         assert expected in header, expected
     losses = val_losses(header)
-    assert [s for s, _ in losses] == [0, 25, 40]
+    assert [s for s, _ in losses] == [0, 25, 30]
     assert losses[0][1] == pytest.approx(math.log(1024), abs=0.01)  # zero-init head: uniform
     assert losses[-1][1] < losses[0][1] - 2.0  # it learns the synthetic language
     assert oct(os.stat(os.path.join(record_dir, "config.json")).st_mode & 0o777) == "0o644"
     out = capsys.readouterr().out
-    assert "step:40/40 val_loss" in out
+    assert "step:30/30 val_loss" in out
 
 
 def test_the_code_part_of_a_log_runs_on_its_own(data_dir, tmp_path):
