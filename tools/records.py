@@ -973,13 +973,14 @@ def submission_readme(ctx):
     s, c, name, target = ctx["summary"], ctx["comparison"], ctx["name"], ctx["target"]
     step, n = s["step"], s["n"]
     out = [f"# {name}: val loss {target} in {step} steps (n={n})", "", ctx["description"], "",
-           "| # | Steps to 3.28 | Evidence | Description | Date | Log | Contributors |",
+           f"| # | Steps to {target} | Evidence | Description | Date | Log | Contributors |",
            "|---|---|---|---|---|---|---|", ctx["row"], "",
            "## Method and difference from the parent record", "",
            f"- Parent record: {ctx['baseline_label']}."]
     hp = ctx["logs"][0]["hyperparameters"]
-    if "optimizer" in hp:
-        out.append(f"- Optimizer (the logs' `optimizer:` line): `{hp['optimizer']}`.")
+    for key in ("rule", "optimizer"):  # ours: rule (older logs: optimizer)
+        if key in hp:
+            out.append(f"- Orthogonalization rule (the logs' `{key}:` line): `{hp[key]}`.")
     if not hp:
         out.append("- Hyperparameters: these logs have no hyperparameter lines (upstream format); "
                    "they are in the script.")
@@ -1005,7 +1006,7 @@ def submission_readme(ctx):
     near = rows[max(0, i - 2):i + 3]
     out += ["", "## Result", "",
             f"Claimed: step **{step}**, mean {s['mean']:.6f} over {n} "
-            f"complete trials, margin (3.28 - mean) * sqrt(n) = {s['margin']:.5f} >= "
+            f"complete trials, margin ({target} - mean) * sqrt(n) = {s['margin']:.5f} >= "
             f"{PASS_MARGIN}: PASS. The claim is the earliest validated step that passes.", "",
             "| step | mean | std | margin | |", "|---|---|---|---|---|"]
     for row in near:
