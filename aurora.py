@@ -313,8 +313,7 @@ class Aurora(torch.optim.Optimizer):
         return state[key]
 
     def _step_per_matrix(self, group, rank, world):
-        # The record's order: by shape, largest first (stable, so equal shapes keep model order).
-        params = sorted(group["params"], key=lambda p: p.size(), reverse=True)
+        params = self._record_order(group["params"])
         for base in range(0, len(params), world):
             round_ = params[base:base + world]
             if rank < len(round_):
@@ -338,16 +337,27 @@ class Aurora(torch.optim.Optimizer):
             if j != rank:
                 q.copy_(recv[j][:q.numel()].view_as(q))
 
-    def _step_batched(self, group, rank, world):
-        shapes = {}
-        for p in group["params"]:
+    @staticmethod
+    def _record_order(params):
+        """The record's order of the per-matrix path: by shape, largest first (Python's stable
+        sort, so equal shapes keep model order); matrix j goes to rank j % world."""
+        return sorted(params, key=lambda p: p.size(), reverse=True)
+
+    @staticmethod
+    def _shape_stacks(params, world):
+        """(shape, matrices of that shape, their owning ranks) for the batched path: matrix i of
+        a shape goes to rank (offset + i) % world, and offset carries over from shape to shape so
+        that uneven shares even out across shapes."""
+        shapes, offset = {}, 0
+        for p in params:
             shapes.setdefault(tuple(p.shape), []).append(p)
-        gathers, offset = [], 0
-        for shape, params in shapes.items():
-            # Matrix i of this shape goes to rank (offset + i) % world; offset carries over from
-            # shape to shape so that uneven shares even out across shapes.
-            owners = [(offset + i) % world for i in range(len(params))]
-            offset = (offset + len(params)) % world
+        for shape, same in shapes.items():
+            yield shape, same, [(offset + i) % world for i in range(len(same))]
+            offset = (offset + len(same)) % world
+
+    def _step_batched(self, group, rank, world):
+        gathers = []
+        for shape, params, owners in self._shape_stacks(group["params"], world):
             mine = [p for p, r in zip(params, owners) if r == rank]
             if mine:
                 W = torch.stack([p.data for p in mine])
@@ -394,15 +404,10 @@ class Aurora(torch.optim.Optimizer):
         the offset from shape to shape (as the two step methods do)."""
         params = group["params"]
         if self.batched:
-            shapes, owner, offset = {}, {}, 0
-            for p in params:
-                shapes.setdefault(tuple(p.shape), []).append(p)
-            for same in shapes.values():
-                owner.update((p, (offset + i) % world) for i, p in enumerate(same))
-                offset = (offset + len(same)) % world
+            owner = {p: r for _, same, owners in self._shape_stacks(params, world)
+                     for p, r in zip(same, owners)}
         else:
-            order = sorted(params, key=lambda p: p.size(), reverse=True)
-            owner = {p: j % world for j, p in enumerate(order)}
+            owner = {p: j % world for j, p in enumerate(self._record_order(params))}
         return [owner[p] for p in params]
 
     STATE_KEYS = ("momentum", "row_v")  # per matrix; the batched path's *_stack keys hold views

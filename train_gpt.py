@@ -304,11 +304,12 @@ def load_val_tokens(files, hp, ctx):
     are ONE batch, and rank r holds [r*V/W, (r+1)*V/W + 1). Returns (inputs int32, targets int64)."""
     need, parts = hp.val_tokens + 1, []
     for f in files:
-        parts.append(load_shard(f, hp.vocab_size)[:need - sum(map(len, parts))])
-        if sum(map(len, parts)) == need:
+        parts.append(load_shard(f, hp.vocab_size)[:need])
+        need -= len(parts[-1])
+        if need == 0:
             break
     tokens = torch.cat(parts)
-    if len(tokens) < need:
+    if need:
         raise DataError(f"validation shards in {hp.data_dir} hold {len(tokens) - 1:,} tokens, "
                         f"val_tokens needs {hp.val_tokens:,}: lower --val-tokens or add shards")
     local = hp.val_tokens // ctx.world
@@ -513,11 +514,16 @@ def micro_batch_plan(hp, world):
     return micro, local_seqs // micro
 
 
+def check_setup(hp, world):
+    """What --dry-run checks, and every rank before it starts: the batch split and the hardware."""
+    check_hardware(hp, torch.cuda.is_available())
+    return micro_batch_plan(hp, world)
+
+
 def setup_distributed(hp):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (multi-node too); plain `python` is one process."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    micro, accum = micro_batch_plan(hp, world)  # before any process group: fail fast on every rank
-    check_hardware(hp, torch.cuda.is_available())
+    micro, accum = check_setup(hp, world)  # before any process group: fail fast on every rank
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():
@@ -1200,8 +1206,7 @@ def main(argv=None):
     try:
         if dry_run:
             world = int(os.environ.get("WORLD_SIZE", 1))
-            micro, accum = micro_batch_plan(hp, world)
-            check_hardware(hp, torch.cuda.is_available())
+            micro, accum = check_setup(hp, world)
             print(f"dry run: configuration ok (preset {hp.preset}, world size {world}, "
                   f"{accum} micro-batch(es) of {micro} sequences per rank)")
             return 0

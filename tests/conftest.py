@@ -2,6 +2,7 @@
 (pytest puts tests/ on sys.path); `data_dir` is a fixture available to every test module."""
 import math
 import os
+import socket
 import sys
 
 import pytest
@@ -96,3 +97,10 @@ def reference_update(G, M, W, dtype, rule="aurora", aurora_on="nonsquare", momen
     if floor and ratio < floor:
         U = U * (floor / ratio)
     return U, M
+
+
+def free_port():
+    """A TCP port free on this machine now (for a test's own process group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -6,7 +6,6 @@ otherwise about 10x the difference measured on the development machine, noted be
 Every bfloat16 Newton-Schulz here runs on small matrices: on a CPU without native bfloat16 a bf16
 matmul is ~100x slower than float32 (check with ONEDNN_MAX_CPU_ISA=AVX2)."""
 import os
-import socket
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ import torch.multiprocessing as mp
 import aurora
 from aurora import (RECORD, Aurora, apply_uw_floor, aurora_direction, aurora_polar, aurora_update,
                     ns_dtype_for, orthogonalize, polar, polar_cans12)
-from conftest import cv, matrix, reference_update, rel_diff, row_leverage
+from conftest import cv, free_port, matrix, reference_update, rel_diff, row_leverage
 
 DTYPES = [torch.bfloat16, torch.float32]
 NS_DTYPES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}  # the optimizer's names
@@ -452,12 +451,6 @@ def test_batched_momentum_state_is_per_matrix():
     opt.step()
     for q in p:
         assert_equal(opt.state[q]["momentum"], torch.full((8, 4), 0.05).lerp(torch.ones(8, 4), 0.05))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world, port, out_dir, batched):

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train_gpt
+from conftest import free_port
 from aurora import Aurora
 from tools import records
 
@@ -409,12 +409,6 @@ def test_aurora_state_is_the_same_for_both_paths_and_refuses_a_misfit():
     transposed = Aurora([torch.nn.Parameter(torch.randn(*s)) for s in ((8, 24), (8, 8), (24, 8), (8, 24))], lr=0.02)
     with pytest.raises(ValueError, match=r"matrix 0 \(\(8, 24\)\) has saved 'momentum' of shape \(24, 8\)"):
         transposed.load_state_dict(a)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank, port, out_dir, batched, rule):

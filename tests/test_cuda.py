@@ -13,7 +13,6 @@ when they were written, so each test prints its own numbers for the record):
     1.2e-2, bf16 vs float32 0.69e-2 to 1.1e-2): BF16_BOUND 3e-2, 2.5x. bf16 rounding noise does not
     grow past that, and a real bug moves it by more (dropping the contra term: 4e-2 to 6e-2)."""
 import os
-import socket
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ import torch.multiprocessing as mp
 import aurora
 import train_gpt
 from aurora import RECORD, Aurora, aurora_direction, aurora_polar, polar
-from conftest import cv, matrix, reference_update, rel_diff, row_leverage
+from conftest import cv, free_port, matrix, reference_update, rel_diff, row_leverage
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -44,12 +43,6 @@ def fresh_compile_and_full_fp32_matmuls():
     finally:
         torch.set_float32_matmul_precision(precision)
         torch._dynamo.reset()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_params(shapes, device, seed=0, scales=None):

@@ -331,7 +331,7 @@ def test_write_summary_skips_a_log_without_validation_lines(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 def test_incomplete_trials_are_listed_not_pooled_ours(tmp_path):
-    path = write(tmp_path / "a.txt", [
+    write(tmp_path / "a.txt", [
         "trial:0 seed:0", val(50, 3.5), val(100, 3.27),
         "trial:1 seed:1", val(50, 3.0),  # a much lower loss that must not leak into the mean
         "step:51/100 train_loss:3.1 train_time:5.1s step_avg:100.00ms",

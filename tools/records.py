@@ -1079,7 +1079,7 @@ def submission_readme(ctx):
             f"{ctx['log_names'][0]} (the script that ran)",
             "- [figure.png](figure.png): mean val loss, whole run; "
             "[zoomed_figure.png](zoomed_figure.png): near the target",
-            "", f"Written by `python tools/records.py submit`.", ""]
+            "", "Written by `python tools/records.py submit`.", ""]
     return "\n".join(out)
 
 
