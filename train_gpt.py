@@ -1,8 +1,10 @@
 """Train a 124M-parameter GPT on FineWeb with the Aurora optimizer (modded-nanoGPT optimization track).
 
 The default configuration is the published Aurora record (validation loss <= 3.28 in 3175 steps,
-20 trials on 8xH100): the same model, initialization calls, random stream, data order, optimizer
-rule and schedule. Read top to bottom: hyperparameters, data, model, optimizers, setup, training.
+20 trials on 8xH100): the same model, initialization calls, data order, optimizer rule and
+schedule. Each trial has an integer seed, logged: `--seed S` gives trial i the seed S + i; without
+it the process draws S from the OS entropy (the record seeded nothing: its initializations cannot
+be reproduced), and `--seed <a trial's seed> --trials 1` runs that trial again. Read top to bottom: hyperparameters, data, model, optimizers, setup, training.
 
     torchrun --standalone --nproc_per_node=8 train_gpt.py          # the record (or ./run.sh)
     python train_gpt.py --preset tiny                              # CPU smoke run on synthetic data
@@ -26,6 +28,7 @@ import os
 import pickle
 import platform
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -108,11 +111,9 @@ class Hyperparameters:
     frozen_threshold: float = hparam(0.1, "frozen: moved < this fraction of the median row movement")
     # run
     preset: str = hparam("record", "record (default), tiny (CPU smoke run), small (124M, quarter batch)")
-    seed: int = hparam(None, "seed of trial 0 (trial i: seed+i); default none: the record's own "
-                             "random stream, which trial i continues")
+    seed: int = hparam(None, "seed of trial 0 (trial i: seed+i); default: drawn from the OS entropy "
+                             "and logged (rerun a trial with --seed <its seed> --trials 1)")
     trials: int = hparam(1, "independent trials in this process, each re-initialized")
-    first_trial: int = hparam(0, "without --seed: start at trial K of the record's stream (the "
-                                 "initializations of trials 0..K-1 are drawn and dropped)")
     compile: str = hparam("auto", "torch.compile the model and Aurora's per-matrix step: auto (on with CUDA), on, off")
     allow_cpu: bool = hparam(False, "let the record or small preset run without CUDA (slow: hours to days)")
     run_name: str = hparam(None, "record folder records/<date>_<run_name>/ (default <rule>_<preset>)")
@@ -129,7 +130,7 @@ CHOICES = dict(rule=("aurora", "muon", "normuon"), aurora_on=("nonsquare", "tall
                ns_iteration=("quintic12", "cans12"), ns_dtype=("auto", "bfloat16", "float32"),
                compile=("auto", "on", "off"), preset=("record", "tiny", "small"))
 # Hyperparameters that may differ between the logs of one record folder.
-PER_RUN = ("seed", "trials", "first_trial", "data_dir", "records_dir", "run_name", "append", "allow_cpu",
+PER_RUN = ("seed", "trials", "data_dir", "records_dir", "run_name", "append", "allow_cpu",
            "save_every", "resume")
 
 PRESETS = {
@@ -178,8 +179,6 @@ def check_hyperparameters(hp):
                          f"({hp.batch_tokens:,} tokens)")
     if hp.seed is not None and not 0 <= hp.seed <= 2**63 - hp.trials:
         bad("seed", "must be in [0, 2^63 - trials] (torch.manual_seed's range)")
-    if hp.first_trial < 0 or (hp.first_trial and hp.seed is not None):
-        bad("first_trial", "must be >= 0, and is for the record's stream only (no --seed)")
     if hp.save_every < 0:
         bad("save_every", "must be >= 0 (0: no checkpoints)")
     if hp.run_name is not None and (not hp.run_name or "/" in hp.run_name or hp.run_name.startswith(".")):
@@ -596,8 +595,7 @@ SEED_LINE = re.compile(r"^trial:\d+ seed:(\S+)", re.M)
 
 
 def seeds_in(record_dir):
-    """Seed values of every trial already logged in a record folder ("record<k>": the record's
-    unseeded stream, trial k)."""
+    """Seeds (as logged: strings) of every trial already in a record folder."""
     seeds = set()
     for log in glob.glob(os.path.join(glob.escape(record_dir), "*.txt")):
         with open(log, errors="replace") as f:
@@ -605,15 +603,28 @@ def seeds_in(record_dir):
     return seeds
 
 
-def seed_label(hp, trial):
-    return f"record{hp.first_trial + trial}" if hp.seed is None else str(hp.seed + trial)
+# Seeds drawn from the OS entropy lie in [0, 2^32): short to type, and S + trials stays far inside
+# torch.manual_seed's range.
+DRAWN_SEEDS = 2 ** 32
+
+
+def draw_seed():
+    return secrets.randbelow(DRAWN_SEEDS)
+
+
+def trial_seeds(hp):
+    return [hp.seed + t for t in range(hp.trials)]
 
 
 def open_record(hp):
     """Find or create the record folder and open a new <uuid>.txt in it, under a lock so that two
     runs started together cannot both create or join a folder with different configurations.
     Refuses (ValueError/FileExistsError) without writing anything; never touches an older log.
-    Returns (folder, log path, open log file, hp with the seed actually used)."""
+    Without --seed (hp.seed None) the seed is drawn here, from the OS entropy. Returns (folder,
+    log path, open log file, hp with the seed actually used)."""
+    drawn = hp.seed is None
+    if drawn:
+        hp = dataclasses.replace(hp, seed=draw_seed())
     run_name = hp.run_name or f"{hp.rule}_{hp.preset}"
     os.makedirs(hp.records_dir, exist_ok=True)
     with open(os.path.join(hp.records_dir, ".lock"), "a") as lock:
@@ -641,7 +652,7 @@ def open_record(hp):
                 raise ValueError(f"--append: this run's configuration differs from the record in "
                                  f"{record_dir}: " + ", ".join(f"{k} {old.get(k)} -> {new.get(k)}"
                                                                 for k in diff) + "; use another --run-name")
-            hp = choose_seeds(hp, seeds_in(record_dir))
+            hp = choose_seeds(hp, seeds_in(record_dir), drawn)
         os.makedirs(record_dir, exist_ok=True)
         if not os.path.exists(config_path):
             with open(config_path, "w") as f:
@@ -651,19 +662,20 @@ def open_record(hp):
         return record_dir, log_path, open(log_path, "x"), hp  # "x": fail rather than overwrite
 
 
-def choose_seeds(hp, taken):
-    """A seed already in the folder is refused; without --seed, the run takes the next trials of
-    the record's stream that are not in the folder yet."""
-    clash = sorted({seed_label(hp, t) for t in range(hp.trials)} & taken)
-    if clash and hp.seed is not None:
-        raise ValueError(f"--append: seed(s) {clash} already in this record; choose another "
-                         "--seed, or leave it out to continue the record's stream")
-    while {seed_label(hp, t) for t in range(hp.trials)} & taken:
-        hp = dataclasses.replace(hp, first_trial=hp.first_trial + 1)
-    return hp
+def choose_seeds(hp, taken, drawn):
+    """A trial seed already in the folder (`taken`: as logged) is refused when it was given with
+    --seed; a drawn one is drawn again."""
+    while True:
+        clash = sorted(s for s in trial_seeds(hp) if str(s) in taken)
+        if not clash:
+            return hp
+        if not drawn:
+            raise ValueError(f"--append: seed(s) {clash} already in this record; choose another "
+                             "--seed, or leave it out to draw one")
+        hp = dataclasses.replace(hp, seed=draw_seed())
 
 
-def environment_lines(hp, ctx):
+def environment_lines(hp, ctx, drawn=False):
     lines = [f"python {platform.python_version()}  torch {torch.__version__}  "
              f"cuda {torch.version.cuda}  platform {platform.platform()}"]
     if ctx.device.type == "cuda":
@@ -682,7 +694,8 @@ def environment_lines(hp, ctx):
                  f"ns_dtype_used {str(ns_dtype_for(hp.ns_dtype, ctx.device)).removeprefix('torch.')}  "
                  f"activations {str(activation_dtype(ctx)).removeprefix('torch.')}  "
                  f"compile_used {use_compile(hp, ctx)}")
-    lines.append(f"seeds {[seed_label(hp, t) for t in range(hp.trials)]}")
+    lines.append(f"seeds {trial_seeds(hp)}" + (" (drawn from the OS entropy; run trial i again with "
+                                               "--seed <its seed> --trials 1)" if drawn else ""))
     lines += [f"{k}: {json.dumps(v)}" for k, v in dataclasses.asdict(hp).items()]
     try:
         smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=10).stdout
@@ -721,7 +734,7 @@ class Run:
     finals: list = dataclasses.field(default_factory=list)  # final val loss of each trial so far
     # Checkpoints (--save-every, --resume): the code the log holds, where rank 0 writes them, the
     # signal handler, the checkpoint to continue (until its trial has taken it), and the running
-    # trial's (adam, aurora), diagnostics probe and clock.
+    # trial's (adam, aurora), diagnostics probe, clock and unread train losses.
     code: str = None
     checkpoint: str = None
     stop: object = None
@@ -729,18 +742,24 @@ class Run:
     optimizers: tuple = None
     probe: object = None
     clock: object = None
+    losses: object = None
 
 
 class Clock:
-    """Training time with validation excluded; synchronizes the GPU when it starts and stops."""
+    """Training time with validation excluded. It stops and starts where the record's does: at a
+    dist.barrier() when distributed (with NCCL the barrier returns once the GPU work queued before
+    it is done), at torch.cuda.synchronize() on one GPU. Nothing between a start and a stop waits
+    for the device: elapsed() is host time, the record's approx_training_time."""
 
-    def __init__(self, device):
-        self.device, self.total, self.started = device, 0.0, None
+    def __init__(self, ctx):
+        self.ctx, self.total, self.started = ctx, 0.0, None
         self.last_val_time, self.last_val_step = 0.0, 0
 
     def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        if self.ctx.world > 1:
+            dist.barrier()
+        elif self.ctx.device.type == "cuda":
+            torch.cuda.synchronize(self.ctx.device)
 
     def start(self):
         self._sync()
@@ -762,6 +781,34 @@ class Clock:
         return f"train_time:{self.total:.3f}s step_avg:{avg:.2f}ms"
 
 
+class TrainLosses:
+    """Each step's train loss, read without stalling the device. The step's summed loss (already
+    all-reduced) is copied with non_blocking=True into a host buffer (pinned on CUDA, where an
+    event marks the copy's arrival) and read one step later, when the device is past it, or with
+    the clock stopped. Two buffers: a step's copy never overwrites the unread loss before it."""
+
+    def __init__(self, device):
+        cuda = device.type == "cuda"
+        self.buffers = [torch.zeros((), dtype=torch.float32, pin_memory=cuda) for _ in range(2)]
+        self.events = [torch.cuda.Event() if cuda else None for _ in range(2)]
+        self.pending = []  # (buffer, step, train time after the step), oldest first
+
+    def put(self, loss, step, elapsed):
+        i = step % 2
+        assert all(j != i for j, _, _ in self.pending), "read the step before first"
+        self.buffers[i].copy_(loss, non_blocking=True)
+        if self.events[i] is not None:
+            self.events[i].record()
+        self.pending.append((i, step, elapsed))
+
+    def take(self):
+        """(step, summed loss, train time) of the oldest unread step; waits for its copy only."""
+        i, step, elapsed = self.pending.pop(0)
+        if self.events[i] is not None:
+            self.events[i].synchronize()
+        return step, self.buffers[i].item(), elapsed  # a host tensor: no device sync
+
+
 @torch.no_grad()
 def evaluate(run):
     """Summed loss of this rank's validation slice, summed over ranks, / val_tokens (float32)."""
@@ -774,8 +821,9 @@ def evaluate(run):
 
 
 def train_step(run, optimizers, step):
-    """One optimizer step: gradients summed over micro-batches and ranks (each parameter's in its
-    own dtype, as the record), lr from the schedule, Adam and Aurora. Returns the train loss."""
+    """One optimizer step, queued without waiting for the device: gradients summed over
+    micro-batches and ranks (each parameter's in its own dtype, as the record), lr from the
+    schedule, Adam and Aurora. Returns the step's loss summed over ranks, on the device."""
     hp, ctx, model = run.hp, run.ctx, run.model
     loss = torch.zeros((), device=ctx.device, dtype=torch.float32)
     for xm, ym in micro_batches(*run.train_loader.next_batch(), ctx, hp.seq_len):
@@ -787,56 +835,67 @@ def train_step(run, optimizers, step):
         handles.append(dist.all_reduce(loss, async_op=True))
         for h in handles:
             h.wait()
-    adam, aurora = optimizers
-    train_loss = loss.item() / hp.batch_tokens  # also the NaN check, on every rank alike
-    if not math.isfinite(train_loss):
-        check_updates(aurora, step)  # a non-finite update of the step before is the cause: name it
-        raise FloatingPointError(f"non-finite train loss ({train_loss}) at step {step + 1}")
     mult = lr_multiplier(step, hp)
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * mult
-    adam.step()
-    check_updates(aurora, step)  # step() would check them too; this names the step
-    aurora.step()
+    for opt in optimizers:
+        opt.step()
     model.zero_grad(set_to_none=True)
-    return train_loss
+    return loss
 
 
-def check_updates(aurora, step):
-    """Aurora checks its updates lazily (no host sync in its step); raise for those of `step`."""
+def log_train_losses(run, keep=0):
+    """Log the train losses read so far but the last `keep` (each line with the train time as of
+    its step). A non-finite loss stops the run: a non-finite update of an earlier step is its
+    cause and is named first (matrix and step); otherwise the loss is, with its step."""
+    hp = run.hp
+    while len(run.losses.pending) > keep:
+        step, total, elapsed = run.losses.take()
+        loss = total / hp.batch_tokens  # the same on every rank (all-reduced): all stop alike
+        if not math.isfinite(loss):
+            check_updates(run.optimizers[1], before=step)
+            raise FloatingPointError(f"non-finite train loss ({loss}) at step {step + 1}")
+        run.log(f"step:{step + 1}/{hp.train_steps} train_loss:{loss:.4f} train_time:{elapsed:.3f}s "
+                f"step_avg:{1000 * elapsed / (step + 1):.2f}ms")
+
+
+def check_updates(aurora, before=None):
+    """Raise if an update Aurora computed was non-finite (its check_finite(): the host sync, and a
+    collective; called with the clock stopped, on every rank at the same point). With `before`
+    (the step of a non-finite train loss) an update of that step or later is the loss's
+    consequence, not its cause, and is not raised: the caller reports the loss."""
     try:
         aurora.check_finite()
     except FloatingPointError as e:
-        raise FloatingPointError(f"{e} (update of step {step})") from None
+        first = re.search(r"at step (\d+)", str(e))
+        if before is None or first is None or int(first.group(1)) < before:
+            raise
 
 
 def train_trial(run, trial):
-    """One trial (one seed of a record): re-initialize (or take the state of the checkpoint being
-    resumed), then the record's loop: validate (clock paused) on schedule, stop after the last
-    validation, else train one step. Checkpoints are taken between a step's validation and the
-    next training step."""
+    """One trial (one seed of a record): seed and re-initialize (or take the state of the
+    checkpoint being resumed), then the record's loop: validate (clock paused) on schedule, stop
+    after the last validation, else train one step. No host sync while the clock runs: the train
+    loss is read a step late, updates are checked at validations. Checkpoints are taken between a
+    step's validation and the next training step."""
     hp, ctx, log, model = run.hp, run.ctx, run.log, run.model
     run.trial, run.step = trial, 0
     ckpt, run.resume = run.resume, None
     if ckpt is None:
-        if hp.seed is not None:
-            torch.manual_seed(hp.seed + trial)  # else: the record's stream, continued trial by trial
-        elif trial == 0:
-            for _ in range(hp.first_trial):  # only initializations draw: skip to trial first_trial
-                model.init_weights(hp.init_var)
+        torch.manual_seed(hp.seed + trial)  # then draws where the record's do: on the device
         model.init_weights(hp.init_var)
-        if ctx.world > 1:
+        if ctx.world > 1:  # the ranks' weights must agree whatever their generators hold
             for p in model.parameters():
                 dist.broadcast(p.data, 0)
     adam, aurora = build_optimizers(model, hp, ctx.device)
     probe = NeuronHealth(model, aurora, run.val[0][:hp.diag_tokens // hp.seq_len * hp.seq_len]
                          .view(-1, hp.seq_len) if ctx.rank == 0 else None, hp, ctx, run.jsonl)
-    clock = Clock(ctx.device)
-    run.optimizers, run.probe, run.clock = (adam, aurora), probe, clock
+    clock = Clock(ctx)
+    run.optimizers, run.probe, run.clock, run.losses = (adam, aurora), probe, clock, TrainLosses(ctx.device)
     if ckpt is None:
         run.train_loader.reset()
-        log(f"trial:{trial} seed:{seed_label(hp, trial)}")
+        log(f"trial:{trial} seed:{hp.seed + trial}")
         start = 0
     else:  # every rank reads the same checkpoint: no broadcast
         start = restore_trial(run, ckpt)
@@ -846,7 +905,8 @@ def train_trial(run, trial):
         run.step = step
         if is_val_step(step, hp) and not (resumed and step == start):  # that one is in the log
             clock.stop()
-            check_updates(aurora, step)
+            log_train_losses(run)
+            check_updates(aurora)
             val_loss = evaluate(run)
             log(f"step:{step}/{hp.train_steps} val_loss:{val_loss:.5f} {clock.val_fields(step)}")
             if not math.isfinite(val_loss):
@@ -858,26 +918,17 @@ def train_trial(run, trial):
         if hp.save_every:
             checkpoint_boundary(run, step, start)
         probe.before_step(is_val_step(step + 1, hp))
-        train_loss = train_step(run, (adam, aurora), step)
-        elapsed = clock.elapsed()
-        log(f"step:{step + 1}/{hp.train_steps} train_loss:{train_loss:.4f} "
-            f"train_time:{elapsed:.3f}s step_avg:{1000 * elapsed / (step + 1):.2f}ms")
+        loss = train_step(run, (adam, aurora), step)
+        run.losses.put(loss, step, clock.elapsed())
+        log_train_losses(run, keep=1)  # the step before's: its copy has long arrived
     if ctx.device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated(ctx.device) / 2**30:.2f} GiB")
     return val_loss
 
 
-# The seed torch gave its default generators in a fresh process up to torch 2.10, which produced
-# the record (newer releases seed the CPU generator randomly): the record's random stream.
-RECORD_STREAM_SEED = 67280421310721
-
-
 def build_model(hp, ctx):
-    """The model as the record builds it: default PyTorch init (it draws from the CPU generator),
-    then moved to the device. Without --seed the process first puts its generators where the
-    record's fresh process had them, so trial 0 gets the record's first trial's weights."""
-    if hp.seed is None:
-        torch.manual_seed(RECORD_STREAM_SEED)
+    """The model as the record builds it: default PyTorch init, then moved to the device (each
+    trial re-initializes it there, from its seed)."""
     return GPT(hp, activation_dtype(ctx)).to(ctx.device)
 
 
@@ -951,12 +1002,13 @@ def save_checkpoint(run):
     run.clock.stop()
     started = time.perf_counter()
     adam, aurora = run.optimizers
-    check_updates(aurora, run.step)  # never save a non-finite state
+    log_train_losses(run)  # in the log before the checkpoint: a resumed run does not redo them
+    check_updates(aurora)  # never save a non-finite state
     aurora_state = aurora.state_dict()  # collective
     if ctx.rank == 0:
         state = dict(
             format=CHECKPOINT_FORMAT, config=resume_config(hp, ctx, run.train_loader.files),
-            code=run.code, trial=run.trial, seed=seed_label(hp, run.trial), step=run.step,
+            code=run.code, trial=run.trial, seed=hp.seed + run.trial, step=run.step,
             finals=list(run.finals), world_size=ctx.world, torch=str(torch.__version__),
             model=run.model.state_dict(), adam=adam.state_dict(), aurora=aurora_state,
             loader=dict(shard=run.train_loader.shard, pos=run.train_loader.pos),
@@ -1042,10 +1094,10 @@ def load_checkpoint(path):
 
 def resume_config(hp, ctx, train_files):
     """What a resumed run must share with the checkpoint's run to continue it bit for bit: the
-    record's configuration, the trials (seed, count, first), the device type (activation and
+    record's configuration, the trials (seed, count), the device type (activation and
     Newton-Schulz dtypes follow it) and the train shards (names and sizes). Not the world size."""
     config = record_config(hp)
-    config.update({k: json.dumps(getattr(hp, k)) for k in ("seed", "trials", "first_trial")})
+    config.update({k: json.dumps(getattr(hp, k)) for k in ("seed", "trials")})
     config["device"] = json.dumps(ctx.device.type)
     config["train_shards"] = json.dumps([f"{os.path.basename(f)}:{read_shard_header(f)}"
                                          for f in train_files])
@@ -1054,10 +1106,10 @@ def resume_config(hp, ctx, train_files):
 
 def check_resume(ckpt, hp, ctx, train_files, code):
     """Refuse (CheckpointError) a checkpoint of another configuration or code than this run's;
-    returns hp with the checkpoint's first trial (--append may have moved it) unless the command
-    line sets one."""
-    if hp.first_trial == 0:
-        hp = dataclasses.replace(hp, first_trial=json.loads(ckpt["config"].get("first_trial", "0")))
+    returns hp with the checkpoint's seed unless the command line sets one (it must then be the
+    checkpoint's)."""
+    if hp.seed is None:
+        hp = dataclasses.replace(hp, seed=json.loads(ckpt["config"].get("seed", "null")))
     old, new = ckpt["config"], resume_config(hp, ctx, train_files)
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
@@ -1141,7 +1193,7 @@ def restore_trial(run, ckpt):
         clock["total"], clock["last_val_time"], clock["last_val_step"])
     if run.probe.enabled and run.ctx.rank == 0:
         run.probe.fc_init = [t.to(run.ctx.device) for t in ckpt["fc_init"]]
-    run.step = ckpt["step"]
+    run.step = aurora.step_index = ckpt["step"]  # Aurora names a non-finite update by its step
     return ckpt["step"]
 
 
@@ -1165,9 +1217,10 @@ def prepare(hp, ctx, log):
                 record_dir, log_path, log.file, jsonl, lost = reopen_record(hp.resume, ckpt)
                 log(resumed_line(hp, ctx, ckpt, lost))
             else:
+                drawn = hp.seed is None
                 record_dir, log_path, log.file, hp = open_record(hp)
                 log.file.write(code + "=" * 100 + "\n")
-                for line in environment_lines(hp, ctx) + ["=" * 100, f"log: {log_path}"]:
+                for line in environment_lines(hp, ctx, drawn) + ["=" * 100, f"log: {log_path}"]:
                     log(line)
                 if hp.diagnostics:  # one JSON object per (step, layer), next to the log
                     jsonl = open(os.path.splitext(log_path)[0] + ".jsonl", "x")
@@ -1175,10 +1228,10 @@ def prepare(hp, ctx, log):
             checkpoint = os.path.splitext(log_path)[0] + ".ckpt"
         except (ValueError, FileExistsError) as e:
             failure = e
-    if ctx.world > 1:  # every rank uses the trials rank 0 chose for this record folder, or stops
-        shared = [hp.first_trial, None if failure is None else str(failure)]
+    if ctx.world > 1:  # every rank uses the seed rank 0 drew or checked for this folder, or stops
+        shared = [hp.seed, None if failure is None else str(failure)]
         dist.broadcast_object_list(shared, 0)
-        hp = dataclasses.replace(hp, first_trial=shared[0])
+        hp = dataclasses.replace(hp, seed=shared[0])
         failure = failure or (shared[1] and ValueError(f"rank 0: {shared[1]}"))
     if failure:
         raise failure
@@ -1234,7 +1287,7 @@ def main(argv=None):
         log(f"error: {e}", error=True)
         return 2
     except (FloatingPointError, Interrupted) as e:  # NaN/inf, or killed: stop, keep the log
-        trial = f"trial {run.trial} (seed {seed_label(run.hp, run.trial)})" if run else "setup"
+        trial = f"trial {run.trial} (seed {run.hp.seed + run.trial})" if run else "setup"
         if isinstance(e, Interrupted):  # a line the records toolkit reads: this trial is incomplete
             log(f"interrupted: {e} at step {run.step if run else 0}, {trial}", error=True)
         else:
