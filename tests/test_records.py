@@ -153,7 +153,7 @@ def test_no_passing_step_reports_the_last_common_step(tmp_path):
 
 def test_only_common_steps_count(tmp_path):
     write(tmp_path / "a.txt", [val(100, 3.30, total=200), val(150, 3.27, total=200), val(200, 3.26, total=200)])
-    write(tmp_path / "b.txt", [val(100, 3.30, total=200), val(200, 3.26, total=200)])  # no val at 150
+    write(tmp_path / "b.txt", [val(100, 3.31, total=200), val(200, 3.25, total=200)])  # no val at 150
     s = summarize(load_runs([str(tmp_path)]))
     assert s["steps"] == [100, 200] and s["step"] == 200
 
