@@ -39,7 +39,7 @@ What counts (so that a summary cannot lie):
 - a seed counts once: a later complete trial with the seed of an earlier one (across files too) is
   listed in `duplicates` and left out. Trials without a seed (upstream logs) are never duplicates.
 
-Rules (statistics.md of the benchmark): n runs pass at step S when
+The benchmark's rules: n runs pass at step S when
 `(target - mean_S) * sqrt(n) >= 0.004`; the record is the earliest validated step, common to all
 runs, that passes. Pairwise test: see compare(). `summary` and `submit` also estimate the chance
 that a new set of n trials passes near the record step (see pass_chance()).
@@ -76,7 +76,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PUBLISHED = os.path.join(ROOT, "records", "published_aurora_3175", "track3_aurora_3175_n20.txt")
 PUBLISHED_LABEL = ("the published record, modded-nanoGPT optimization track #17 (Tilde Research's "
                    "Aurora, 3175 steps, 20 seeds, 8xH100)")
-RESULTS_DIR = os.path.join(ROOT, "records", "track_3_optimization", "results")  # upstream's path
+UPSTREAM_RESULTS = "records/track_3_optimization/results"  # where results live upstream
+RESULTS_DIR = os.path.join(ROOT, *UPSTREAM_RESULTS.split("/"))  # the same path here
 
 SEPARATOR = re.compile(r"^={50,}\s*$")
 STEP_LINE = re.compile(r"^step:(\d+)/(\d+)$")
@@ -1119,11 +1120,15 @@ def seed_arguments(logs, counted):
     """(arguments for one process, note, per-log commands or None) reproducing the seeds."""
     seeds, n = [r["seed"] for r in counted], len(counted)
     if all(isinstance(s, int) for s in seeds) and seeds == list(range(seeds[0], seeds[0] + n)):
-        return (["--trials", str(n), "--seed", str(seeds[0])],
+        return (["--seed", str(seeds[0]), "--trials", str(n)],
                 f"seeds {seeds[0]}..{seeds[-1]}" if n > 1 else f"seed {seeds[0]}", None)
-    if seeds == [f"record{k}" for k in range(n)]:
-        return (["--trials", str(n)], "unseeded: trial k follows the published record's own random "
-                f"stream (seeds record0..record{n - 1})", None)
+    labels = [s for s in seeds if not isinstance(s, int)]
+    if labels:  # older logs label unseeded trials record0, record1, ...: no seed was recorded
+        note = (f"trials labelled {', '.join(map(str, labels[:3]))}{', ...' if len(labels) > 3 else ''} "
+                "ran without --seed: they are not reproducible by seed (this runs new trials of the "
+                "same configuration)")
+        if len(labels) == n:
+            return ["--trials", str(n)], note, None
     per_log = []
     for log in logs:
         mine = [r for r in counted if r["source"] == log["path"]]
@@ -1131,7 +1136,7 @@ def seed_arguments(logs, counted):
             seed = mine[0]["seed"]
             per_log.append(["--trials", str(len(mine))]
                            + (["--seed", str(seed)] if isinstance(seed, int) else []))
-    return ["--trials", str(n)], f"seeds {seeds}", per_log
+    return ["--trials", str(n)], (note + "; " if labels else "") + f"seeds {seeds}", per_log
 
 
 def reproduce(logs, counted, name):
@@ -1247,7 +1252,9 @@ def submission_readme(ctx):
     out += ["", "## Result", "",
             f"Claimed: step **{step}**, mean {s['mean']:.6f} over {n} "
             f"complete trials, margin ({target} - mean) * sqrt(n) = {s['margin']:.5f} >= "
-            f"{PASS_MARGIN}: PASS. The claim is the earliest validated step that passes.", "",
+            f"{PASS_MARGIN}: PASS. The benchmark's rule: n runs pass at step S when (target - "
+            f"mean_S) * sqrt(n) >= {PASS_MARGIN}, and the claim is the earliest validated step, "
+            "common to all runs, that passes.", "",
             "| step | mean | std | margin | |", "|---|---|---|---|---|"]
     for row in near:
         label = f"**{row['step']}** (claimed)" if row["step"] == step else str(row["step"])
@@ -1290,7 +1297,7 @@ def submission_readme(ctx):
                    f"{needed(row['n90_exact'], row['reachable']) if known else 'n/a'} | "
                    f"{needed(row['n90_estimated'], row['reachable']) if known else 'n/a'} |")
     out += ["", "## Comparison with the parent record", "",
-            "Pairwise rule (statistics.md): each record at its own record step, z = ((mean_parent - "
+            "The benchmark's pairwise rule: each record at its own record step, z = ((mean_parent - "
             "mean_this) + (steps_parent - steps_this) / 100 * 0.0045) / sqrt(1/n_this + "
             "1/n_parent); this record is significantly better when z >= 0.004, the parent when "
             "-z >= 0.004.", "",
@@ -1379,7 +1386,8 @@ def submit(record_dir, name, baseline=None, out=None, target=3.28, metric="val_l
     log_names = [os.path.basename(log["path"]) for log in logs]
     folder = os.path.basename(out)
     row = (f"| ? | {s['step']} | {s['mean']:.4f} (n={s['n']})✓ | {cell(description)} | "
-           f"{date:%Y-%m-%d} | [log](results/{folder}/{log_names[0]}) | {cell(contributors or '?')} |")
+           f"{date:%Y-%m-%d} | [log](/{UPSTREAM_RESULTS}/{folder}/{log_names[0]}) | "
+           f"{cell(contributors or '?')} |")
     same = os.path.abspath(baseline) == os.path.abspath(PUBLISHED) or \
         os.path.abspath(baseline) == os.path.dirname(PUBLISHED)
     hardware = []
@@ -1482,8 +1490,8 @@ def print_summary(s):
             else f"no pass (last common step {g['final_step']}: mean {num(g['mean'], '.6f')})"))
         print(f"group {g['group']}: {result}")
     if s.get("group"):
-        print(f"the claim below is for group {s['group']} (the earliest passing step); give its "
-              "files alone, or --pool to pool every group")
+        print(f"the claim below is for group {s['group']} (the earliest passing step, else the "
+              "larger margin); give its files alone, or --pool to pool every group")
     totals = "/".join(map(str, s["total_steps"]))
     left = len(s["incomplete"]) + len(s["duplicates"])
     print(f"runs: n={s['n']}  target: {s['target']}  total steps: {totals}"
