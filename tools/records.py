@@ -11,8 +11,10 @@ Usage (from the repository root or anywhere else):
     python tools/records.py submit RECORD_DIR --name NAME [--baseline LOG_OR_DIR] [--out DIR]
                                    [--description TEXT] [--contributors TEXT] [--date YYYY-MM-DD]
 
-A PATH is a log file or a directory (all its *.txt files, sorted, not recursive); `summary` pools
-all its PATHs into one record, `compare`, `plot` and `diff` take one record per PATH.
+A PATH is a log file or a directory (every *.txt under it, subfolders included, sorted; files
+without validation lines are skipped with one notice); `summary` pools all its PATHs into one
+record (`--pool` even across configurations), `compare`, `plot` and `diff` take one record per PATH.
+`tools/check_leaderboard.py` runs `summary` on every result of upstream's Track-3 leaderboard.
 `diff` shows what differs between two logs or records: hyperparameters, code (unified diff), val
 losses at common steps, and the pairwise test. `submit` writes an upstream-style result folder
 (default records/track_3_optimization/results/<YYYYMMDD>_<NAME>/): the logs, the script they ran,
@@ -26,18 +28,26 @@ hyperparameter), another '=' line, then output. Only lines after the FIRST '=' l
 output, so `step:` text inside the code never counts (a file without any '=' line is read whole).
 Validation lines look like `step:{s}/{total} val_loss:{x} train_time:{t}s step_avg:{ms}ms [more
 key:value fields]`; `step:` lines without the chosen metric (training progress) are skipped. A file
-may hold several trials: a trial starts after a `trial:{i} seed:{s}` line (s: an integer, or
-`record{k}` for trial k of the published record's own random stream), or, in logs without trial
+may hold several trials: a trial starts after a `trial:{i} seed:{s}` line (s: an integer; older
+logs of ours label unseeded trials `record{k}`, kept as a string), or, in logs without trial
 lines, when the step does not increase.
 
 What counts (so that a summary cannot lie):
-- a trial counts only when complete, i.e. it has a validation line at its final step (`step:N/N`);
-  incomplete trials (killed, crashed, still running; an `interrupted:`/`failed:` line says why) are
-  listed apart, never pooled;
+- a trial counts only when complete: a validation line at its final step (`step:N/N`), or a clean
+  end at its last validation (ours: the trainer's `final val losses:` line; upstream's: no cut line
+  and no training step after it, at the step where its siblings' logs end, since some records stop
+  before `train_steps` on purpose). Incomplete trials (killed, crashed, still running, cut
+  mid-line, stopped before their siblings; an `interrupted:`/`failed:` line says why) are listed
+  apart, never pooled;
 - a val line counts only when whole: step, metric, train_time ending in s and step_avg ending in
   ms, each well-formed. A cut line (full disk, kill mid-write) is ignored and listed in `bad_lines`;
 - a seed counts once: a later complete trial with the seed of an earlier one (across files too) is
-  listed in `duplicates` and left out. Trials without a seed (upstream logs) are never duplicates.
+  listed in `duplicates` and left out; an upstream trial whose validation lines (with their clock)
+  repeat another's is the same run logged twice, listed there as a copy;
+- logs of several configurations (code part without comments, strings and seed lines, or
+  hyperparameter lines) are summarized per group; the claim is the group that passes earliest;
+- the metric: `val_loss`, unless the README.md beside the logs names another field of their val
+  lines more often (a claim on a readout such as `val_ema_loss`); `--metric` chooses.
 
 The benchmark's rules: n runs pass at step S when
 `(target - mean_S) * sqrt(n) >= 0.004`; the record is the earliest validated step, common to all
