@@ -25,26 +25,30 @@ import torch
 import torch.distributed as dist
 
 
-@torch.no_grad()
-def polar(G: torch.Tensor, steps: int = 12, eps: float = 1e-7,
-          dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Polar factor of G (batched over leading dims) by 12 simple-quintic Newton-Schulz steps.
+# The record's Newton-Schulz coefficients: X <- a X + (b A + c A A) X with A = X X^T, i.e. every
+# singular value s maps by p(s) = 2s - 1.5s^3 + 0.5s^5, whose fixed point s = 1 is superattracting.
+NS_COEFFICIENTS, NS_STEPS = (2, -1.5, 0.5), 12
 
-    The iteration X <- 2X - 1.5 (X X^T) X + 0.5 (X X^T)^2 X maps every singular value s of X by
-    p(s) = 2s - 1.5s^3 + 0.5s^5, whose fixed point s = 1 is superattracting, while small singular
-    values double each step. The record runs it in bfloat16 (the tensor-core dtype); on a CPU
-    without native bfloat16 a bf16 matmul is ~100x slower than float32, so the optimizer passes
-    dtype=float32 there. Result: G's shape, in `dtype`.
+
+@torch.no_grad()
+def polar(G: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Polar factor of G (batched over leading dims) by 12 simple-quintic Newton-Schulz steps,
+    written with the record's operations in the record's order (bit for bit the same rounding).
+
+    The record runs it in bfloat16 (the tensor-core dtype); on a CPU without native bfloat16 a
+    bf16 matmul is ~100x slower than float32, so the optimizer passes dtype=float32 there.
+    Returns G's shape, in `dtype`.
     """
+    a, b, c = NS_COEFFICIENTS
     X = G.to(dtype)
-    tall = X.size(-2) > X.size(-1)
+    tall = G.size(-2) > G.size(-1)
     if tall:  # iterate on the wide side so X X^T is the small Gram matrix
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)  # all singular values now <= 1
-    for _ in range(steps):
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # all singular values now <= 1
+    for _ in range(NS_STEPS):
         A = X @ X.mT
-        B = -1.5 * A + 0.5 * (A @ A)
-        X = 2 * X + B @ X
+        B = b * A + c * A @ A  # (c * A) @ A, as the record evaluates it
+        X = a * X + B @ X
     return X.mT if tall else X
 
 
@@ -57,7 +61,7 @@ CANS12 = [(5.182503604966906, -5.178098480082684), (2.586120737395915, -0.647954
 
 
 @torch.no_grad()
-def polar_cans12(G: torch.Tensor, eps: float = 1e-7, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def polar_cans12(G: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Polar factor by 12 tuned cubic Newton-Schulz steps in float32 (same normalization and
     transpose rule as `polar`); a variant the authors proposed in public discussion, not part of
     the record. Always float32 (`dtype` is accepted for a common signature and ignored)."""
@@ -65,7 +69,7 @@ def polar_cans12(G: torch.Tensor, eps: float = 1e-7, dtype: torch.dtype = torch.
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for a, b in CANS12:
         X = a * X + b * ((X @ X.mT) @ X)
     return X.mT if tall else X
@@ -93,30 +97,42 @@ def aurora_polar(G: torch.Tensor, pp_iterations: int = 2, pp_beta: float = 0.5, 
     D_i <- D_i * ((n/m) / r_i)^beta. Batched over leading dims. Like the record, returns the
     output of the last Newton-Schulz run as it is (bfloat16 for the record's quintic).
     """
-    m, n = G.shape[-2:]
+    m, n = G.size(-2), G.size(-1)
     if m == n:
         return polar_fn(G, dtype=dtype)
     if m < n:
         return aurora_polar(G.mT, pp_iterations, pp_beta, eps, polar_fn, dtype).mT
-    G = G.float()
-    D = 1.0 / G.norm(dim=-1, keepdim=True).clamp_min(eps)
+    G = G.to(torch.float32)
+    D = 1.0 / G.norm(dim=-1, keepdim=True).clamp_(min=eps)
     for k in range(pp_iterations):
         U = polar_fn(D * G, dtype=dtype)
         if k < pp_iterations - 1:
-            r = U.float().square().sum(dim=-1, keepdim=True).clamp_min(eps * eps)
-            D = D * ((n / m) / r) ** pp_beta
+            r = U.to(torch.float32).pow(2).sum(dim=-1, keepdim=True).clamp_(min=eps * eps)
+            D = D * ((n / m) / r).pow(pp_beta)
     return U
 
 
 @torch.no_grad()
-def top_singular_value(u: torch.Tensor, iters: int = 5) -> torch.Tensor:
-    """Estimate of u's largest singular value: power iteration on u^T u from the all-ones vector."""
-    v = torch.ones(*u.shape[:-2], u.size(-1), 1, dtype=torch.float32, device=u.device)
-    v = v / math.sqrt(u.size(-1))
-    for _ in range(iters):
-        v = u.mT @ (u @ v)
-        v = v / v.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-30)  # 0 only if u is 0
-    return (u @ v).norm(dim=(-2, -1), keepdim=True)
+def unit_spectral(G: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """G (in float32) over an estimate of its largest singular value: 5 power iterations from the
+    normalized all-ones vector, with matrix-vector products as the record has them. A stack of
+    matrices is done one matrix at a time, so each gets exactly the per-matrix result."""
+    X = G.float()
+    if X.ndim > 2:
+        return torch.stack([unit_spectral(x, eps) for x in X])
+    v = torch.ones(X.size(-1), dtype=X.dtype, device=X.device)
+    v = v / torch.clamp(v.norm(), min=eps)
+    for _ in range(5):
+        u = X @ v
+        u = u / torch.clamp(u.norm(), min=eps)
+        v = X.mT @ u
+        v = v / torch.clamp(v.norm(), min=eps)
+    return X / torch.clamp((X @ v).norm(), min=eps)
+
+
+def frobenius(X):
+    """||X||_F of a matrix, or of each matrix of a stack (keepdim, for broadcasting)."""
+    return X.norm() if X.ndim == 2 else X.norm(dim=(-2, -1), keepdim=True)
 
 
 NORMUON_BETA2 = 0.95  # NorMuon's decay of the per-row second moment
@@ -128,14 +144,16 @@ RECORD = dict(momentum=0.95, nesterov=True, pp_iterations=2, pp_beta=0.5, contra
 
 @torch.no_grad()
 def orthogonalize(u, hp=RECORD, row_v=None):
-    """Step 3 of the rule, in float32: aurora_polar (Aurora), plain polar (Muon), or polar with
-    NorMuon's per-row second-moment normalization (row_v, one value per row, updated in place)."""
+    """Step 3 of the rule: aurora_polar (Aurora; the record), plain polar (Muon), or polar with
+    NorMuon's per-row second-moment normalization (row_v, one value per row, updated in place).
+    Returns the Newton-Schulz output dtype as it is (bfloat16 in the record)."""
     polar_fn, dtype = POLARS[hp["ns_iteration"]], ns_dtype_for(hp["ns_dtype"], u.device)
-    rows, cols = u.shape[-2:]
+    rows, cols = u.size(-2), u.size(-1)
     if hp["rule"] == "aurora" and (hp["aurora_on"] == "nonsquare" or rows > cols):
-        return aurora_polar(u, hp["pp_iterations"], hp["pp_beta"], polar_fn=polar_fn, dtype=dtype).float()
-    O = polar_fn(u, dtype=dtype).float()
+        return aurora_polar(u, hp["pp_iterations"], hp["pp_beta"], polar_fn=polar_fn, dtype=dtype)
+    O = polar_fn(u, dtype=dtype)
     if hp["rule"] == "normuon":
+        O = O.float()
         row_v.lerp_(O.square().mean(dim=-1, keepdim=True), 1 - NORMUON_BETA2)
         N = O / (row_v.sqrt() + 1e-10)
         O = N * (O.norm(dim=(-2, -1), keepdim=True) / N.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-30))
@@ -143,52 +161,57 @@ def orthogonalize(u, hp=RECORD, row_v=None):
 
 
 @torch.no_grad()
-def aurora_direction(grad, momentum, hp=RECORD, row_v=None, leverage=False):
-    """Steps 1-5 of the record's per-matrix rule (the part the record compiles). Updates
-    `momentum` in place and overwrites `grad` with the Nesterov look-ahead, as the record does.
-    Returns the float32 direction U, or (U, row leverage) when leverage=True: the leverage
-    ||O_i||^2 / (n/m) of the rows of the orthogonalized O in its tall orientation (m x n, m >= n;
-    1 = uniform), for diagnostics.
+def aurora_direction(grad, momentum, hp=RECORD, row_v=None):
+    """Steps 1-5 of the record's per-matrix rule (the part the record compiles), with the record's
+    operations in the record's order and dtypes. Updates `momentum` in place and overwrites `grad`
+    with the Nesterov look-ahead, as the record does. Returns the float32 direction U.
     Batched over leading dims."""
-    # 1. Momentum, then Nesterov look-ahead.
-    momentum.lerp_(grad, 1 - hp["momentum"])
-    u = (grad.lerp_(momentum, hp["momentum"]) if hp["nesterov"] else momentum).float()
-    # 2. Contra direction: u scaled to unit spectral norm.
-    c = u / top_singular_value(u).clamp_min(1e-30)
+    mu = hp["momentum"]
+    # 1. Momentum, then the Nesterov look-ahead (written into grad).
+    momentum.lerp_(grad, 1 - mu)
+    update = grad.lerp_(momentum, mu) if hp["nesterov"] else momentum
+    # 2. Contra direction: the look-ahead scaled to unit spectral norm (float32).
+    contra_direction = unit_spectral(update.clone())
     # 3. Orthogonalize: leverage-uniform polar (Aurora); plain polar (Muon) or NorMuon for ablations.
-    U = orthogonalize(u, hp, row_v)
-    rows, cols = U.shape[-2:]
-    # leverage of the rows of the tall orientation (the rows Aurora equalizes): 1 = uniform
-    lev = ((U if rows >= cols else U.mT).square().sum(dim=-1) * (max(rows, cols) / min(rows, cols))
-           if leverage else None)
-    # 4. Contra-Muon: subtract part of the spectral-normalized momentum, keep U's Frobenius norm.
-    #    The record's configuration names this strength contra=0.4 and subtracts 0.2 * c. The
-    #    norm f is taken in float32, as the record's compiled kernel does.
+    update = orthogonalize(update, hp, row_v)
+    # 4. Contra-Muon: subtract contra/2 of the contra direction (the record's contra=0.4 subtracts
+    #    0.2 c; U - 0.2 c promotes to float32), then restore the Frobenius norm U had (taken of
+    #    the bfloat16 U, as in the record).
     if hp["contra"]:
-        f = U.norm(dim=(-2, -1), keepdim=True)
-        U = U - (hp["contra"] / 2) * c
-        U = U * (f / U.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-30))
-    # 5. Aspect scale: tall matrices get sqrt(rows/cols) so their per-entry step matches square ones.
-    U = U * math.sqrt(max(1.0, rows / cols))
-    return (U, lev) if leverage else U
+        polar_fro = frobenius(update)
+        update = update - hp["contra"] / 2 * contra_direction
+        update = update * polar_fro / torch.clamp(frobenius(update), min=1e-10)
+    else:  # plain Aurora (ablation): keep the update in float32 from here on
+        update = update.float()
+    # 5. Aspect scale: tall matrices get sqrt(rows/cols), so their per-entry step matches square ones.
+    update *= max(1, grad.size(-2) / grad.size(-1)) ** 0.5
+    return update
 
 
 @torch.no_grad()
 def apply_uw_floor(U, weight, floor):
-    """Step 6: never let the update be smaller than `floor` of the weight (Frobenius norms, float32,
-    each clamped below at 1e-8). clamp(min=1) leaves U untouched above the floor without a
-    data-dependent branch (no host sync)."""
+    """Step 6: never let the update be smaller than `floor` of the weight (Frobenius norms in
+    float32, each clamped below at 1e-8), as the record writes it: a torch.where, no host sync."""
     if not floor:
         return U
-    ratio = (U.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-8)
-             / weight.float().norm(dim=(-2, -1), keepdim=True).clamp_min(1e-8))
-    return U * (floor / ratio).clamp_min(1.0)
+    p_fro = frobenius(weight.float()).clamp_min(1e-8)
+    u_fro = frobenius(U.float()).clamp_min(1e-8)
+    scale = torch.where(u_fro / p_fro < floor, floor * p_fro / u_fro, torch.ones_like(p_fro))
+    return U * scale.to(U.dtype)
 
 
 def aurora_update(grad, momentum, weight, hp=RECORD, row_v=None):
     """The record's whole per-matrix rule, steps 1-6: returns U (float32); the caller applies
-    W -= lr * U. `hp` holds the rule's hyperparameters (default: the record's, RECORD)."""
+    W.add_(U, alpha=-lr). `hp` holds the rule's hyperparameters (default: the record's, RECORD)."""
     return apply_uw_floor(aurora_direction(grad, momentum, hp, row_v), weight, hp["uw_floor"])
+
+
+def row_leverage(O):
+    """Row leverage ||O_i||^2 / (n/m) of an orthogonalized matrix (or stack) in its tall
+    orientation (m x n, m >= n): 1 everywhere is uniform. Diagnostics."""
+    O = O.float()
+    rows, cols = O.size(-2), O.size(-1)
+    return (O if rows >= cols else O.mT).square().sum(dim=-1) * (max(rows, cols) / min(rows, cols))
 
 
 class Aurora(torch.optim.Optimizer):
@@ -214,9 +237,11 @@ class Aurora(torch.optim.Optimizer):
     each shape with one collective, overlapped with the next shape's compute. compile="auto"
     wraps steps 1-5 in torch.compile for CUDA matrices, as the record does.
 
-    A non-finite update raises FloatingPointError naming the matrix shapes. To keep the step free
-    of host synchronisation the check runs at the start of the next step() (or when you call
-    check_finite()), when the GPU has long finished the flags.
+    step() never waits for the GPU (no host synchronization): it only notes, on the device, the
+    first step at which each matrix's update was not finite. check_finite() reads those notes
+    (a host sync, and a collective under torch.distributed) and raises FloatingPointError naming
+    the matrices and the step; call it where a pause costs nothing (e.g. at validation).
+    `step_index` counts step() calls (set it when resuming, so the messages name the right step).
     """
 
     def __init__(self, params, lr, momentum=0.95, nesterov=True, pp_iterations=2, pp_beta=0.5,
@@ -246,8 +271,10 @@ class Aurora(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.batched, self.compile = batched, compile
         self._compiled = None
-        self._pending = []  # (finite flags, matrices) of the last step, checked lazily
-        self._track_leverage, self._leverage = False, {}
+        self.step_index = 0
+        self._step_flags = []  # (finite flags, matrices) of the running step
+        self._first_bad = {}   # matrices -> device vector: first non-finite step of each, or -1
+        self._keep, self._kept = False, {}  # look-aheads kept for pop_leverage()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim != 2:
@@ -256,14 +283,18 @@ class Aurora(torch.optim.Optimizer):
                         "give biases, gains and embeddings to Adam instead")
 
     def track_leverage(self, on=True):
-        """Ask for the row leverage of the next step's orthogonalized updates (diagnostics)."""
-        self._track_leverage = on
+        """Ask for the row leverage of the next step's orthogonalized updates (diagnostics). The
+        step itself does nothing more than keep a reference to each look-ahead it orthogonalizes
+        (and a copy of NorMuon's row state): pop_leverage() does the work, later."""
+        self._keep = on
 
+    @torch.no_grad()
     def pop_leverage(self):
-        """{matrix: row leverage} from the last step that tracked it, for the matrices this rank
-        updated; then forgotten."""
-        leverage, self._leverage = self._leverage, {}
-        return leverage
+        """{matrix: row leverage (see row_leverage)} of the orthogonalized update of the last step
+        that tracked it, for the matrices this rank updated; then forgotten. Recomputed here,
+        uncompiled, from the kept look-ahead: the same as the step's up to the compiler's rounding."""
+        kept, self._kept = self._kept, {}
+        return {p: row_leverage(orthogonalize(u, hp, row_v)) for p, (u, hp, row_v) in kept.items()}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -271,7 +302,6 @@ class Aurora(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.check_finite()
         distributed = dist.is_available() and dist.is_initialized()
         world = dist.get_world_size() if distributed else 1
         rank = dist.get_rank() if distributed else 0
@@ -283,25 +313,33 @@ class Aurora(torch.optim.Optimizer):
                 self._step_batched(group, rank, world)
             else:
                 self._step_per_matrix(group, rank, world)
-        self._track_leverage = False
+        self._note_finite()
+        self._keep = False
+        self.step_index += 1
         return loss
 
     def _direction(self, device):
-        """aurora_direction, compiled for CUDA tensors when compile is on (the record compiles it)."""
+        """aurora_direction, compiled for CUDA tensors when compile is on: a plain torch.compile, as
+        the record's decorator (automatic dynamic shapes: a second matrix shape recompiles)."""
         if self.compile is True or (self.compile == "auto" and device.type == "cuda"):
             if self._compiled is None:
-                self._compiled = torch.compile(aurora_direction, dynamic=False)
+                self._compiled = torch.compile(aurora_direction)
             return self._compiled
         return aurora_direction
 
     def _apply(self, group, params, grads, momenta, weights, row_v=None):
-        """The rule on one matrix or a stack of same-shape ones; records finite flags."""
-        out = self._direction(weights.device)(grads, momenta, group, row_v, self._track_leverage)
-        U, lev = out if self._track_leverage else (out, None)
+        """The rule on one matrix or a stack of same-shape ones; notes finite flags."""
+        hp = {k: group[k] for k in RECORD}
+        kept_row_v = row_v.clone() if self._keep and row_v is not None else None
+        U = self._direction(weights.device)(grads, momenta, hp, row_v)
+        if self._keep:  # the look-ahead the rule orthogonalized (grads now holds it, as in the record)
+            lookahead = grads if hp["nesterov"] else momenta
+            for j, p in enumerate(params):
+                self._kept[p] = (lookahead if lookahead.ndim == 2 else lookahead[j], hp,
+                                 None if kept_row_v is None else
+                                 kept_row_v if kept_row_v.ndim == 2 else kept_row_v[j])
         U = apply_uw_floor(U, weights, group["uw_floor"])  # outside the compiled part, as the record
-        self._pending.append((torch.isfinite(U).flatten(-2).all(-1).reshape(-1), params))
-        if lev is not None:
-            self._leverage.update(zip(params, lev.reshape(len(params), -1)))
+        self._step_flags.append((torch.isfinite(U).flatten(-2).all(-1).reshape(-1), params))
         if group["weight_decay"]:
             weights.mul_(1 - group["lr"] * group["weight_decay"])
         weights.add_(U.to(weights.dtype), alpha=-group["lr"])
@@ -460,7 +498,7 @@ class Aurora(torch.optim.Optimizer):
                              f"{[len(g['params']) for g in saved_groups]} matrices, this optimizer "
                              f"{[len(g['params']) for g in self.param_groups]}")
         self.state.clear()
-        self._pending = []
+        self._first_bad, self._kept = {}, {}
         i = 0
         for group, saved in zip(self.param_groups, saved_groups):
             group.update({k: v for k, v in saved.items() if k != "params"})
@@ -474,23 +512,42 @@ class Aurora(torch.optim.Optimizer):
                         self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
                 i += 1
 
-    def check_finite(self):
-        """Raise if any update of the last step was NaN/inf, naming the matrices (host sync)."""
-        pending, self._pending = self._pending, []
-        distributed = dist.is_available() and dist.is_initialized()
-        if not pending and not distributed:
+    def _note_finite(self):
+        """Fold this step's finite flags into each matrix's first non-finite step, on the device
+        (a few small kernels per step, no host sync). The matrices a rank updates are the same
+        every step, so one vector per set of matrices."""
+        if not self._step_flags:
             return
-        device = pending[0][0].device if pending else _collective_device()
-        flags = torch.cat([f for f, _ in pending]) if pending else torch.ones(0, dtype=torch.bool, device=device)
-        bad = (~flags).sum().to(torch.int32).reshape(1)
+        flags = torch.cat([f for f, _ in self._step_flags])
+        params = tuple(p for _, ps in self._step_flags for p in ps)
+        self._step_flags = []
+        first = self._first_bad.get(params)
+        if first is None:
+            first = torch.full((len(params),), -1, dtype=torch.int64, device=flags.device)
+        self._first_bad[params] = torch.where(flags | (first >= 0), first, self.step_index)
+
+    def check_finite(self):
+        """Raise FloatingPointError if any update so far was NaN/inf, naming the matrices and the
+        first such step. A host sync; under torch.distributed a collective (every rank calls it,
+        and every rank raises, or the others would hang in the next collective)."""
+        distributed = dist.is_available() and dist.is_initialized()
+        if not self._first_bad and not distributed:
+            return
+        params = [p for group in self.param_groups for p in group["params"]]
+        index = {p: i for i, p in enumerate(params)}
+        device = _collective_device() if distributed else next(iter(self._first_bad.values())).device
+        first = torch.full((len(params),), -1, dtype=torch.int64, device=device)
+        for ps, steps in self._first_bad.items():
+            first[[index[p] for p in ps]] = steps.to(device)
         if distributed:
-            bad = bad.to(_collective_device())
-            dist.all_reduce(bad)  # every rank must raise, or the others hang in the next step
-        if bad.item():
-            shapes = [tuple(p.shape) for f, params in pending for ok, p in zip(f.tolist(), params) if not ok]
-            where = f"parameter(s) of shape {shapes}" if shapes else "a matrix on another rank"
-            raise FloatingPointError(f"Aurora: non-finite update for {where}; "
-                                     "check the loss and gradients for NaN/inf")
+            dist.all_reduce(first, op=dist.ReduceOp.MAX)  # each matrix is noted by its owner only
+        first = first.tolist()
+        bad = [s for s in first if s >= 0]
+        if bad:
+            step = min(bad)
+            shapes = [tuple(p.shape) for p, s in zip(params, first) if s == step]
+            raise FloatingPointError(f"Aurora: non-finite update at step {step} for parameter(s) of "
+                                     f"shape {shapes}; check the loss and gradients for NaN/inf")
 
 
 def _collective_device():

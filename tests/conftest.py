@@ -38,12 +38,6 @@ def matrix(m, n, seed, cond=10.0, skew_rows=False):
     return A
 
 
-def row_leverage(U):
-    """||U_i||^2 relative to the uniform value cols/rows (1 everywhere = uniform)."""
-    m, n = U.shape
-    return U.float().square().sum(1) / (n / m)
-
-
 def cv(r):
     """Coefficient of variation (std / mean)."""
     return (r.std() / r.mean()).item()
@@ -55,47 +49,71 @@ def rel_diff(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def reference_polar(G, dtype):
+    """The spec's polar(G), written out here independently of aurora.py: 12 simple-quintic
+    Newton-Schulz steps in `dtype` on the wide orientation, X = G / (||G||_F + 1e-7), then
+    A = X X^T, B = -1.5 A + 0.5 A A, X = 2 X + B X (0.5 A A evaluated as (0.5 A) A, the order the
+    record's `c * A @ A` has)."""
+    X = G.to(dtype)
+    tall = G.shape[0] > G.shape[1]
+    if tall:
+        X = X.T
+    X = X / (X.norm() + 1e-7)
+    for _ in range(12):
+        A = X @ X.T
+        B = -1.5 * A + (0.5 * A) @ A
+        X = 2 * X + B @ X
+    return X.T if tall else X
+
+
 def reference_update(G, M, W, dtype, rule="aurora", aurora_on="nonsquare", momentum=0.95,
-                     nesterov=True, contra=0.4, floor=0.35, polar_fn=None):
-    """The record's per-matrix rule for one matrix (float32; float64 works too), written out step by step from the spec
-    and independently of aurora.py except for the Newton-Schulz iteration itself (`polar_fn`,
-    default aurora.polar), which runs in `dtype`. Returns (U, new momentum); the step is W - lr U."""
-    if polar_fn is None:
-        from aurora import polar as polar_fn
+                     nesterov=True, contra=0.4, floor=0.35, polar_fn=reference_polar):
+    """The record's per-matrix rule for one float32 matrix, written out step by step from the spec
+    (record-3175.md, with its bit-level details: the operations, their order and dtypes),
+    independently of aurora.py. Newton-Schulz runs in `dtype`. Returns (U, new momentum); the
+    step is W.add_(U, alpha=-lr)."""
     # 1. momentum, then the Nesterov look-ahead (torch.lerp: a + t (b - a), with lerp's rounding)
     M = torch.lerp(M, G, 1 - momentum)
     u = torch.lerp(G, M, momentum) if nesterov else M
     rows, cols = u.shape
-    # 2. contra direction: u over its spectral norm, from 5 power iterations on u^T u
-    v = torch.ones(cols, 1, dtype=u.dtype, device=u.device) / math.sqrt(cols)
+    # 2. contra direction: u over its spectral norm, from 5 power iterations (matrix-vector
+    #    products, u and v normalized, clamps 1e-10) from the normalized all-ones vector
+    X = u.float()
+    v = torch.ones(cols)
+    v = v / v.norm().clamp(min=1e-10)
     for _ in range(5):
-        v = u.T @ (u @ v)
-        v = v / v.norm()
-    c = u / (u @ v).norm()
+        w = X @ v
+        w = w / w.norm().clamp(min=1e-10)
+        v = X.T @ w
+        v = v / v.norm().clamp(min=1e-10)
+    c = X / (X @ v).norm().clamp(min=1e-10)
     # 3. orthogonalize: Aurora's leverage-uniform polar (2 iterations, beta 0.5) on non-square
-    #    matrices (on tall ones only with aurora_on="tall"), plain polar otherwise. Polar of a
-    #    square matrix already has uniform rows, so Aurora is exactly Muon there.
+    #    matrices (on tall ones only with aurora_on="tall"), plain polar otherwise; the result is
+    #    the last Newton-Schulz output, in `dtype`
     if rule == "muon" or rows == cols or (aurora_on == "tall" and rows < cols):
-        U = polar_fn(u, dtype=dtype).to(u.dtype)
+        U = polar_fn(u, dtype)
     else:
-        T = u if rows > cols else u.T  # the tall orientation
+        T = (u if rows > cols else u.T).float()  # the tall orientation, m x n
         m, n = T.shape
-        D = 1 / T.norm(dim=1, keepdim=True).clamp_min(1e-7)  # start from row-normalized u
-        U = polar_fn(D * T, dtype=dtype).to(u.dtype)
-        D = D * ((n / m) / U.square().sum(1, keepdim=True).clamp_min(1e-14)) ** 0.5
-        U = polar_fn(D * T, dtype=dtype).to(u.dtype)
+        D = 1.0 / T.norm(dim=1, keepdim=True).clamp(min=1e-7)  # start from row-normalized u
+        U = polar_fn(D * T, dtype)
+        D = D * ((n / m) / U.float().pow(2).sum(1, keepdim=True).clamp(min=1e-14)).pow(0.5)
+        U = polar_fn(D * T, dtype)
         U = U if rows > cols else U.T
-    # 4. contra-Muon: subtract contra/2 of c, then restore U's Frobenius norm
+    # 4. contra-Muon: f = ||U|| of U as it is (bf16 in the record); U - 0.2 c promotes to float32;
+    #    then (U * f) / ||U||
     if contra:
         f = U.norm()
         U = U - contra / 2 * c
-        U = U * (f / U.norm())
+        U = U * f / U.norm().clamp(min=1e-10)
+    else:
+        U = U.float()
     # 5. aspect scale of tall matrices
-    U = U * math.sqrt(max(1, rows / cols))
-    # 6. update/weight floor
-    ratio = U.norm().clamp_min(1e-8) / W.norm().clamp_min(1e-8)
-    if floor and ratio < floor:
-        U = U * (floor / ratio)
+    U = U * max(1, rows / cols) ** 0.5
+    # 6. update/weight floor: float32 norms, each clamped at 1e-8
+    w_fro, u_fro = W.float().norm().clamp(min=1e-8), U.float().norm().clamp(min=1e-8)
+    if floor and u_fro / w_fro < floor:
+        U = U * (floor * w_fro / u_fro)
     return U, M
 
 

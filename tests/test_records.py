@@ -3,6 +3,7 @@ errors, CLI."""
 import json
 import math
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 
 from tools.records import (PUBLISHED, RecordsError, compare, diff_records, load_runs, parse_log,
                            pass_probability, plot_records, read_log, submit, summarize,
-                           trials_needed, write_summary)
+                           summary_of, trials_needed, write_summary)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The published record's output: the in-repo copy (always there), and the shared file it was
@@ -153,7 +154,7 @@ def test_no_passing_step_reports_the_last_common_step(tmp_path):
 
 def test_only_common_steps_count(tmp_path):
     write(tmp_path / "a.txt", [val(100, 3.30, total=200), val(150, 3.27, total=200), val(200, 3.26, total=200)])
-    write(tmp_path / "b.txt", [val(100, 3.30, total=200), val(200, 3.26, total=200)])  # no val at 150
+    write(tmp_path / "b.txt", [val(100, 3.31, total=200), val(200, 3.25, total=200)])  # no val at 150
     s = summarize(load_runs([str(tmp_path)]))
     assert s["steps"] == [100, 200] and s["step"] == 200
 
@@ -680,7 +681,9 @@ def test_submit_end_to_end(tmp_path):
     (row,) = [line for line in proc.stdout.splitlines() if line.startswith("| ?")]
     cells = [c.strip() for c in row.split("|")[1:-1]]
     assert len(cells) == 7 and cells[:3] == ["?", "3100", "3.2770 (n=4)✓"]
-    assert cells[4:] == ["2026-11-23", "[log](results/20261123_lr04/a.txt)", "A. Person"]
+    # the link as the row will read in upstream's leaderboard: the folder the result will have there
+    assert cells[4:] == ["2026-11-23", "[log](/records/track_3_optimization/results/20261123_lr04/a.txt)",
+                         "A. Person"]
     assert cells[3] == "Differs from the parent in lr_matrix=0.04"
     readme = (out / "README.md").read_text()
     assert row in readme
@@ -694,7 +697,8 @@ def test_submit_end_to_end(tmp_path):
                  "this record is significantly better than the parent",
                  "| parent | 4 | 3200 | 3.277500 |", "| lr_matrix | 0.04 |", "| train_steps | 3200 |",
                  "`device NVIDIA H100 80GB HBM3  world_size 8`", "`python 3.12.3  torch 2.11.0+cu130",
-                 "./run.sh --trials 4 --seed 0 --run-name lr04",
+                 "./run.sh --seed 0 --trials 4 --run-name lr04",
+                 "The benchmark's rule: n runs pass at step S when (target - mean_S) * sqrt(n) >= 0.004",
                  "lr_matrix: 0.04: not the script's default and no command-line flag",
                  "Left out: none"):
         assert part in readme, part
@@ -727,7 +731,9 @@ def test_submit_reports_left_out_trials_and_unseeded_commands(tmp_path):
     readme = open(os.path.join(r["out"], "README.md")).read()
     assert r["summary"]["n"] == 4
     assert "incomplete (not counted): a.txt trial 4 seed record4, last step 3050/3200: interrupted" in readme
-    assert "./run.sh --trials 4 --run-name unseeded" in readme and "record0..record3" in readme
+    assert "./run.sh --trials 4 --run-name unseeded" in readme
+    assert "record0, record1, record2, ... ran without --seed: they are not reproducible by seed" in readme
+    assert "random stream" not in readme and "statistics.md" not in readme
 
 
 def test_submit_refusals(tmp_path):
@@ -829,7 +835,79 @@ def test_submit_with_a_trainer_that_generates_its_flags(tmp_path):
     r = submit(str(record), "newstyle", out=str(tmp_path / "o"), date="2026-11-23")  # append: per run
     readme = open(os.path.join(r["out"], "README.md")).read()
     # flags in the order of the log's lines; train_steps 200 comes with the preset: no flag
-    assert ("./run.sh --trials 4 --seed 0 --lr-matrix 0.04 --preset tiny --adam-betas 0.9 0.95 "
+    assert ("./run.sh --seed 0 --trials 4 --lr-matrix 0.04 --preset tiny --adam-betas 0.9 0.95 "
             "--no-diagnostics --run-name newstyle") in readme
     assert "| append |" not in readme and "| preset | tiny |" in readme
     assert "seed, trials, data_dir, append" in readme
+
+
+# ------------------------------------------------------------------------------------------------
+# Upstream results folders, read as the leaderboard did (real log fragments: tests/fixtures/upstream)
+# ------------------------------------------------------------------------------------------------
+
+UPSTREAM = os.path.join(ROOT, "tests", "fixtures", "upstream")
+
+
+def test_upstream_runs_that_stop_before_their_horizon(tmp_path):
+    # a 2860-step claim trained on a 2900-step schedule: every log ends at step:2860/2900
+    folder = os.path.join(UPSTREAM, "stop_before_horizon")
+    s = summary_of(folder)[0]
+    assert s["n"] == 3 and s["final_step"] == 2860 and s["total_steps"] == [2900] and not s["incomplete"]
+    assert math.isclose(s["final_mean"], (3.27837 + 3.27746 + 3.27961) / 3)
+    # a log truly cut mid-line after its last validation is reported, not pooled
+    cut = tmp_path / "cut"
+    shutil.copytree(folder, cut)
+    name = sorted(os.listdir(cut))[0]
+    with open(cut / name, "a") as f:
+        f.write("step:2861/2900 train_lo")
+    s = summary_of(str(cut))[0]
+    assert s["n"] == 2 and [os.path.basename(i["source"]) for i in s["incomplete"]] == [name]
+    assert "cut mid-line" in s["incomplete"][0]["reason"] and s["bad_lines"]
+
+
+def test_our_trials_end_at_their_final_validation_or_the_trainers_end_line(tmp_path):
+    write(tmp_path / "a.txt", ["trial:0 seed:record0", val(50, 3.5), val(80, 3.27),  # old label
+                               "trial:1 seed:7", val(50, 3.4), val(80, 3.29), "final val losses: 3.27 3.29"])
+    write(tmp_path / "b.txt", ["trial:0 seed:8", val(50, 3.3), val(80, 3.2), "interrupted: SIGTERM at step 81"])
+    s = summarize(load_runs(str(tmp_path)))
+    assert s["seeds"] == ["record0", 7] and s["final_step"] == 80
+    assert [(i["seed"], i["reason"]) for i in s["incomplete"]] == [(8, "interrupted: SIGTERM at step 81")]
+
+
+def test_upstream_files_that_are_not_logs_are_skipped_with_one_notice():
+    # trustlight: metadata and stderr beside each seed's stdout; seed 0 logged three times
+    folder = os.path.join(UPSTREAM, "not_logs")
+    s = summary_of(folder)[0]
+    assert s["n"] == 2 and s["steps"] == [3124, 3125, 3126, 3175]
+    assert [n for n in s["notes"] if n.startswith("skipped 4 file(s)")] and len(s["notes"]) == 1
+    copies = sorted(os.path.relpath(d["source"], folder) for d in s["duplicates"] if d["copy"])
+    assert copies == [os.path.join("idea_10e_attnproj_bounded_trust_floor_soapish", f"seed_{k}", f)
+                      for k, f in ((0, "final_val_loss.txt"), (0, "stdout.txt"), (1, "final_val_loss.txt"))]
+    out = cli("summary", folder).stdout
+    assert out.count("skipped 4 file(s) without 'val_loss:' validation lines") == 1
+    with pytest.raises(RecordsError, match="metadata.txt: no validation lines"):  # named alone: an error
+        load_runs(os.path.join(folder, "idea_10e_attnproj_bounded_trust_floor_soapish", "seed_0", "metadata.txt"))
+
+
+def test_upstream_claim_on_another_metric_and_a_sibling_that_stops_early():
+    folder = os.path.join(UPSTREAM, "metric")
+    s = summary_of(folder)[0]  # the folder's README names val_ema: the claim's metric
+    assert s["metric"] == "val_ema_loss" and s["n"] == 2
+    assert math.isclose({r["step"]: r["mean"] for r in s["per_step"]}[2690], (3.27795 + 3.27791) / 2)
+    (left,) = s["incomplete"]  # seed 7 stops at 2765 while its siblings run to 2900
+    assert "A40_seed7" in left["source"] and "before the last validation its siblings share (2900)" in left["reason"]
+    plain = summary_of(folder, metric="val_loss")[0]
+    assert plain["metric"] == "val_loss" and "val_ema_loss" in plain["notes"][0]
+    assert math.isclose({r["step"]: r["mean"] for r in plain["per_step"]}[2690], (3.28208 + 3.28201) / 2)
+
+
+def test_upstream_folder_with_two_configurations_is_grouped():
+    folder = os.path.join(UPSTREAM, "groups")
+    s = summary_of(folder, target=3.2805)[0]
+    assert s["group"] == "b1095_sh090/" and s["n"] == 3 and s["step"] == 3125
+    assert [(g["group"], g["n"], g["step"]) for g in s["groups"]] == [("b1090_sh090/", 3, None),
+                                                                      ("b1095_sh090/", 3, 3125)]
+    assert any("differs from b1090_sh090/ in: beta1 = 0.95" in n for n in s["notes"])
+    out = cli("summary", folder, "--pool").stdout.splitlines()
+    assert out[-1].startswith("record: not reached") and "(n=6)" not in out[-1]
+    assert "runs: n=6" in "\n".join(out)

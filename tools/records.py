@@ -11,8 +11,10 @@ Usage (from the repository root or anywhere else):
     python tools/records.py submit RECORD_DIR --name NAME [--baseline LOG_OR_DIR] [--out DIR]
                                    [--description TEXT] [--contributors TEXT] [--date YYYY-MM-DD]
 
-A PATH is a log file or a directory (all its *.txt files, sorted, not recursive); `summary` pools
-all its PATHs into one record, `compare`, `plot` and `diff` take one record per PATH.
+A PATH is a log file or a directory (every *.txt under it, subfolders included, sorted; files
+without validation lines are skipped with one notice); `summary` pools all its PATHs into one
+record (`--pool` even across configurations), `compare`, `plot` and `diff` take one record per PATH.
+`tools/check_leaderboard.py` runs `summary` on every result of upstream's Track-3 leaderboard.
 `diff` shows what differs between two logs or records: hyperparameters, code (unified diff), val
 losses at common steps, and the pairwise test. `submit` writes an upstream-style result folder
 (default records/track_3_optimization/results/<YYYYMMDD>_<NAME>/): the logs, the script they ran,
@@ -26,20 +28,28 @@ hyperparameter), another '=' line, then output. Only lines after the FIRST '=' l
 output, so `step:` text inside the code never counts (a file without any '=' line is read whole).
 Validation lines look like `step:{s}/{total} val_loss:{x} train_time:{t}s step_avg:{ms}ms [more
 key:value fields]`; `step:` lines without the chosen metric (training progress) are skipped. A file
-may hold several trials: a trial starts after a `trial:{i} seed:{s}` line (s: an integer, or
-`record{k}` for trial k of the published record's own random stream), or, in logs without trial
+may hold several trials: a trial starts after a `trial:{i} seed:{s}` line (s: an integer; older
+logs of ours label unseeded trials `record{k}`, kept as a string), or, in logs without trial
 lines, when the step does not increase.
 
 What counts (so that a summary cannot lie):
-- a trial counts only when complete, i.e. it has a validation line at its final step (`step:N/N`);
-  incomplete trials (killed, crashed, still running; an `interrupted:`/`failed:` line says why) are
-  listed apart, never pooled;
+- a trial counts only when complete: a validation line at its final step (`step:N/N`), or a clean
+  end at its last validation (ours: the trainer's `final val losses:` line; upstream's: no cut line
+  and no training step after it, at the step where its siblings' logs end, since some records stop
+  before `train_steps` on purpose). Incomplete trials (killed, crashed, still running, cut
+  mid-line, stopped before their siblings; an `interrupted:`/`failed:` line says why) are listed
+  apart, never pooled;
 - a val line counts only when whole: step, metric, train_time ending in s and step_avg ending in
   ms, each well-formed. A cut line (full disk, kill mid-write) is ignored and listed in `bad_lines`;
 - a seed counts once: a later complete trial with the seed of an earlier one (across files too) is
-  listed in `duplicates` and left out. Trials without a seed (upstream logs) are never duplicates.
+  listed in `duplicates` and left out; an upstream trial whose validation lines (with their clock)
+  repeat another's is the same run logged twice, listed there as a copy;
+- logs of several configurations (code part without comments, strings and seed lines, or
+  hyperparameter lines) are summarized per group; the claim is the group that passes earliest;
+- the metric: `val_loss`, unless the README.md beside the logs names another field of their val
+  lines more often (a claim on a readout such as `val_ema_loss`); `--metric` chooses.
 
-Rules (statistics.md of the benchmark): n runs pass at step S when
+The benchmark's rules: n runs pass at step S when
 `(target - mean_S) * sqrt(n) >= 0.004`; the record is the earliest validated step, common to all
 runs, that passes. Pairwise test: see compare(). `summary` and `submit` also estimate the chance
 that a new set of n trials passes near the record step (see pass_chance()).
@@ -55,6 +65,7 @@ import ast
 import datetime
 import difflib
 import glob
+import io
 import json
 import math
 import operator
@@ -65,6 +76,7 @@ import shutil
 import sys
 import tempfile
 import textwrap
+import tokenize
 
 import numpy as np
 
@@ -74,12 +86,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PUBLISHED = os.path.join(ROOT, "records", "published_aurora_3175", "track3_aurora_3175_n20.txt")
 PUBLISHED_LABEL = ("the published record, modded-nanoGPT optimization track #17 (Tilde Research's "
                    "Aurora, 3175 steps, 20 seeds, 8xH100)")
-RESULTS_DIR = os.path.join(ROOT, "records", "track_3_optimization", "results")  # upstream's path
+UPSTREAM_RESULTS = "records/track_3_optimization/results"  # where results live upstream
+RESULTS_DIR = os.path.join(ROOT, *UPSTREAM_RESULTS.split("/"))  # the same path here
 
 SEPARATOR = re.compile(r"^={50,}\s*$")
 STEP_LINE = re.compile(r"^step:(\d+)/(\d+)$")
 SEED_LINE = re.compile(r"^trial:(\d+)\s+seed:(\S+)")
 STOP_LINE = re.compile(r"^(interrupted|failed|error):\s")
+END_LINE = re.compile(r"^final val losses:")  # our trainer's last line: every trial ended as planned
 STOP_STEP = re.compile(r"\bat step (\d+)")
 HYPERPARAMETER = re.compile(r"^([A-Za-z_]\w*): (.*)$")
 NUMBER = re.compile(r"^[-+]?((\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?|nan|inf)$", re.IGNORECASE)
@@ -102,6 +116,11 @@ PLAN_NOTE = ("an estimate, not a guarantee: it assumes that per-trial val losses
 
 class RecordsError(Exception):
     """A log or record that cannot be read or summarized; the message says which and why."""
+
+
+class NotALog(RecordsError):
+    """A file without validation lines of the metric (metadata, a manifest, stderr): a directory's
+    such files are skipped with a notice, a file named on its own is an error."""
 
 
 def passes(margin):
@@ -155,7 +174,7 @@ def read_step_line(line, metric):
 def new_trial(trials, path, seed):
     trials.append(dict(source=str(path), trial=len(trials), seed=seed, total_steps=None, steps=[],
                        losses=[], train_time=[], last_step=None, stop=None, complete=False,
-                       end=None, bad_lines=[]))
+                       announced=False, finished=False, cut_end=False, end=None, bad_lines=[]))
     return trials[-1]
 
 
@@ -176,12 +195,12 @@ def read_log(path, metric="val_loss"):
     hyper = {m.group(1): m.group(2).strip() for m in map(HYPERPARAMETER.match, header) if m}
     log = dict(path=str(path), code="".join(raw[:seps[0]]) if seps else "", header=header,
                hyperparameters=hyper, environment=[h for h in header if not HYPERPARAMETER.match(h)],
-               trials=[], bad_lines=[], stops=[])
+               trials=[], bad_lines=[], stops=[], metrics=set())
     trials, pending_bad, other_metric, seed_lines = log["trials"], [], False, False
     for number, line in enumerate(lines[start:], start + 1):
         m = SEED_LINE.match(line)
         if m:  # our trainer announces each trial: the lines after it are that trial's
-            new_trial(trials, path, parse_seed(m.group(2)))
+            new_trial(trials, path, parse_seed(m.group(2)))["announced"] = True
             seed_lines = True
             continue
         if STOP_LINE.match(line):  # the trainer says why it stopped (SIGTERM, a failure)
@@ -192,6 +211,10 @@ def read_log(path, metric="val_loss"):
                 if at:
                     trials[-1]["last_step"] = max(trials[-1]["last_step"] or 0, int(at.group(1)))
             continue
+        if END_LINE.match(line):
+            for t in trials:
+                t["finished"] = t["stop"] is None
+            continue
         if not (line.startswith("step:") or (line and "step:".startswith(line))):
             continue
         kind, fields = read_step_line(line, metric)
@@ -199,7 +222,10 @@ def read_log(path, metric="val_loss"):
             bad = dict(source=str(path), line=number, text=line[:200])
             log["bad_lines"].append(bad)
             (trials[-1]["bad_lines"] if trials else pending_bad).append(bad)
+            if trials:  # until a later whole line: this trial's log may be cut mid-line here
+                trials[-1]["cut_end"] = True
             continue
+        log["metrics"].update(k for k in fields if k.startswith("val"))
         step, current = fields["step"], trials[-1] if trials else None
         if kind == "other":
             other_metric = other_metric or any(k.startswith("val") for k in fields)
@@ -219,6 +245,7 @@ def read_log(path, metric="val_loss"):
         current["losses"].append(to_float(fields[metric]))
         current["train_time"].append(fields["seconds"])
         current["last_step"] = max(current["last_step"] or 0, step)
+        current["cut_end"] = False
         current["complete"] = current["complete"] or step == current["total_steps"]
     if trials:
         trials[0]["bad_lines"][:0] = pending_bad
@@ -238,25 +265,26 @@ def read_log(path, metric="val_loss"):
         notes = [f"{len(bad)} cut line(s) ignored, e.g. line {bad[0]['line']}: {bad[0]['text']!r}"
                  ] if bad else []
         notes += [f"the log says {log['stops'][-1]!r}"] if log["stops"] else []
-        raise RecordsError(f"{path}: no validation lines with '{metric}:' (is it a training log? "
-                           "another field can be chosen with --metric)"
-                           + "".join(f"; {n}" for n in notes))
+        raise NotALog(f"{path}: no validation lines with '{metric}:' (is it a training log? "
+                      "another field can be chosen with --metric)" + "".join(f"; {n}" for n in notes))
     return log
 
 
 def parse_log(path, metric="val_loss"):
     """The trials of one log file, in order: a list of dicts with source, trial (index in the
     file), seed (int, `record{k}`, or None), total_steps, steps, losses (the metric), train_time
-    (s), complete (a val line at the final step), last_step (the last step seen), end (why an
-    incomplete trial ended) and bad_lines (its cut lines). Incomplete trials are included: the
-    statistics (screen/summarize) leave them out."""
+    (s), complete (a val line at the final step), finished (ours: the trainer's end line follows),
+    cut_end (the log is cut mid-line after its last validation), last_step (the last step seen),
+    end (why it ended, if not at its final step) and bad_lines (its cut lines). Whether a trial
+    counts is screen()'s decision: an upstream run may stop before its horizon on purpose."""
     return read_log(path, metric)["trials"]
 
 
 def log_files(path):
-    """The log files a path stands for: itself, or a directory's *.txt files (sorted)."""
+    """The log files a path stands for: itself, or every *.txt under a directory (sorted; results
+    folders keep logs in subfolders, e.g. one per seed or per configuration)."""
     if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(glob.escape(path), "*.txt")))
+        files = sorted(glob.glob(os.path.join(glob.escape(path), "**", "*.txt"), recursive=True))
         if not files:
             raise RecordsError(f"no .txt logs found in directory {path}")
         return files
@@ -265,15 +293,145 @@ def log_files(path):
     return [path]
 
 
-def load_runs(paths, metric="val_loss"):
-    """All trials of all logs under `paths` (files and directories, or a single path), in order."""
+def readme_metric(paths, metrics):
+    """(metric, note) when the README.md beside the logs names one of the other metrics on their
+    val lines (`val_ema_loss` or `val_ema`) more often than val_loss: a result may claim on a
+    readout logged beside the plain loss. None otherwise."""
+    others = sorted(m for m in metrics if m != "val_loss")
+    for path in paths:
+        readme = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "README.md")
+        try:
+            with open(readme, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            continue
+        def mentions(name):  # the field, or its name without _loss, as a whole word
+            short = name[:-len("_loss")] if name.endswith("_loss") else name
+            return sum(len(re.findall(rf"\b{re.escape(n)}\b", text)) for n in {name, short})
+        counts = {m: mentions(m) for m in others}
+        best = max(others, key=lambda m: counts[m], default=None)
+        if best and counts[best] > mentions("val_loss"):
+            return best, (f"metric {best}: {readme} names it {counts[best]} time(s), val_loss "
+                          f"{mentions('val_loss')} (--metric val_loss for the plain loss)")
+    return None
+
+
+def load_record(paths, metric=None):
+    """Everything under `paths` (files and directories), read for one summary: dict(runs, logs,
+    skipped, metric, notes). A directory's files without validation lines (metadata, manifests,
+    stderr) are skipped and listed; a file named on its own must be a log. metric None: val_loss,
+    or the metric the folder's README claims on (readme_metric). Runs carry their `group` (see
+    assign_groups) when the logs hold several configurations."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    runs = [trial for path in paths for f in log_files(os.fspath(path))
-            for trial in parse_log(f, metric)]
+    paths = [os.fspath(p) for p in paths]
+    files = [(p, f) for p in paths for f in log_files(p)]
+
+    def read_all(m):
+        logs, skipped = [], []
+        for path, f in files:
+            try:
+                logs.append(read_log(f, m))
+            except NotALog:
+                if f == path:
+                    raise
+                skipped.append(os.path.relpath(f, path))
+        return logs, skipped
+
+    chosen, notes = metric or "val_loss", []
+    logs, skipped = read_all(chosen)
+    seen = set().union(*(log["metrics"] for log in logs))
+    if metric is None and readme_metric(paths, seen):
+        chosen, note = readme_metric(paths, seen)
+        notes.append(note)
+        logs, skipped = read_all(chosen)
+    elif len(seen - {chosen}) > 0 and chosen in seen:
+        notes.append(f"metric {chosen}; the val lines also carry {', '.join(sorted(seen - {chosen}))} "
+                     "(--metric chooses)")
+    if not logs:
+        raise RecordsError(f"no log in {', '.join(paths)} has validation lines with '{chosen}:' "
+                           f"(skipped: {', '.join(skipped)}; another field can be chosen with --metric)")
+    if skipped:
+        shown = ", ".join(skipped[:4]) + (f" and {len(skipped) - 4} more" if len(skipped) > 4 else "")
+        notes.append(f"skipped {len(skipped)} file(s) without '{chosen}:' validation lines (not "
+                     f"logs): {shown}")
+    notes += assign_groups(logs, paths)
+    return dict(runs=[t for log in logs for t in log["trials"]], logs=logs, skipped=skipped,
+                metric=chosen, notes=notes)
+
+
+def load_runs(paths, metric="val_loss"):
+    """All trials of all logs under `paths` (files and directories, or a single path), in order."""
+    runs = load_record(paths, metric)["runs"]
     if not runs:
         raise RecordsError("no logs given")
     return runs
+
+
+SEEDISH = re.compile(r"seed", re.IGNORECASE)
+
+
+def code_signature(code):
+    """The code part as far as it sets the configuration: its tokens without comments, strings
+    (log paths, messages) and lines naming a seed (upstream scripts hard-code `SEED = k` per run),
+    one string per line. Not Python: its lines without `#` comments."""
+    lines, line = [], []
+    skip = {tokenize.COMMENT, tokenize.STRING, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER}
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(code).readline):
+            if tok.type in (tokenize.NEWLINE, tokenize.NL):
+                lines.append(line)
+                line = []
+            elif tok.type not in skip and not tokenize.tok_name[tok.type].startswith("FSTRING"):
+                line.append(tok.string)
+    except (tokenize.TokenError, SyntaxError):
+        lines = [text.split("#")[0].split() for text in code.splitlines()]
+    return tuple(" ".join(tokens) for tokens in lines
+                 if tokens and not any(SEEDISH.search(t) for t in tokens))
+
+
+def assign_groups(logs, paths):
+    """Split logs of several configurations: the key is the code signature and the hyperparameter
+    lines (run-specific ones aside). Logs without a code part (stdout captures) join the only
+    configuration there is, else form their own group. Sets each trial's `group` (a label: the
+    subfolder, or the first file) only when there are several; returns notes saying so."""
+    keys = []
+    for log in logs:
+        code = code_signature(log["code"]) if log["code"].strip() else None
+        config = tuple(sorted(config_of(log).items()))
+        keys.append(None if code is None and not config else (code, config))
+    distinct = list(dict.fromkeys(k for k in keys if k is not None))
+    if len(distinct) <= 1:
+        return []
+    root = paths[0] if len(paths) == 1 and os.path.isdir(paths[0]) else None
+    members = {}
+    for log, key in zip(logs, keys):
+        members.setdefault(key, []).append(log)
+    where = {key: [os.path.relpath(log["path"], root) if root else log["path"] for log in group]
+             for key, group in members.items()}
+    folders = {key: {os.path.dirname(w) for w in files} for key, files in where.items()}
+    labels = {}
+    for key, group in members.items():
+        folder = next(iter(folders[key])) if len(folders[key]) == 1 else ""
+        if folder and not any(folder in f for k, f in folders.items() if k != key):
+            labels[key] = folder + "/"  # e.g. one subfolder per configuration
+        else:
+            files = where[key]
+            labels[key] = files[0] + (f" (+{len(files) - 1} more)" if len(files) > 1 else "")
+        labels[key] += " [no code part]" if key is None else ""
+        for log in group:
+            for t in log["trials"]:
+                t["group"] = labels[key]
+    first = distinct[0]
+    notes = [f"the logs hold {len(members)} configurations (code or hyperparameters differ): each "
+             "is summarized apart"]
+    for key in members:
+        if key not in (None, first):
+            code_diff = [line for line in key[0] or () if line not in set(first[0] or ())][:1]
+            conf_diff = [f"{k}: {v}" for k, v in key[1] if (k, v) not in first[1]][:2]
+            notes.append(f"group {labels[key]} differs from {labels[first]} in: "
+                         + "; ".join(code_diff + conf_diff or ["line order"]))
+    return notes
 
 
 # ------------------------------------------------------------------------------------------------
@@ -288,23 +446,75 @@ def trial_name(run):
     return f"{run['source']} trial {run['trial']}"
 
 
-def screen(runs):
-    """What may be pooled: counted (complete trials, each seed once, in order), incomplete (per
-    trial: source, trial, seed, last_step, total_steps, reason), duplicates (a complete trial whose
-    seed an earlier counted trial already has: kept out, `duplicate_of` names that one) and
-    bad_lines (the cut lines of all the runs' logs)."""
-    counted, incomplete, duplicates, bad, first, seen = [], [], [], [], {}, set()
+def horizons(runs):
+    """Per group, the last validation step of its upstream trials (logs without trial lines):
+    where their logs end, which may be before `train_steps` on purpose (a 2860-step claim of a
+    2900-step schedule stops there)."""
+    ends = {}
     for r in runs:
+        if not r.get("announced") and r["steps"]:
+            ends[r.get("group")] = max(ends.get(r.get("group"), 0), r["steps"][-1])
+    return ends
+
+
+def why_incomplete(run, horizon):
+    """None when the trial counts. Ours: a validation at its final step, or the trainer's end line
+    after it. Upstream's: that, or its log ends cleanly (no cut line, no training step after) at
+    its last validation, the step where its siblings' logs end too."""
+    last = run["steps"][-1] if run["steps"] else None
+    clean = last is not None and run["stop"] is None and not run.get("cut_end") and \
+        (run["last_step"] or 0) <= last
+    if is_complete(run) or (clean and (run.get("finished") if run.get("announced") else last == horizon)):
+        return None
+    if run["stop"] or run.get("announced") or (run.get("end") or "").startswith("the next trial"):
+        return run.get("end") or "no validation at the final step"
+    if run.get("cut_end"):
+        return f"the log is cut mid-line after step {run['last_step']}"
+    if not clean:
+        return f"the log ends at training step {run['last_step']}, after its last validation"
+    return (f"stopped at step {last}, before the last validation its siblings share ({horizon}): "
+            "killed, crashed or cut short")
+
+
+def copies(runs):
+    """{i: j}: upstream trial i repeats validation lines (step, loss and clock) of trial j: the
+    same run logged twice, e.g. a log and its stdout capture, or a file holding only its final
+    validation. Step 0 aside (no clock yet); j has more lines, or as many (two or more) and comes
+    first. Two one-line logs that agree are not taken for copies: different runs may."""
+    points = [frozenset(p for p in zip(r["steps"], r["losses"], r["train_time"]) if p[0] > 0)
+              if not r.get("announced") else frozenset() for r in runs]
+    found = {}
+    for i, p in enumerate(points):
+        j = next((j for j, q in enumerate(points) if p and j != i and p <= q
+                  and runs[i]["total_steps"] == runs[j]["total_steps"]
+                  and (len(q) > len(p) or (j < i and len(p) > 1))), None)
+        if j is not None:
+            found[i] = j
+    return found
+
+
+def screen(runs):
+    """What may be pooled: counted (complete trials, each seed once, in order; see
+    why_incomplete), incomplete (per trial: source, trial, seed, last_step, total_steps, reason),
+    duplicates (a trial whose seed an earlier counted trial already has, or an upstream trial whose
+    validation lines repeat another's: kept out, `duplicate_of` names that one) and bad_lines (the
+    cut lines of all the runs' logs)."""
+    counted, incomplete, duplicates, bad, first, seen = [], [], [], [], {}, set()
+    ends, copied = horizons(runs), copies(runs)
+    for i, r in enumerate(runs):
         for b in r.get("bad_lines", ()):
             if (b["source"], b["line"]) not in seen:
                 seen.add((b["source"], b["line"]))
                 bad.append(dict(b))
         info = dict(source=r["source"], trial=r["trial"], seed=r["seed"])
-        if not is_complete(r):
+        reason = why_incomplete(r, ends.get(r.get("group")))
+        if i in copied:
+            duplicates.append(dict(info, duplicate_of=trial_name(runs[copied[i]]), copy=True))
+        elif reason:
             incomplete.append(dict(info, last_step=r.get("last_step"), total_steps=r["total_steps"],
-                                   reason=r.get("end") or "no validation at the final step"))
+                                   reason=reason))
         elif r["seed"] is not None and r["seed"] in first:
-            duplicates.append(dict(info, duplicate_of=trial_name(first[r["seed"]])))
+            duplicates.append(dict(info, duplicate_of=trial_name(first[r["seed"]]), copy=False))
         else:
             if r["seed"] is not None:
                 first[r["seed"]] = r
@@ -376,18 +586,32 @@ def pass_chance(per_step, n_obs, record_step, target=3.28, new_trials=None):
     return dict(note=note, probability=PLAN_PROBABILITY, n_max=PLAN_MAX_TRIALS, rows=rows)
 
 
+def groups_of(runs):
+    """{group label: its runs}, in order (one entry, None, when the logs share a configuration)."""
+    out = {}
+    for r in runs:
+        out.setdefault(r.get("group"), []).append(r)
+    return out
+
+
 def summarize(runs, target=3.28, new_trials=None):
     """Mean, std and margin at every validated step common to all counted runs (see screen()),
     and the record step: the earliest of them with (target - mean) * sqrt(n) >= 0.004 (None when
     none passes; mean, margin, std and train_time_mean are then those of the last common step).
-    Also: incomplete, duplicates and bad_lines (what was left out, and why) and pass_chance."""
+    Also: incomplete, duplicates and bad_lines (what was left out, and why) and pass_chance.
+    Runs of several configurations (see assign_groups) are summarized per group: the result is
+    the claim's group (the earliest passing step, then the larger margin), `group` names it and
+    `groups` lists every group's n, step, mean and margin (or why it has none)."""
     if not runs:
         raise RecordsError("no runs to summarize")
+    groups = groups_of(runs)
+    if len(groups) > 1:
+        return summarize_groups(groups, target, new_trials)
     sc = screen(runs)
     if not sc["counted"]:
         hint = ("" if any(r["steps"] for r in runs) else
                 "; if the logs hold another metric, choose it with --metric")
-        raise RecordsError("no complete trial (one with a validation at its final step) to "
+        raise RecordsError("no complete trial (one that ends cleanly at its last validation) to "
                            "summarize: " + "; ".join(
                                f"{i['source']} trial {i['trial']} stopped at step {i['last_step']}"
                                f"/{i['total_steps']} ({i['reason']})" for i in sc["incomplete"]) + hint)
@@ -422,6 +646,31 @@ def summarize(runs, target=3.28, new_trials=None):
         steps=common, per_step=per_step,
         incomplete=sc["incomplete"], duplicates=sc["duplicates"], bad_lines=sc["bad_lines"],
         pass_chance=pass_chance(per_step, n, record["step"] if record else None, target, new_trials))
+
+
+def summarize_groups(groups, target, new_trials):
+    results, errors = [], []
+    for label, runs in groups.items():
+        try:
+            results.append((label, summarize(runs, target, new_trials)))
+        except RecordsError as e:
+            errors.append(dict(group=label, error=str(e)))
+    if not results:
+        raise RecordsError("no group of logs can be summarized: " + "; ".join(
+            f"{e['group']}: {e['error']}" for e in errors))
+    # the claim: the earliest passing step, then the larger margin (none passes: the larger margin)
+    label, best = min(results, key=lambda x: (x[1]["step"] is None, x[1]["step"] or 0, -x[1]["margin"]))
+    table = [dict(group=g, n=r["n"], step=r["step"], final_step=r["final_step"], mean=r["mean"],
+                  margin=r["margin"]) for g, r in results]
+    return dict(best, group=label, groups=table + errors)
+
+
+def claimed(runs, target=3.28):
+    """The runs of the group a summary claims for (all runs when they share a configuration)."""
+    groups = groups_of(runs)
+    if len(groups) == 1:
+        return runs
+    return groups[summarize(runs, target)["group"]]
 
 
 def compare(runs_a, runs_b, target=3.28):
@@ -481,22 +730,24 @@ def write_public(path, text):
         raise
 
 
-def write_summary(record_dir, target=3.28, extra=None, metric="val_loss", new_trials=None):
+def summary_of(paths, target=3.28, metric=None, new_trials=None):
+    """summarize() of everything under `paths` (see load_record), with `metric` (the one read) and
+    `notes` (the metric chosen, files skipped, groups) added; also returns the claim's runs."""
+    record = load_record(paths, metric)
+    summary = summarize(record["runs"], target, new_trials)
+    summary.update(metric=record["metric"], notes=record["notes"])
+    return summary, claimed(record["runs"], target), record
+
+
+def write_summary(record_dir, target=3.28, extra=None, metric=None, new_trials=None):
     """(Re)write record_dir/summary.json from every *.txt log in it; returns what it wrote:
-    summarize()'s keys (with incomplete, duplicates and bad_lines naming files by base name), plus
+    summary_of()'s keys (with incomplete, duplicates and bad_lines naming files by base name), plus
     `environment` (= extra), `runs` (per counted run: source file name, trial, seed, final_step,
     final_loss, first_step_at_target), and `skipped_logs`: logs with no validation line at all (a
     run that stopped before its first validation must not block the record's later summaries)."""
-    runs, skipped = [], []
-    for f in log_files(record_dir):
-        try:
-            runs += parse_log(f, metric)
-        except RecordsError as e:
-            skipped.append(str(e))
-    if not runs:
-        raise RecordsError(f"no log in {record_dir} has validation lines: " + "; ".join(skipped))
-    summary = summarize(runs, target, new_trials)
-    summary["skipped_logs"] = skipped
+    summary, runs, record = summary_of(record_dir, target, metric, new_trials)
+    summary["skipped_logs"] = [f"{f}: no validation lines with '{record['metric']}:'"
+                               for f in record["skipped"]]
     summary["environment"] = dict(extra or {})
     summary["runs"] = [dict(source=os.path.basename(r["source"]), trial=r["trial"], seed=r["seed"],
                             final_step=r["steps"][-1], final_loss=r["losses"][-1],
@@ -524,7 +775,7 @@ def curves(records, target, band):
     out = []
     for label, runs in records.items():
         s = summarize(runs, target)
-        counted = screen(runs)["counted"]
+        counted = screen(claimed(runs, target))["counted"]
         steps = np.array(s["steps"])
         values = np.array([[loss_at(r, st) for st in steps] for r in counted])
         mean = values.mean(0)
@@ -625,7 +876,7 @@ def plot_submission(records, full_png, zoom_png, target=3.28, band="minmax"):
 
 def read_record(path, metric="val_loss"):
     """The logs under a path (a log file or a directory), read whole; at least one."""
-    return [read_log(f, metric) for f in log_files(os.fspath(path))]
+    return load_record(path, metric)["logs"]
 
 
 def config_of(log, skip=None):
@@ -879,11 +1130,15 @@ def seed_arguments(logs, counted):
     """(arguments for one process, note, per-log commands or None) reproducing the seeds."""
     seeds, n = [r["seed"] for r in counted], len(counted)
     if all(isinstance(s, int) for s in seeds) and seeds == list(range(seeds[0], seeds[0] + n)):
-        return (["--trials", str(n), "--seed", str(seeds[0])],
+        return (["--seed", str(seeds[0]), "--trials", str(n)],
                 f"seeds {seeds[0]}..{seeds[-1]}" if n > 1 else f"seed {seeds[0]}", None)
-    if seeds == [f"record{k}" for k in range(n)]:
-        return (["--trials", str(n)], "unseeded: trial k follows the published record's own random "
-                f"stream (seeds record0..record{n - 1})", None)
+    labels = [s for s in seeds if not isinstance(s, int)]
+    if labels:  # older logs label unseeded trials record0, record1, ...: no seed was recorded
+        note = (f"trials labelled {', '.join(map(str, labels[:3]))}{', ...' if len(labels) > 3 else ''} "
+                "ran without --seed: they are not reproducible by seed (this runs new trials of the "
+                "same configuration)")
+        if len(labels) == n:
+            return ["--trials", str(n)], note, None
     per_log = []
     for log in logs:
         mine = [r for r in counted if r["source"] == log["path"]]
@@ -891,7 +1146,7 @@ def seed_arguments(logs, counted):
             seed = mine[0]["seed"]
             per_log.append(["--trials", str(len(mine))]
                            + (["--seed", str(seed)] if isinstance(seed, int) else []))
-    return ["--trials", str(n)], f"seeds {seeds}", per_log
+    return ["--trials", str(n)], (note + "; " if labels else "") + f"seeds {seeds}", per_log
 
 
 def reproduce(logs, counted, name):
@@ -1007,7 +1262,9 @@ def submission_readme(ctx):
     out += ["", "## Result", "",
             f"Claimed: step **{step}**, mean {s['mean']:.6f} over {n} "
             f"complete trials, margin ({target} - mean) * sqrt(n) = {s['margin']:.5f} >= "
-            f"{PASS_MARGIN}: PASS. The claim is the earliest validated step that passes.", "",
+            f"{PASS_MARGIN}: PASS. The benchmark's rule: n runs pass at step S when (target - "
+            f"mean_S) * sqrt(n) >= {PASS_MARGIN}, and the claim is the earliest validated step, "
+            "common to all runs, that passes.", "",
             "| step | mean | std | margin | |", "|---|---|---|---|---|"]
     for row in near:
         label = f"**{row['step']}** (claimed)" if row["step"] == step else str(row["step"])
@@ -1050,7 +1307,7 @@ def submission_readme(ctx):
                    f"{needed(row['n90_exact'], row['reachable']) if known else 'n/a'} | "
                    f"{needed(row['n90_estimated'], row['reachable']) if known else 'n/a'} |")
     out += ["", "## Comparison with the parent record", "",
-            "Pairwise rule (statistics.md): each record at its own record step, z = ((mean_parent - "
+            "The benchmark's pairwise rule: each record at its own record step, z = ((mean_parent - "
             "mean_this) + (steps_parent - steps_this) / 100 * 0.0045) / sqrt(1/n_this + "
             "1/n_parent); this record is significantly better when z >= 0.004, the parent when "
             "-z >= 0.004.", "",
@@ -1139,7 +1396,8 @@ def submit(record_dir, name, baseline=None, out=None, target=3.28, metric="val_l
     log_names = [os.path.basename(log["path"]) for log in logs]
     folder = os.path.basename(out)
     row = (f"| ? | {s['step']} | {s['mean']:.4f} (n={s['n']})✓ | {cell(description)} | "
-           f"{date:%Y-%m-%d} | [log](results/{folder}/{log_names[0]}) | {cell(contributors or '?')} |")
+           f"{date:%Y-%m-%d} | [log](/{UPSTREAM_RESULTS}/{folder}/{log_names[0]}) | "
+           f"{cell(contributors or '?')} |")
     same = os.path.abspath(baseline) == os.path.abspath(PUBLISHED) or \
         os.path.abspath(baseline) == os.path.dirname(PUBLISHED)
     hardware = []
@@ -1200,8 +1458,12 @@ def print_left_out(s):
         print(f"incomplete (not counted): {x['source']} trial {x['trial']} {seed_text(x['seed'])}: "
               f"last step {x['last_step']}/{x['total_steps']} ({x['reason']})")
     for x in s["duplicates"]:
-        print(f"duplicate seed (counted once): {x['source']} trial {x['trial']} seed {x['seed']} "
-              f"repeats {x['duplicate_of']}")
+        if x.get("copy"):
+            print(f"copy (counted once): {x['source']} trial {x['trial']} repeats the validation "
+                  f"lines of {x['duplicate_of']}")
+        else:
+            print(f"duplicate seed (counted once): {x['source']} trial {x['trial']} seed {x['seed']} "
+                  f"repeats {x['duplicate_of']}")
     for x in s["bad_lines"]:
         print(f"cut line (ignored): {x['source']} line {x['line']}: {x['text']!r}")
 
@@ -1230,6 +1492,16 @@ def print_pass_chance(pc):
 
 
 def print_summary(s):
+    for note in s.get("notes", ()):
+        print(f"note: {note}")
+    for g in s.get("groups", ()):
+        result = (g["error"] if "error" in g else f"n={g['n']}  " + (
+            f"step {g['step']}  mean {g['mean']:.6f}  margin {g['margin']:.5f}" if g["step"] is not None
+            else f"no pass (last common step {g['final_step']}: mean {num(g['mean'], '.6f')})"))
+        print(f"group {g['group']}: {result}")
+    if s.get("group"):
+        print(f"the claim below is for group {s['group']} (the earliest passing step, else the "
+              "larger margin); give its files alone, or --pool to pool every group")
     totals = "/".join(map(str, s["total_steps"]))
     left = len(s["incomplete"]) + len(s["duplicates"])
     print(f"runs: n={s['n']}  target: {s['target']}  total steps: {totals}"
@@ -1271,12 +1543,16 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--target", type=float, default=3.28, help="target val loss (default 3.28)")
-    common.add_argument("--metric", default="val_loss", help="field of the val lines (default val_loss)")
+    common.add_argument("--metric", help="field of the val lines (default: val_loss, or the one the "
+                        "folder's README.md claims on when the val lines also carry it, e.g. "
+                        "val_ema_loss)")
     p = sub.add_parser("summary", parents=[common], help="step count and statistics of one record")
     p.add_argument("paths", nargs="+", metavar="PATH", help="log files and directories, pooled")
     p.add_argument("--new-trials", type=int, metavar="N",
                    help="size of the new set in the pass-chance estimate (default: as observed)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--pool", action="store_true", help="pool the logs even when they hold several "
+                   "configurations (by default each is summarized apart, and the claim is one's)")
     p.add_argument("--write", action="store_true", help="also (re)write summary.json in PATH, which "
                    "must be one record directory (train_gpt.py does this after every run)")
     p = sub.add_parser("compare", parents=[common], help="pairwise significance test of A vs B")
@@ -1315,8 +1591,15 @@ def main(argv=None):
                     raise RecordsError("--write needs exactly one PATH, a record directory")
                 s = write_summary(args.paths[0], args.target, metric=args.metric,
                                   new_trials=args.new_trials)
+            elif args.pool:
+                record = load_record(args.paths, args.metric)
+                for r in record["runs"]:
+                    r["group"] = None
+                s = summarize(record["runs"], args.target, args.new_trials)
+                s.update(metric=record["metric"], notes=[n for n in record["notes"]
+                                                         if not n.startswith(("the logs hold", "group "))])
             else:
-                s = summarize(load_runs(args.paths, args.metric), args.target, args.new_trials)
+                s = summary_of(args.paths, args.target, args.metric, args.new_trials)[0]
             if args.json:
                 print(json.dumps(json_safe(s)))
             else:
@@ -1339,14 +1622,14 @@ def main(argv=None):
                          args.png, args.target, args.band)
             print(f"wrote {args.png}")
         elif args.command == "diff":
-            d = diff_records(args.a, args.b, args.target, args.metric)
+            d = diff_records(args.a, args.b, args.target, args.metric or "val_loss")
             if args.json:
                 print(json.dumps(json_safe(d)))
             else:
                 print_diff(d)
         else:
             r = submit(args.record_dir, args.name, args.baseline, args.out, args.target,
-                       args.metric, args.description, args.contributors, args.date)
+                       args.metric or "val_loss", args.description, args.contributors, args.date)
             s = r["summary"]
             print(f"wrote {r['out']}: {', '.join(r['files'])}")
             print(f"record: step {s['step']}  mean {s['mean']:.6f}  margin {s['margin']:.5f} "
