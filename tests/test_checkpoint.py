@@ -25,9 +25,11 @@ from tools import records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # gloo on the CPU
-# The tiny preset, smaller: 2 blocks, 8 steps, a validation every 2 steps on 2 batches of tokens.
-FLAGS = ["--preset", "tiny", "--n-layer", "2", "--train-steps", "8", "--val-every", "2",
-         "--val-tokens", "8192", "--run-name", "ckpt"]
+# The tiny preset, smaller: 2 blocks, 8 steps, a validation every 2 steps on 2 batches of tokens;
+# seed 7 (a resume without --seed takes the checkpoint's).
+UNSEEDED = ["--preset", "tiny", "--n-layer", "2", "--train-steps", "8", "--val-every", "2",
+            "--val-tokens", "8192", "--run-name", "ckpt"]
+FLAGS = UNSEEDED + ["--seed", "7"]
 VAL_LINE = re.compile(r"^step:(\d+)/\d+ val_loss:(\S+) train_time:(\S+)s ", re.M)
 PER_MATRIX = ["--no-aurora-batched", "--trials", "2"]  # diagnostics on (the default)
 BATCHED = ["--aurora-batched", "--no-diagnostics"]
@@ -39,9 +41,9 @@ def command(args, nproc):
     return launcher + [os.path.join(ROOT, "train_gpt.py")] + args
 
 
-def train(args, data_dir, records_dir, nproc=1):
+def train(args, data_dir, records_dir, nproc=1, flags=FLAGS):
     """A whole run (or a resumed one) in a subprocess, which must succeed."""
-    proc = subprocess.run(command(FLAGS + ["--data-dir", data_dir, "--records-dir", str(records_dir)]
+    proc = subprocess.run(command(flags + ["--data-dir", data_dir, "--records-dir", str(records_dir)]
                                   + args, nproc), env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -137,7 +139,7 @@ def assert_one_trial_per_seed(log, trials):
     """The records toolkit reads the resumed log as `trials` complete trials, nothing incomplete."""
     runs = records.load_runs(log)
     screened = records.screen(runs)
-    assert len(runs) == trials and [r["seed"] for r in runs] == [f"record{t}" for t in range(trials)]
+    assert len(runs) == trials and [r["seed"] for r in runs] == [7 + t for t in range(trials)]
     assert all(r["complete"] for r in runs) and not screened["incomplete"], runs
     summary = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "records.py"), "summary",
                               os.path.dirname(log), "--json"], capture_output=True, text=True)
@@ -167,7 +169,7 @@ def test_kill_9_after_a_checkpoint_then_resume_is_the_uninterrupted_run(data_dir
     assert re.findall(r"^diagnostics: .*$", ours, re.M) == re.findall(r"^diagnostics: .*$", theirs, re.M)
     assert re.findall(r"^final val losses: .*$", ours, re.M) == re.findall(r"^final val losses: .*$", theirs, re.M)
     assert re.search(r"^lost: step:6/8 val_loss:\S+ ", ours, re.M)  # kept, marked, not counted
-    resumed = re.findall(r"^resumed: from (\S+) at step 4, trial 0 \(seed record0\): world_size 1 "
+    resumed = re.findall(r"^resumed: from (\S+) at step 4, trial 0 \(seed 7\): world_size 1 "
                          r"\(checkpoint: 1\).*marked 'lost:'", ours, re.M)
     assert resumed == [checkpoint_of(log)], ours[-3000:]
     assert [m for m in re.findall(r"^trial:(\d+)", ours, re.M)] == [str(t) for t in range(trials)]
@@ -211,12 +213,13 @@ def test_sigterm_saves_a_checkpoint_then_exits_and_resume_finishes_the_run(data_
     assert proc.wait(timeout=120) == 130
     log = the_log(records_dir)
     text = open(log).read()
-    stopped = re.search(r"^interrupted: SIGTERM at step (\d+), trial 0 \(seed record0\)$", text, re.M)
+    stopped = re.search(r"^interrupted: SIGTERM at step (\d+), trial 0 \(seed 7\)$", text, re.M)
     assert stopped, text[-2000:]
     step = int(stopped.group(1))
     assert f"checkpoint: step {step} of trial 0 saved to {checkpoint_of(log)}" in text
     assert f"continue with the same flags and --resume {checkpoint_of(log)}" in open(tmp_path / "run.out").read()
-    train(BATCHED + ["--resume", checkpoint_of(log)], data_dir, records_dir)  # --save-every 0: no more
+    # --save-every 0: no more checkpoints; no --seed: the checkpoint's
+    train(BATCHED + ["--resume", checkpoint_of(log)], data_dir, records_dir, flags=UNSEEDED)
     text = open(log).read()
     assert val_lines(text) == val_lines(expected)
     assert not re.search(r"^lost: ", text, re.M)  # nothing after the checkpoint to redo
@@ -235,7 +238,7 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_with_a_checkpoint(data_dir, 
     assert proc.wait(timeout=120) != 0
     log = the_log(records_dir)
     text = open(log).read()
-    stopped = re.search(r"^interrupted: SIGTERM at step (\d+), trial 0 \(seed record0\)$", text, re.M)
+    stopped = re.search(r"^interrupted: SIGTERM at step (\d+), trial 0 \(seed 7\)$", text, re.M)
     assert stopped and f"checkpoint: step {stopped.group(1)} of trial 0 saved to" in text, text[-2000:]
     train(args + ["--resume", checkpoint_of(log)], data_dir, records_dir)  # one rank finishes it
     assert val_lines(open(log).read()) == val_lines(expected)
@@ -304,7 +307,7 @@ def test_another_configuration_or_code_is_refused_and_nothing_is_written(data_di
     log, ckpt, before = folder
     for args, message in ((["--lr-matrix", "0.04"], 'lr_matrix 0.0375 (checkpoint) vs 0.04'),
                           (["--trials", "2"], "trials 1 (checkpoint) vs 2"),
-                          (["--seed", "5"], "seed null (checkpoint) vs 5"),
+                          (["--seed", "5"], "seed 7 (checkpoint) vs 5"),
                           (["--no-aurora-batched"], "aurora_batched true (checkpoint) vs false")):
         assert resume_in_process(args, data_dir, tmp_path, ckpt) == 2
         err = capsys.readouterr().err
