@@ -310,9 +310,9 @@ class Aurora(torch.optim.Optimizer):
                 if p.grad is None:
                     raise RuntimeError(f"Aurora: parameter of shape {tuple(p.shape)} has no gradient")
             if self.batched:
-                self._step_batched(group, rank, world)
+                self._step_batched(group, rank, world, distributed)
             else:
-                self._step_per_matrix(group, rank, world)
+                self._step_per_matrix(group, rank, world, distributed)
         self._note_finite()
         self._keep = False
         self.step_index += 1
@@ -350,7 +350,7 @@ class Aurora(torch.optim.Optimizer):
             state[key] = torch.zeros(shape, dtype=torch.float32, device=p.device)
         return state[key]
 
-    def _step_per_matrix(self, group, rank, world):
+    def _step_per_matrix(self, group, rank, world, gather):
         params = self._record_order(group["params"])
         for base in range(0, len(params), world):
             round_ = params[base:base + world]
@@ -358,7 +358,7 @@ class Aurora(torch.optim.Optimizer):
                 p = round_[rank]
                 row_v = self._buffer(p, "row_v", (p.size(0), 1)) if group["rule"] == "normuon" else None
                 self._apply(group, [p], p.grad, self._buffer(p, "momentum", p.shape), p.data, row_v)
-            if world > 1:
+            if gather:  # under a process group always, as the record (world size 1 too)
                 self._gather_round(round_, rank, world)
 
     @staticmethod
@@ -393,7 +393,7 @@ class Aurora(torch.optim.Optimizer):
             yield shape, same, [(offset + i) % world for i in range(len(same))]
             offset = (offset + len(same)) % world
 
-    def _step_batched(self, group, rank, world):
+    def _step_batched(self, group, rank, world, gather):
         gathers = []
         for shape, params, owners in self._shape_stacks(group["params"], world):
             mine = [p for p, r in zip(params, owners) if r == rank]
@@ -403,7 +403,7 @@ class Aurora(torch.optim.Optimizer):
                          else None)
                 self._apply(group, mine, torch.stack([p.grad for p in mine]),
                             self._stacked(mine, "momentum", shape), W, row_v)
-            if world == 1:
+            if not gather:
                 for p, w in zip(mine, W):
                     p.copy_(w)
                 continue
