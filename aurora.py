@@ -19,7 +19,6 @@ Public API (names as in the Aurora reference code):
 The whole algorithm is `polar`, `aurora_polar` and `aurora_direction` below; `Aurora` only holds
 the momentum buffers and shares the matrices among ranks.
 """
-import math
 
 import torch
 import torch.distributed as dist
@@ -323,7 +322,7 @@ class Aurora(torch.optim.Optimizer):
         the record's decorator (automatic dynamic shapes: a second matrix shape recompiles)."""
         if self.compile is True or (self.compile == "auto" and device.type == "cuda"):
             if self._compiled is None:
-                self._compiled = torch.compile(aurora_direction)
+                self._compiled = compiled_aurora_direction()
             return self._compiled
         return aurora_direction
 
@@ -548,6 +547,18 @@ class Aurora(torch.optim.Optimizer):
             shapes = [tuple(p.shape) for p, s in zip(params, first) if s == step]
             raise FloatingPointError(f"Aurora: non-finite update at step {step} for parameter(s) of "
                                      f"shape {shapes}; check the loss and gradients for NaN/inf")
+
+
+_COMPILED = []
+
+
+def compiled_aurora_direction():
+    """aurora_direction wrapped once per process in a plain torch.compile, as the record's
+    decorator: every optimizer (one per trial) shares its compiled graphs, so later trials
+    compile nothing."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(aurora_direction))
+    return _COMPILED[0]
 
 
 def _collective_device():

@@ -58,6 +58,16 @@ def test_polar_iterations_are_orthogonal(shape, fn, dtype):
     assert (s - 1).abs().max() < bound, s
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(64, 16), (16, 64), (32, 32)])
+def test_polar_is_the_spec_iteration_written_out(shape, dtype):
+    """Against conftest.reference_polar (12 steps, coefficients 2, -1.5, 0.5, eps 1e-7, wide
+    orientation), written from the spec: bit for bit. Other coefficients or step counts that
+    still orthogonalize fail here."""
+    G = matrix(*shape, seed=3)
+    assert_equal(polar(G, dtype=dtype), reference_polar(G, dtype))  # measured 0.0
+
+
 def test_polar_default_dtype_is_the_records_bfloat16():
     assert polar(matrix(64, 32, seed=1)).dtype == torch.bfloat16
 
@@ -420,13 +430,14 @@ def test_zero_gradient_gives_finite_update():
 
 # --- the compiled update (the default on CUDA, as in the record) on the CPU ---
 
-def compiled_steps(shapes, backend, steps=3):
-    """`steps` steps of Aurora on `shapes` (float32 Newton-Schulz) with aurora_direction compiled
-    by `backend` (None: eager). Returns weights, momenta, grads (the look-ahead) and the number
-    of graphs Dynamo compiled."""
+def compiled_steps(shapes, backend, steps=3, fresh=True):
+    """`steps` steps of a new Aurora on `shapes` (float32 Newton-Schulz) with aurora_direction
+    compiled by `backend` (None: eager); fresh: Dynamo's caches and counters emptied first.
+    Returns weights, momenta, grads (the look-ahead) and the number of graphs Dynamo compiled."""
     from torch._dynamo.utils import counters
-    torch._dynamo.reset()
-    counters.clear()
+    if fresh:
+        torch._dynamo.reset()
+        counters.clear()
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in shapes]
     opt = Aurora(params, lr=0.05, ns_dtype="float32", compile=backend is not None)
@@ -446,15 +457,18 @@ def test_compiled_update_is_the_eager_rule_and_compiles_once_per_shape_class():
     """Dynamo's trace of the per-matrix rule (in-place momentum and look-ahead included), without
     the inductor kernels: exactly the eager result. A plain torch.compile, as the record's: the
     first shape compiles static, the second recompiles with dynamic sizes, square matrices
-    (another branch) once more; then nothing recompiles. The shapes relate as the record's
-    (3072x768, 768x3072, 768x768), and the optimizer visits them in the record's order."""
-    shapes = [(64, 16), (16, 64), (16, 16), (16, 16), (64, 16), (16, 64)]
+    (another branch) once more; then nothing recompiles. The first three shapes relate as the
+    record's (3072x768, 768x3072, 768x768), visited in the record's order; one more wide shape
+    runs in the dynamic graph (compiled with dynamic=False it would compile a fourth)."""
+    shapes = [(64, 16), (16, 64), (16, 16), (16, 16), (64, 16), (16, 64), (12, 40)]
     eager = compiled_steps(shapes, None)
     traced = compiled_steps(shapes, "aot_eager")
     for a, b in zip(eager[:3], traced[:3]):
         for x, y in zip(a, b):
             assert_equal(x, y)  # measured 0.0: weights, momenta and look-aheads
     assert traced[3] == 3  # tall, wide, square: measured 3 over 3 steps
+    # the next trial's optimizer (a new Aurora, as train_gpt.py makes one per trial) reuses them
+    assert compiled_steps(shapes, "aot_eager", steps=1, fresh=False)[3] == 3
 
 
 def test_inductor_compiled_update_matches_eager_on_the_cpu():
