@@ -550,14 +550,15 @@ class Aurora(torch.optim.Optimizer):
 
 
 _COMPILED = []
+COMPILE_BACKEND = "inductor"  # torch.compile's default; tests trace with "aot_eager" (no kernels)
 
 
 def compiled_aurora_direction():
-    """aurora_direction wrapped once per process in a plain torch.compile, as the record's
-    decorator: every optimizer (one per trial) shares its compiled graphs, so later trials
-    compile nothing."""
+    """aurora_direction wrapped once per process in a plain torch.compile (default options), as
+    the record's decorator: every optimizer (one per trial) shares its compiled graphs, so later
+    trials compile nothing."""
     if not _COMPILED:
-        _COMPILED.append(torch.compile(aurora_direction))
+        _COMPILED.append(torch.compile(aurora_direction, backend=COMPILE_BACKEND))
     return _COMPILED[0]
 
 

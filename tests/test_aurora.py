@@ -430,6 +430,13 @@ def test_zero_gradient_gives_finite_update():
 
 # --- the compiled update (the default on CUDA, as in the record) on the CPU ---
 
+@pytest.fixture
+def restore_compile_backend():
+    yield
+    aurora.COMPILE_BACKEND = "inductor"
+    aurora._COMPILED.clear()
+
+
 def compiled_steps(shapes, backend, steps=3, fresh=True):
     """`steps` steps of a new Aurora on `shapes` (float32 Newton-Schulz) with aurora_direction
     compiled by `backend` (None: eager); fresh: Dynamo's caches and counters emptied first.
@@ -440,9 +447,10 @@ def compiled_steps(shapes, backend, steps=3, fresh=True):
         counters.clear()
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s) * 0.02) for s in shapes]
+    if backend is not None and aurora.COMPILE_BACKEND != backend:
+        aurora.COMPILE_BACKEND = backend  # restored by the restore_compile_backend fixture
+        aurora._COMPILED.clear()
     opt = Aurora(params, lr=0.05, ns_dtype="float32", compile=backend is not None)
-    if backend not in (None, "inductor"):
-        opt._compiled = torch.compile(aurora_direction, backend=backend)
     for step in range(steps):
         gen = torch.Generator().manual_seed(100 + step)
         for p in params:
@@ -453,7 +461,7 @@ def compiled_steps(shapes, backend, steps=3, fresh=True):
             [p.grad for p in params], counters["stats"]["unique_graphs"])
 
 
-def test_compiled_update_is_the_eager_rule_and_compiles_once_per_shape_class():
+def test_compiled_update_is_the_eager_rule_and_compiles_once_per_shape_class(restore_compile_backend):
     """Dynamo's trace of the per-matrix rule (in-place momentum and look-ahead included), without
     the inductor kernels: exactly the eager result. A plain torch.compile, as the record's: the
     first shape compiles static, the second recompiles with dynamic sizes, square matrices
@@ -471,7 +479,7 @@ def test_compiled_update_is_the_eager_rule_and_compiles_once_per_shape_class():
     assert compiled_steps(shapes, "aot_eager", steps=1, fresh=False)[3] == 3
 
 
-def test_inductor_compiled_update_matches_eager_on_the_cpu():
+def test_inductor_compiled_update_matches_eager_on_the_cpu(restore_compile_backend):
     """The inductor backend (the one CUDA runs) fuses and reorders float operations: the same
     update up to rounding. One tall matrix (the Aurora branch); compiling takes ~20 s here."""
     eager, compiled = compiled_steps([(64, 16)], None, 2), compiled_steps([(64, 16)], "inductor", 2)
