@@ -273,3 +273,15 @@ def test_multi_node_needs_gpus(run_sh):
     assert proc.returncode == 2
     assert "no NVIDIA GPU found" in proc.stderr
     assert not dry_runs(proc.calls) and not trainings(proc.calls)
+
+
+def test_the_trainers_lock_file_is_ignored_by_git():
+    """records/.lock (the trainer's lock for record folders) never shows in `git status`."""
+    try:
+        proc = subprocess.run(["git", "check-ignore", "-q", "records/.lock"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=30)
+    except OSError:
+        pytest.skip("git not available")
+    if proc.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert proc.returncode == 0, "records/.lock is not in .gitignore"
