@@ -3,7 +3,7 @@ upstream's).
 
 Usage (from the repository root or anywhere else):
 
-    python tools/records.py summary PATH... [--target 3.28] [--metric val_loss] [--new-trials N] [--json]
+    python tools/records.py summary PATH... [--target T] [--metric val_loss] [--new-trials N] [--json]
     python tools/records.py summary RECORD_DIR --write     # also (re)write RECORD_DIR/summary.json
     python tools/records.py compare A B [--png FILE] [--band minmax|std] [--target] [--metric] [--json]
     python tools/records.py plot PATH... --png FILE [--label NAME ...] [--band minmax|std]
@@ -40,12 +40,19 @@ What counts (so that a summary cannot lie):
   mid-line, stopped before their siblings; an `interrupted:`/`failed:` line says why) are listed
   apart, never pooled;
 - a val line counts only when whole: step, metric, train_time ending in s and step_avg ending in
-  ms, each well-formed. A cut line (full disk, kill mid-write) is ignored and listed in `bad_lines`;
+  ms, each well-formed, every field named once. A cut or garbled line (full disk, kill mid-write,
+  a field repeated) is ignored and listed in `bad_lines`;
+- a file counts once: given twice (`summary A A`, a folder and a file in it) it is read once, and
+  a copy (the same content; trials with at least two validation lines) is listed in `duplicates`
+  as a copy of the original's trials, with a note;
 - a seed counts once: a later complete trial with the seed of an earlier one (across files too) is
   listed in `duplicates` and left out; an upstream trial whose validation lines (with their clock)
   repeat another's is the same run logged twice, listed there as a copy;
 - logs of several configurations (code part without comments, strings and seed lines, or
   hyperparameter lines) are summarized per group; the claim is the group that passes earliest;
+- the target: --target, else the `val_loss_target:` header line of the logs (our trainer writes
+  it; logs of one record that state different targets are refused), else 3.28. `compare` and
+  `diff` take A's and warn when A and B were run for different targets;
 - the metric: `val_loss`, unless the README.md beside the logs names another field of their val
   lines more often (a claim on a readout such as `val_ema_loss`); `--metric` chooses.
 
@@ -64,7 +71,9 @@ import argparse
 import ast
 import datetime
 import difflib
+import functools
 import glob
+import hashlib
 import io
 import json
 import math
@@ -95,6 +104,8 @@ SEED_LINE = re.compile(r"^trial:(\d+)\s+seed:(\S+)")
 STOP_LINE = re.compile(r"^(interrupted|failed|error):\s")
 END_LINE = re.compile(r"^final val losses:")  # our trainer's last line: every trial ended as planned
 STOP_STEP = re.compile(r"\bat step (\d+)")
+KEY = re.compile(r"^[A-Za-z_]\w*$", re.ASCII)  # a field name on a step line
+DERIVED = ("seconds",)  # a field read_step_line adds itself
 HYPERPARAMETER = re.compile(r"^([A-Za-z_]\w*): (.*)$")
 NUMBER = re.compile(r"^[-+]?((\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?|nan|inf)$", re.IGNORECASE)
 SECONDS = re.compile(r"^(\d+(?:\.\d+)?)(m?)s$")  # ours write seconds; some upstream logs ms
@@ -102,6 +113,7 @@ MILLISECONDS = re.compile(r"^(\d+(\.\d+)?|nan|inf)ms$")
 # Hyperparameter lines that vary between the runs of one record (as train_gpt.py's --append check);
 # a log whose trainer declares PER_RUN adds those names (see run_specific()).
 RUN_SPECIFIC = ("seed", "trials", "data_dir")
+DEFAULT_TARGET = 3.28  # the benchmark's target, when neither --target nor the logs give one
 PASS_MARGIN = 0.004          # (target - mean) * sqrt(n) must reach this (sigma 0.0013, p < 0.001)
 LOSS_PER_100_STEPS = 0.0045  # val loss gained per 100 steps near the target (pairwise test)
 # Losses are logged with 5 decimals, so a margin that is exactly 0.004 on paper (e.g. n=4, mean
@@ -144,6 +156,20 @@ def parse_seed(token):
     return None if token == "None" else token  # e.g. record0: unseeded, the record's stream
 
 
+def header_value(text):
+    """A hyperparameter line's value as Python: our trainer writes JSON (`"aurora"`, `true`,
+    `[0.8, 0.95]`, `null`), older logs Python literals (`aurora`, `True`, `(0.8, 0.95)`); anything
+    else stays the text."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
+
+
 def read_step_line(line, metric):
     """A line starting with 'step:': ('val', fields) for a whole line with the metric, ('other',
     fields) for a whole line without it (training progress, another metric), or ('cut', None).
@@ -157,7 +183,8 @@ def read_step_line(line, metric):
     fields = dict(step=int(m.group(1)), total=int(m.group(2)))
     for tok in tokens[1:]:
         key, sep, value = tok.partition(":")
-        if not (key and sep and value):
+        # a repeated field (`... step:1/2`, two val_loss) or a garbage key: not a line we can trust
+        if not (KEY.match(key) and sep and value) or key in fields or key in DERIVED:
             return "cut", None
         fields[key] = value
     time = SECONDS.match(fields.get("train_time", ""))
@@ -193,7 +220,8 @@ def read_log(path, metric="val_loss"):
     start = seps[0] + 1 if seps else 0
     header = lines[start:seps[1]] if len(seps) > 1 else []
     hyper = {m.group(1): m.group(2).strip() for m in map(HYPERPARAMETER.match, header) if m}
-    log = dict(path=str(path), code="".join(raw[:seps[0]]) if seps else "", header=header,
+    digest = hashlib.sha256("".join(raw).encode("utf-8", "surrogatepass")).hexdigest()
+    log = dict(path=str(path), digest=digest, code="".join(raw[:seps[0]]) if seps else "", header=header,
                hyperparameters=hyper, environment=[h for h in header if not HYPERPARAMETER.match(h)],
                trials=[], bad_lines=[], stops=[], metrics=set())
     trials, pending_bad, other_metric, seed_lines = log["trials"], [], False, False
@@ -325,7 +353,15 @@ def load_record(paths, metric=None):
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     paths = [os.fspath(p) for p in paths]
-    files = [(p, f) for p in paths for f in log_files(p)]
+    files, first, given_twice = [], {}, []
+    for p in paths:
+        for f in log_files(p):
+            real = os.path.realpath(f)
+            if real in first:  # `summary A A`, or a folder and a file in it: read once
+                given_twice.append(f"{f} (also {first[real]})" if f != first[real] else f)
+            else:
+                first[real] = f
+                files.append((p, f))
 
     def read_all(m):
         logs, skipped = [], []
@@ -351,6 +387,11 @@ def load_record(paths, metric=None):
     if not logs:
         raise RecordsError(f"no log in {', '.join(paths)} has validation lines with '{chosen}:' "
                            f"(skipped: {', '.join(skipped)}; another field can be chosen with --metric)")
+    if given_twice:
+        notes.append(f"read once: {len(given_twice)} file(s) given more than once: "
+                     + ", ".join(given_twice[:4]) + (" ..." if len(given_twice) > 4 else ""))
+    notes += mark_copies(logs)
+    notes += [note for p in paths if os.path.isdir(p) for note in [read_config(p)[1]] if note]
     if skipped:
         shown = ", ".join(skipped[:4]) + (f" and {len(skipped) - 4} more" if len(skipped) > 4 else "")
         notes.append(f"skipped {len(skipped)} file(s) without '{chosen}:' validation lines (not "
@@ -358,6 +399,102 @@ def load_record(paths, metric=None):
     notes += assign_groups(logs, paths)
     return dict(runs=[t for log in logs for t in log["trials"]], logs=logs, skipped=skipped,
                 metric=chosen, notes=notes)
+
+
+def mark_copies(logs):
+    """A log with the same content as an earlier one (a copy of the file) holds the same trials:
+    each of its trials gets `copy_of` (the original trial), so that screen() counts it once. As in
+    copies(), a trial with a single validation line after step 0 is not enough to tell: different
+    runs may log the same one line."""
+    originals, notes = {}, []
+    for log in logs:
+        original = originals.setdefault(log["digest"], log)
+        marked = 0
+        for mine, theirs in zip(log["trials"], original["trials"]) if original is not log else ():
+            if sum(step > 0 for step in mine["steps"]) >= 2:
+                mine["copy_of"] = (theirs["source"], theirs["trial"])
+                marked += 1
+        if marked:
+            notes.append(f"{log['path']} has the same content as {original['path']}: a copy, its "
+                         "trials are counted once")
+    return notes
+
+
+def read_config(record_dir):
+    """(config.json of a record folder as a dict, or None; a note when it exists but cannot be
+    used). The trainer writes it and checks `--append` runs against it; the summary says when it
+    is broken (a later --append would stumble on it)."""
+    path = os.path.join(record_dir, "config.json")
+    if not os.path.lexists(path):
+        return None, None
+    why = None
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        config = json.loads(text) if text.strip() else None
+        if config is None:
+            why = "empty" if not text.strip() else "not a JSON object (null)"
+        elif not isinstance(config, dict):
+            why = f"not a JSON object (a {type(config).__name__})"
+    except IsADirectoryError:
+        why = "a directory, not a file"
+    except OSError as e:
+        why = f"unreadable: {e.strerror or e}"
+    except ValueError as e:
+        why = f"not valid JSON ({e})"
+    if why:
+        return None, (f"{path} is {why}: ignored here; the trainer's --append checks new runs "
+                      "against it (delete it to have the logs' headers used)")
+    return config, None
+
+
+def logged_target(logs):
+    """The val_loss_target the logs' headers state (our trainer logs it), or None when none does.
+    RecordsError when logs of one record state different targets, or one is not a number."""
+    found = {}
+    for log in logs:
+        text = log["hyperparameters"].get("val_loss_target")
+        if text is None:
+            continue
+        value = header_value(text)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RecordsError(f"{log['path']}: val_loss_target {text!r} is not a number")
+        found.setdefault(float(value), []).append(log["path"])
+    if len(found) > 1:
+        raise RecordsError("the logs were run for different targets (their val_loss_target lines): "
+                           + "; ".join(f"{t:g} in {', '.join(files[:3])}{' ...' if len(files) > 3 else ''}"
+                                       for t, files in found.items())
+                           + ": give each record apart, or choose one with --target")
+    return next(iter(found), None)
+
+
+def resolve_target(logs, target=None):
+    """(target, note): `target` when given, else the logs' val_loss_target, else 3.28."""
+    if target is not None:
+        return float(target), None
+    logged = logged_target(logs)
+    if logged is None:
+        return DEFAULT_TARGET, None
+    return logged, f"target {logged:g}: the logs' val_loss_target (--target chooses another)"
+
+
+def target_text(target, logged):
+    return (f"{target:g} (its logs' val_loss_target)" if logged is not None
+            else f"{target:g} (not stated in its logs: the benchmark's)")
+
+
+def pair_targets(logs_a, logs_b, target=None):
+    """(target for both, warning or None) for a comparison of A and B: --target, else A's own
+    (its logs' val_loss_target, else 3.28); a warning when A and B were run for different targets."""
+    logged_a, logged_b = logged_target(logs_a), logged_target(logs_b)
+    own_a = DEFAULT_TARGET if logged_a is None else logged_a
+    own_b = DEFAULT_TARGET if logged_b is None else logged_b
+    used = own_a if target is None else float(target)
+    if own_a == own_b:
+        return used, None
+    return used, (f"A and B were run for different targets: A for {target_text(own_a, logged_a)}, "
+                  f"B for {target_text(own_b, logged_b)}; both are taken at {used:g} "
+                  f"({'--target' if target is not None else 'A' + chr(39) + 's'}; --target chooses)")
 
 
 def load_runs(paths, metric="val_loss"):
@@ -508,7 +645,10 @@ def screen(runs):
                 bad.append(dict(b))
         info = dict(source=r["source"], trial=r["trial"], seed=r["seed"])
         reason = why_incomplete(r, ends.get(r.get("group")))
-        if i in copied:
+        if r.get("copy_of"):
+            source, trial = r["copy_of"]
+            duplicates.append(dict(info, duplicate_of=f"{source} trial {trial}", copy=True))
+        elif i in copied:
             duplicates.append(dict(info, duplicate_of=trial_name(runs[copied[i]]), copy=True))
         elif reason:
             incomplete.append(dict(info, last_step=r.get("last_step"), total_steps=r["total_steps"],
@@ -594,7 +734,7 @@ def groups_of(runs):
     return out
 
 
-def summarize(runs, target=3.28, new_trials=None):
+def summarize(runs, target=DEFAULT_TARGET, new_trials=None):
     """Mean, std and margin at every validated step common to all counted runs (see screen()),
     and the record step: the earliest of them with (target - mean) * sqrt(n) >= 0.004 (None when
     none passes; mean, margin, std and train_time_mean are then those of the last common step).
@@ -604,6 +744,7 @@ def summarize(runs, target=3.28, new_trials=None):
     `groups` lists every group's n, step, mean and margin (or why it has none)."""
     if not runs:
         raise RecordsError("no runs to summarize")
+    target = DEFAULT_TARGET if target is None else target
     groups = groups_of(runs)
     if len(groups) > 1:
         return summarize_groups(groups, target, new_trials)
@@ -665,7 +806,7 @@ def summarize_groups(groups, target, new_trials):
     return dict(best, group=label, groups=table + errors)
 
 
-def claimed(runs, target=3.28):
+def claimed(runs, target=DEFAULT_TARGET):
     """The runs of the group a summary claims for (all runs when they share a configuration)."""
     groups = groups_of(runs)
     if len(groups) == 1:
@@ -673,7 +814,7 @@ def claimed(runs, target=3.28):
     return groups[summarize(runs, target)["group"]]
 
 
-def compare(runs_a, runs_b, target=3.28):
+def compare(runs_a, runs_b, target=DEFAULT_TARGET):
     """The benchmark's pairwise test of record A against record B. Each is taken at its own record
     step (its last common step if it never passes):
         z = ((mean_B - mean_A) + (steps_B - steps_A) / 100 * 0.0045) / sqrt(1/n_A + 1/n_B)
@@ -730,18 +871,26 @@ def write_public(path, text):
         raise
 
 
-def summary_of(paths, target=3.28, metric=None, new_trials=None):
+def summary_of(paths, target=None, metric=None, new_trials=None, pool=False):
     """summarize() of everything under `paths` (see load_record), with `metric` (the one read) and
-    `notes` (the metric chosen, files skipped, groups) added; also returns the claim's runs."""
+    `notes` (the metric chosen, files read once, copies, files skipped, groups, the target) added;
+    also returns the claim's runs. target None: the logs' val_loss_target, else 3.28. pool: one
+    summary of every configuration together."""
     record = load_record(paths, metric)
+    target, note = resolve_target(record["logs"], target)
+    notes = record["notes"] + ([note] if note else [])
+    if pool:
+        for r in record["runs"]:
+            r["group"] = None
+        notes = [n for n in notes if not n.startswith(("the logs hold", "group "))]
     summary = summarize(record["runs"], target, new_trials)
-    summary.update(metric=record["metric"], notes=record["notes"])
+    summary.update(metric=record["metric"], notes=notes)
     return summary, claimed(record["runs"], target), record
 
 
-def write_summary(record_dir, target=3.28, extra=None, metric=None, new_trials=None):
+def write_summary(record_dir, target=None, extra=None, metric=None, new_trials=None):
     """(Re)write record_dir/summary.json from every *.txt log in it; returns what it wrote:
-    summary_of()'s keys (with incomplete, duplicates and bad_lines naming files by base name), plus
+    summary_of()'s keys (incomplete, duplicates and bad_lines name files relative to it), plus
     `environment` (= extra), `runs` (per counted run: source file name, trial, seed, final_step,
     final_loss, first_step_at_target), and `skipped_logs`: logs with no validation line at all (a
     run that stopped before its first validation must not block the record's later summaries)."""
@@ -749,17 +898,36 @@ def write_summary(record_dir, target=3.28, extra=None, metric=None, new_trials=N
     summary["skipped_logs"] = [f"{f}: no validation lines with '{record['metric']}:'"
                                for f in record["skipped"]]
     summary["environment"] = dict(extra or {})
-    summary["runs"] = [dict(source=os.path.basename(r["source"]), trial=r["trial"], seed=r["seed"],
+    summary["runs"] = [dict(source=relative(r["source"], record_dir), trial=r["trial"], seed=r["seed"],
                             final_step=r["steps"][-1], final_loss=r["losses"][-1],
                             first_step_at_target=first)
                        for r, first in zip(screen(runs)["counted"], summary["first_step_at_target"])]
+    relative_sources(summary, record_dir)
+    summary = json_safe(summary)
+    try:
+        write_public(os.path.join(record_dir, "summary.json"),
+                     json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    except OSError as e:
+        raise RecordsError(f"cannot write {os.path.join(record_dir, 'summary.json')}: "
+                           f"{e.strerror or e}") from None
+    return summary
+
+
+def relative(path, root):
+    """A log's name relative to its record folder (a path outside it stays as given)."""
+    root = root if os.path.isdir(root) else os.path.dirname(root)
+    rel = os.path.relpath(path, root or os.curdir)
+    return path if rel.startswith(os.pardir) else rel
+
+
+def relative_sources(summary, root):
+    """Name the files of what a summary left out relative to the record folder `root`."""
     for key in ("incomplete", "duplicates", "bad_lines"):
         for item in summary[key]:
-            item["source"] = os.path.basename(item["source"])
-    summary = json_safe(summary)
-    write_public(os.path.join(record_dir, "summary.json"),
-                 json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    return summary
+            item["source"] = relative(item["source"], root)
+            if "duplicate_of" in item:
+                source, _, trial = item["duplicate_of"].rpartition(" trial ")
+                item["duplicate_of"] = f"{relative(source, root)} trial {trial}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -845,7 +1013,7 @@ def pyplot():
     return plt
 
 
-def plot_records(records, png_path, target=3.28, band="minmax"):
+def plot_records(records, png_path, target=DEFAULT_TARGET, band="minmax"):
     """Mean val-loss curve of each record with a min-max or mean ± std band: the whole run (y axis
     cut at 4.5), and a panel zoomed near the target (target - 0.02 .. target + 0.06, from the first
     step where a mean curve enters that range). `records` maps a label to its runs (counted runs
@@ -858,7 +1026,7 @@ def plot_records(records, png_path, target=3.28, band="minmax"):
     save(fig, png_path, plt)
 
 
-def plot_submission(records, full_png, zoom_png, target=3.28, band="minmax"):
+def plot_submission(records, full_png, zoom_png, target=DEFAULT_TARGET, band="minmax"):
     """The two figures of an upstream result folder: whole curves, and zoomed near the target."""
     data = curves(records, target, band)
     plt = pyplot()
@@ -921,19 +1089,21 @@ def mean_curve(runs):
     return steps, means, len(counted), note
 
 
-def diff_records(a, b, target=3.28, metric="val_loss"):
+def diff_records(a, b, target=None, metric="val_loss"):
     """What differs between A and B (log files or record folders): hyperparameters (header
     `name: value` lines of each side's first log; seed, trials and data_dir apart as run-specific),
     a unified diff of the code parts, the mean val loss at common steps side by side, and the
     pairwise test (compare()) when either side has more than one trial."""
     logs_a, logs_b = read_record(a, metric), read_record(b, metric)
+    target, target_warning = pair_targets(logs_a, logs_b, target)
     runs_a = [t for log in logs_a for t in log["trials"]]
     runs_b = [t for log in logs_b for t in log["trials"]]
     hp_a, hp_b = logs_a[0]["hyperparameters"], logs_b[0]["hyperparameters"]
     skip = run_specific(logs_a[0], logs_b[0])
     config = [k for k in sorted(set(hp_a) | set(hp_b)) if k not in skip]
     code_a, code_b = logs_a[0]["code"], logs_b[0]["code"]
-    result = dict(a=os.fspath(a), b=os.fspath(b), metric=metric,
+    result = dict(a=os.fspath(a), b=os.fspath(b), metric=metric, target=target,
+                  target_warning=target_warning,
                   logs_a=len(logs_a), logs_b=len(logs_b),
                   has_hyperparameters_a=bool(hp_a), has_hyperparameters_b=bool(hp_b),
                   hyperparameters=[dict(name=k, a=x, b=y)
@@ -963,6 +1133,8 @@ def diff_records(a, b, target=3.28, metric="val_loss"):
 
 
 def print_diff(d):
+    if d.get("target_warning"):
+        print(f"warning: {d['target_warning']}")
     for side in ("a", "b"):
         note = f"  ({d['note_' + side]})" if d["note_" + side] else ""
         print(f"{side.upper()}: {d[side]}  ({d['logs_' + side]} log(s), n={d['n_' + side]}){note}")
@@ -1106,24 +1278,46 @@ def run_specific(*logs):
     names = list(RUN_SPECIFIC)
     for log in logs:
         if "PER_RUN" in log["code"]:
-            names += [k for k in script_facts(log["code"])["per_run"] if k not in names]
+            names += [k for k in declared_per_run(log["code"]) if k not in names]
     return tuple(names)
 
 
+@functools.lru_cache(maxsize=16)
+def declared_per_run(code):
+    """script_facts(code)["per_run"], parsed once per code part (every log of a record has it)."""
+    return script_facts(code)["per_run"]
+
+
+def same_value(a, b):
+    """A default (Python) and a logged value (header_value) say the same: lists and tuples alike,
+    1 == 1.0, True only equal to True."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(map(same_value, a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    return a == b
+
+
 def flag_arguments(name, value, facts):
-    """Command-line arguments that set hyperparameter `name` to its logged `value` (a string)."""
+    """Command-line arguments that set hyperparameter `name` to its logged `value` (the header's
+    text: JSON as our trainer writes it, or a Python literal as older logs do); plain values, as
+    the flags take them (--rule aurora, --adam-betas 0.8 0.95, --no-nesterov). None when no flag
+    can say it (e.g. null, or a nested value)."""
     flag = "--" + name.replace("_", "-")
-    if value in ("True", "False"):
+    parsed = header_value(value)
+    if isinstance(parsed, bool):
         if facts["boolean_optional"]:
-            return [flag] if value == "True" else ["--no-" + name.replace("_", "-")]
-        return [flag, "on" if value == "True" else "off"]
-    try:
-        parsed = ast.literal_eval(value)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        parsed = None
-    if isinstance(parsed, tuple):  # e.g. adam_betas: (0.8, 0.95) -> --adam-betas 0.8 0.95
+            return [flag] if parsed else ["--no-" + name.replace("_", "-")]
+        return [flag, "on" if parsed else "off"]
+    if isinstance(parsed, (list, tuple)):  # e.g. adam_betas: [0.8, 0.95] -> --adam-betas 0.8 0.95
+        if not all(isinstance(x, (int, float, str)) and not isinstance(x, bool) for x in parsed):
+            return None
         return [flag, *map(str, parsed)]
-    return [flag, value]
+    if parsed is None or isinstance(parsed, dict):
+        return None
+    if isinstance(parsed, str):
+        return [flag, parsed]
+    return [flag, value.strip()]  # a number: as logged
 
 
 def seed_arguments(logs, counted):
@@ -1164,21 +1358,23 @@ def reproduce(logs, counted, name):
     flags = []
     if facts["defaults"]:
         base, presets = dict(facts["defaults"]), facts["presets"]
+        values = {k: header_value(v) for k, v in hp.items()}
         if "preset" in hp:  # the log names its preset: its values are the baseline for flags
-            base.update(presets.get(hp["preset"], {}))
+            base.update(presets.get(values["preset"], {}) if isinstance(values["preset"], str) else {})
         else:  # an older trainer: the preset whose every value the log shows, if one
             matching = [p for p, entries in presets.items() if entries and all(
-                str(v) == hp.get(k) for k, v in entries.items() if k not in skip)]
+                k in values and same_value(v, values[k]) for k, v in entries.items() if k not in skip)]
             if matching and '"--preset"' in code:
                 preset = max(matching, key=lambda p: len(presets[p]))
                 flags += ["--preset", preset]
                 base.update(presets[preset])
         unflagged = []
         for k, v in hp.items():
-            if k in skip or k not in base or str(base[k]) == v:
+            if k in skip or k not in base or same_value(base[k], values[k]):
                 continue
-            if facts["generated"] or f'"--{k.replace("_", "-")}"' in code:
-                flags += flag_arguments(k, v, facts)
+            arguments = flag_arguments(k, v, facts)
+            if arguments is not None and (facts["generated"] or f'"--{k.replace("_", "-")}"' in code):
+                flags += arguments
             else:
                 unflagged.append(f"{k}: {v}")
         if unflagged:
@@ -1284,12 +1480,14 @@ def submission_readme(ctx):
                    + " | ".join(f"{loss_at(r, st):.5f}" for st in steps) + " |")
     out.append("| **mean** | | " + " | ".join(f"{row['mean']:.6f}" for row in near) + " |")
     out.append("| **std** | | " + " | ".join(f"{row['std']:.5f}" for row in near) + " |")
-    left_out = ([f"- incomplete (not counted): {os.path.basename(x['source'])} trial {x['trial']} "
+    left_out = ([f"- incomplete (not counted): {x['source']} trial {x['trial']} "
                  f"{seed_text(x['seed'])}, last step {x['last_step']}/{x['total_steps']}: {x['reason']}"
                  for x in s["incomplete"]]
-                + [f"- duplicate seed (counted once): {os.path.basename(x['source'])} trial "
+                + [f"- copy (counted once): {x['source']} trial {x['trial']} repeats {x['duplicate_of']}"
+                   if x.get("copy") else
+                   f"- duplicate seed (counted once): {x['source']} trial "
                    f"{x['trial']} seed {x['seed']} repeats {x['duplicate_of']}" for x in s["duplicates"]]
-                + [f"- cut line (ignored): {os.path.basename(x['source'])} line {x['line']}: "
+                + [f"- cut line (ignored): {x['source']} line {x['line']}: "
                    f"`{x['text']}`" for x in s["bad_lines"]])
     out += ["", "Left out: " + ("none: every trial in the logs is complete, no seed repeats, no "
                                 "line is cut." if not left_out else ""), *left_out]
@@ -1340,7 +1538,7 @@ def submission_readme(ctx):
     return "\n".join(out)
 
 
-def submit(record_dir, name, baseline=None, out=None, target=3.28, metric="val_loss",
+def submit(record_dir, name, baseline=None, out=None, target=None, metric="val_loss",
            description=None, contributors=None, date=None):
     """Write an upstream-style result folder for the record in record_dir and return
     dict(out, files, row, summary, comparison). Refuses (RecordsError) when the logs do not share
@@ -1358,7 +1556,9 @@ def submit(record_dir, name, baseline=None, out=None, target=3.28, metric="val_l
         except ValueError:
             raise RecordsError(f"--date must be YYYY-MM-DD, got {date!r}") from None
     out = os.path.abspath(out or os.path.join(RESULTS_DIR, f"{date:%Y%m%d}_{name}"))
-    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise RecordsError(f"{out} exists and is not a directory: choose another --out")
+    if os.path.exists(out) and os.listdir(out):
         raise RecordsError(f"{out} already exists and is not empty: choose another --name or --out "
                            "(a result folder is never overwritten)")
     logs = read_record(record_dir, metric)
@@ -1369,8 +1569,10 @@ def submit(record_dir, name, baseline=None, out=None, target=3.28, metric="val_l
     if not logs[0]["code"].strip():
         raise RecordsError(f"{logs[0]['path']} holds no code part (nothing before its first '=' "
                            "line): a submission must include the code that ran")
+    target, _ = resolve_target(logs, target)
     runs = [t for log in logs for t in log["trials"]]
     s = summarize(runs, target)
+    relative_sources(s, record_dir)
     if s["step"] is None:
         raise RecordsError(f"{record_dir}: no validated step passes (last common step "
                            f"{s['final_step']}: mean {s['mean']:.6f}, margin {s['margin']:.5f} < "
@@ -1542,7 +1744,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--target", type=float, default=3.28, help="target val loss (default 3.28)")
+    common.add_argument("--target", type=float, help="target val loss (default: the logs' "
+                        "val_loss_target line, which our trainer writes, else 3.28)")
     common.add_argument("--metric", help="field of the val lines (default: val_loss, or the one the "
                         "folder's README.md claims on when the val lines also carry it, e.g. "
                         "val_ema_loss)")
@@ -1591,25 +1794,22 @@ def main(argv=None):
                     raise RecordsError("--write needs exactly one PATH, a record directory")
                 s = write_summary(args.paths[0], args.target, metric=args.metric,
                                   new_trials=args.new_trials)
-            elif args.pool:
-                record = load_record(args.paths, args.metric)
-                for r in record["runs"]:
-                    r["group"] = None
-                s = summarize(record["runs"], args.target, args.new_trials)
-                s.update(metric=record["metric"], notes=[n for n in record["notes"]
-                                                         if not n.startswith(("the logs hold", "group "))])
             else:
-                s = summary_of(args.paths, args.target, args.metric, args.new_trials)[0]
+                s = summary_of(args.paths, args.target, args.metric, args.new_trials, args.pool)[0]
             if args.json:
                 print(json.dumps(json_safe(s)))
             else:
                 print_summary(s)
         elif args.command == "compare":
-            runs_a, runs_b = load_runs([args.a], args.metric), load_runs([args.b], args.metric)
-            c = compare(runs_a, runs_b, args.target)
+            rec_a, rec_b = load_record([args.a], args.metric), load_record([args.b], args.metric)
+            runs_a, runs_b = rec_a["runs"], rec_b["runs"]
+            target, warning = pair_targets(rec_a["logs"], rec_b["logs"], args.target)
+            if warning:
+                print(f"warning: {warning}", file=sys.stderr)
+            c = dict(compare(runs_a, runs_b, target), target_warning=warning)
             if args.png:
                 plot_records({f"A: {args.a}": runs_a, f"B: {args.b}": runs_b}, args.png,
-                             args.target, args.band)
+                             target, args.band)
             if args.json:
                 print(json.dumps(json_safe(c)))
             else:
@@ -1618,8 +1818,14 @@ def main(argv=None):
             labels = args.label or args.paths
             if len(labels) != len(args.paths):
                 raise RecordsError(f"{len(labels)} --label for {len(args.paths)} paths")
-            plot_records({lab: load_runs([p], args.metric) for lab, p in zip(labels, args.paths)},
-                         args.png, args.target, args.band)
+            loaded = [load_record([p], args.metric) for p in args.paths]
+            own = [resolve_target(r["logs"])[0] for r in loaded]
+            target = own[0] if args.target is None else args.target
+            if len(set(own)) > 1:
+                print(f"warning: the records were run for different targets ({', '.join(map(format, own, ['g'] * len(own)))}): "
+                      f"the target line is drawn at {target:g} (--target chooses)", file=sys.stderr)
+            plot_records({lab: r["runs"] for lab, r in zip(labels, loaded)}, args.png, target,
+                         args.band)
             print(f"wrote {args.png}")
         elif args.command == "diff":
             d = diff_records(args.a, args.b, args.target, args.metric or "val_loss")
@@ -1640,6 +1846,10 @@ def main(argv=None):
             print(r["row"])
     except RecordsError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the checks above did not foresee (permissions, a full disk)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     return 0
 
