@@ -16,9 +16,12 @@ import tempfile
 import pytest
 
 from tools import records
-from tools.records import (PUBLISHED, RecordsError, compare, diff_records, load_runs, parse_log,
-                           pass_probability, plot_records, read_log, submit, summarize,
-                           summary_of, trials_needed, write_summary)
+from tools.compare import diff_records
+from tools.logs import RecordsError, load_runs, parse_log, read_log
+from tools.plots import plot_records
+from tools.stats import compare, pass_probability, summarize, trials_needed
+from tools.submit import PUBLISHED, submit
+from tools.summary import summary_of, write_summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The published record's output: the in-repo copy (always there), and the shared file it was
