@@ -19,7 +19,6 @@ Public API (names as in the Aurora reference code):
 The whole algorithm is `polar`, `aurora_polar` and `aurora_direction` below; `Aurora` only holds
 the momentum buffers and shares the matrices among ranks.
 """
-import math
 
 import torch
 import torch.distributed as dist
@@ -310,9 +309,9 @@ class Aurora(torch.optim.Optimizer):
                 if p.grad is None:
                     raise RuntimeError(f"Aurora: parameter of shape {tuple(p.shape)} has no gradient")
             if self.batched:
-                self._step_batched(group, rank, world)
+                self._step_batched(group, rank, world, distributed)
             else:
-                self._step_per_matrix(group, rank, world)
+                self._step_per_matrix(group, rank, world, distributed)
         self._note_finite()
         self._keep = False
         self.step_index += 1
@@ -323,7 +322,7 @@ class Aurora(torch.optim.Optimizer):
         the record's decorator (automatic dynamic shapes: a second matrix shape recompiles)."""
         if self.compile is True or (self.compile == "auto" and device.type == "cuda"):
             if self._compiled is None:
-                self._compiled = torch.compile(aurora_direction)
+                self._compiled = compiled_aurora_direction()
             return self._compiled
         return aurora_direction
 
@@ -350,7 +349,7 @@ class Aurora(torch.optim.Optimizer):
             state[key] = torch.zeros(shape, dtype=torch.float32, device=p.device)
         return state[key]
 
-    def _step_per_matrix(self, group, rank, world):
+    def _step_per_matrix(self, group, rank, world, gather):
         params = self._record_order(group["params"])
         for base in range(0, len(params), world):
             round_ = params[base:base + world]
@@ -358,7 +357,7 @@ class Aurora(torch.optim.Optimizer):
                 p = round_[rank]
                 row_v = self._buffer(p, "row_v", (p.size(0), 1)) if group["rule"] == "normuon" else None
                 self._apply(group, [p], p.grad, self._buffer(p, "momentum", p.shape), p.data, row_v)
-            if world > 1:
+            if gather:  # under a process group always, as the record (world size 1 too)
                 self._gather_round(round_, rank, world)
 
     @staticmethod
@@ -393,7 +392,7 @@ class Aurora(torch.optim.Optimizer):
             yield shape, same, [(offset + i) % world for i in range(len(same))]
             offset = (offset + len(same)) % world
 
-    def _step_batched(self, group, rank, world):
+    def _step_batched(self, group, rank, world, gather):
         gathers = []
         for shape, params, owners in self._shape_stacks(group["params"], world):
             mine = [p for p, r in zip(params, owners) if r == rank]
@@ -403,7 +402,7 @@ class Aurora(torch.optim.Optimizer):
                          else None)
                 self._apply(group, mine, torch.stack([p.grad for p in mine]),
                             self._stacked(mine, "momentum", shape), W, row_v)
-            if world == 1:
+            if not gather:
                 for p, w in zip(mine, W):
                     p.copy_(w)
                 continue
@@ -548,6 +547,19 @@ class Aurora(torch.optim.Optimizer):
             shapes = [tuple(p.shape) for p, s in zip(params, first) if s == step]
             raise FloatingPointError(f"Aurora: non-finite update at step {step} for parameter(s) of "
                                      f"shape {shapes}; check the loss and gradients for NaN/inf")
+
+
+_COMPILED = []
+COMPILE_BACKEND = "inductor"  # torch.compile's default; tests trace with "aot_eager" (no kernels)
+
+
+def compiled_aurora_direction():
+    """aurora_direction wrapped once per process in a plain torch.compile (default options), as
+    the record's decorator: every optimizer (one per trial) shares its compiled graphs, so later
+    trials compile nothing."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(aurora_direction, backend=COMPILE_BACKEND))
+    return _COMPILED[0]
 
 
 def _collective_device():

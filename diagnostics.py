@@ -35,8 +35,8 @@ class NeuronHealth:
                         if ctx.rank == 0 else None)
 
     def before_step(self, next_step_validates):
-        """The leverage is a by-product of the optimizer step: ask for it before the step whose
-        result the next validation reports."""
+        """Ask the optimizer to keep the look-ahead of the step whose result the next validation
+        reports (a reference: nothing is computed in the step; report() computes the leverage)."""
         if self.enabled and next_step_validates:
             self.aurora.track_leverage()
 

@@ -45,10 +45,20 @@ MASTER_PORT=${MASTER_PORT:-29500}
 is_count "$MASTER_PORT" && (( 10#$MASTER_PORT >= 1 && 10#$MASTER_PORT <= 65535 )) \
   || die "MASTER_PORT must be a port number from 1 to 65535, got '$MASTER_PORT'"
 MASTER_PORT=$((10#$MASTER_PORT))
+if [[ -n ${RUN_SH_NGPU:-} ]]; then
+  is_count "$RUN_SH_NGPU" || die "RUN_SH_NGPU must be a non-negative integer, got '$RUN_SH_NGPU'"
+fi
+
+# ---- the interpreter: it must run before anything is said about GPUs or data ---------------------
+command -v "$PYTHON" >/dev/null 2>&1 \
+  || die "PYTHON=$PYTHON: no such command (set PYTHON to a Python 3 interpreter, or unset it for python3)"
+probe_rc=0
+probe=$("$PYTHON" -c 'import sys; print("python", sys.version_info[0])' 2>&1) || probe_rc=$?
+[[ $probe_rc == 0 && $probe == "python 3" ]] \
+  || die "PYTHON=$PYTHON does not run Python 3 (exit status $probe_rc${probe:+: $(tail -n 1 <<<"$probe")})"
 
 # ---- GPUs that torch can use (honours CUDA_VISIBLE_DEVICES; empty forces the CPU path) ----------
 if [[ -n ${RUN_SH_NGPU:-} ]]; then
-  is_count "$RUN_SH_NGPU" || die "RUN_SH_NGPU must be a non-negative integer, got '$RUN_SH_NGPU'"
   NGPU=$((10#$RUN_SH_NGPU))
 else
   NGPU=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null | tail -n 1) || true
@@ -92,10 +102,8 @@ fi
 # ---- data ----------------------------------------------------------------------------------------
 if ! has_flag --data-dir "$@"; then
   if [[ $PRESET == tiny ]]; then
-    if [[ ! -f $HERE/data/synthetic/meta.json ]]; then  # meta.json is written after the shards
-      echo "run.sh: generating synthetic shards in data/synthetic/"
-      "$PYTHON" "$HERE/data/synthetic.py" --out "$HERE/data/synthetic"
-    fi
+    # written again when meta.json (written last) is missing or a shard no longer matches it
+    "$PYTHON" "$HERE/data/synthetic.py" --out "$HERE/data/synthetic" --if-needed
   else
     echo "run.sh: fetching the FineWeb shards into data/fineweb10B/ (skipped when present)"
     "$PYTHON" "$HERE/data/cached_fineweb10B.py"

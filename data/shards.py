@@ -3,7 +3,9 @@
 A shard is a header of 256 little-endian int32 values (magic 20240520, version 1, token count N,
 the rest zero), then N little-endian uint16 tokens: 1024 + 2N bytes in all.
 """
+import json
 import os
+import re
 
 import numpy as np
 
@@ -64,3 +66,67 @@ def write_shard(path, tokens):
         f.write(header.tobytes())
         f.write(tokens.astype("<u2").tobytes())
     os.replace(tmp, path)
+
+
+SHARD_NAME = re.compile(r"^fineweb_(train|val)_(\d{6})\.bin$")
+META = "meta.json"
+
+
+def write_meta(data_dir, meta):
+    """Write data_dir/meta.json atomically (a reader never sees half of it)."""
+    path = os.path.join(data_dir, META)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def shard_set_problems(data_dir):
+    """Why the shards in data_dir are not the set that was generated or downloaded (empty: they
+    are): a gap in the numbering (train shards 1..K, val 0..K), or, when meta.json lists the files
+    (data/synthetic.py and data/cached_fineweb10B.py write it), a listed shard that is missing or
+    of another size, or a shard it does not list. A trainer reading the shards that remain after
+    one was deleted would train on other data under the same record name."""
+    try:
+        names = sorted(os.listdir(data_dir))
+    except OSError as e:
+        return [f"cannot list {data_dir}: {e.strerror or e}"]
+    problems, numbers = [], {"train": [], "val": []}
+    for name in names:
+        m = SHARD_NAME.match(name)
+        if m:
+            numbers[m.group(1)].append(int(m.group(2)))
+    for split, first in (("train", 1), ("val", 0)):
+        found = numbers[split]
+        if found:
+            missing = sorted(set(range(first, max(found) + 1)) - set(found))
+            if missing:
+                shown = ", ".join(f"fineweb_{split}_{i:06d}.bin" for i in missing[:3])
+                problems.append(f"{len(missing)} {split} shard(s) missing from the numbering "
+                                f"{first}..{max(found)}: {shown}{' ...' if len(missing) > 3 else ''}")
+    path = os.path.join(data_dir, META)
+    if not os.path.exists(path):
+        return problems
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        files = meta.get("files") if isinstance(meta, dict) else None
+        if files is not None and not (isinstance(files, dict) and all(
+                isinstance(v, int) for v in files.values())):
+            raise ValueError("'files' is not a mapping of names to sizes")
+    except (OSError, ValueError) as e:
+        return problems + [f"{path} is unreadable ({e})"]
+    if files is None:
+        return problems  # an older meta.json: no file list to compare with
+    for name, size in sorted(files.items()):
+        where = os.path.join(data_dir, name)
+        if not os.path.exists(where):
+            problems.append(f"{name} is listed in {META} but missing")
+        elif os.path.getsize(where) != size:
+            problems.append(f"{name} has {os.path.getsize(where)} bytes, {META} lists {size}")
+    extra = [n for n in names if SHARD_NAME.match(n) and n not in files]
+    if extra:
+        problems.append(f"{', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}: not listed in "
+                        f"{META} (left from another generation or download?)")
+    return problems

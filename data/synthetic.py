@@ -2,6 +2,7 @@
 
     python data/synthetic.py                      # data/synthetic/: 2 train shards + 1 val shard
     python data/synthetic.py --out DIR --train-shards 4 --shard-tokens 2000000 --vocab 1024
+    python data/synthetic.py --if-needed          # only when the folder does not hold exactly these
 
 The text is drawn from a seeded generator with structure a small GPT can learn at several ranges,
 so its loss falls clearly within a few hundred steps:
@@ -15,7 +16,10 @@ so a model with `vocab` embeddings can read these shards; real FineWeb uses 5025
 
 Because the generator knows the probability of each token it emits, it also reports the
 entropy of the process (the mean -log p of the emitted tokens): no model can beat that loss on
-average. It is printed and stored in `meta.json` beside the shards.
+average. It is printed and stored in `meta.json` beside the shards, with the generator's settings
+and the name and size of every shard written (meta.json is written last: without it, or when the
+shards no longer match it, e.g. one was deleted, the folder is not a finished generation and
+--if-needed writes it again; the shards are deterministic, so the data is the same).
 """
 import argparse
 import json
@@ -26,7 +30,8 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data.shards import write_shard  # noqa: E402  (the one shard writer of the project)
+from data.shards import (DataError, META, SHARD_NAME, read_shard_header, shard_set_problems,  # noqa: E402
+                         write_meta, write_shard)  # the one shard format of the project
 
 # Probabilities of the four rules for each next token (the rest of the mass is the unigram).
 P_BIGRAM, P_TRIGRAM, P_COPY = 0.45, 0.25, 0.15
@@ -117,26 +122,72 @@ def main(argv=None):
     ap.add_argument("--val-tokens", type=int, default=262_144, help="tokens in the val shard")
     ap.add_argument("--vocab", type=int, default=1024, help="vocabulary size; eot = vocab-1")
     ap.add_argument("--seed", type=int, default=0, help="seed of the language and the samples")
+    ap.add_argument("--if-needed", action="store_true", help="do nothing when the folder already "
+                    "holds exactly these shards (meta.json's settings and file list match, every "
+                    "header is valid); otherwise say why and write them again")
     args = ap.parse_args(argv)
     if args.train_shards < 1 or args.shard_tokens < 1 or args.val_tokens < 1:
         ap.error("--train-shards, --shard-tokens and --val-tokens must be positive")
-    os.makedirs(args.out, exist_ok=True)
-    gen = Generator(args.vocab, args.seed)
-    total_nll, total_count = 0.0, 0
+    settings = dict(vocab=args.vocab, eot=args.vocab - 1, seed=args.seed, train_shards=args.train_shards,
+                    shard_tokens=args.shard_tokens, val_tokens=args.val_tokens)
     jobs = [("fineweb_val_000000.bin", args.val_tokens)]
     jobs += [(f"fineweb_train_{i:06d}.bin", args.shard_tokens) for i in range(1, args.train_shards + 1)]
+    if args.if_needed:
+        why = not_current(args.out, settings, jobs)
+        if why is None:
+            print(f"{args.out}: synthetic shards present and verified")
+            return
+        print(f"{args.out}: {why}: writing the synthetic shards again (the same data: the "
+              "generator is deterministic)")
+    os.makedirs(args.out, exist_ok=True)
+    meta_path = os.path.join(args.out, META)
+    if os.path.exists(meta_path):  # from here until the new meta.json, not a finished generation
+        with open(meta_path) as f:
+            old_meta = f.read()
+        os.remove(meta_path)
+        if "entropy_nats_per_token" in old_meta:  # an earlier generation here: drop its extra shards
+            wanted = {name for name, _ in jobs}
+            for name in os.listdir(args.out):
+                if SHARD_NAME.match(name) and name not in wanted:
+                    os.remove(os.path.join(args.out, name))
+    gen = Generator(args.vocab, args.seed)
+    total_nll, total_count = 0.0, 0
     for k, (name, n) in enumerate(tqdm(jobs, desc="shards")):
         tokens, nll, count = make_tokens(gen, n, seed=args.seed * 1000 + k + 1)
         write_shard(os.path.join(args.out, name), tokens)
         total_nll, total_count = total_nll + nll, total_count + count
     entropy = total_nll / max(total_count, 1)
-    meta = dict(vocab=args.vocab, eot=args.vocab - 1, seed=args.seed, train_shards=args.train_shards,
-                shard_tokens=args.shard_tokens, val_tokens=args.val_tokens,
-                entropy_nats_per_token=round(entropy, 4))
-    with open(os.path.join(args.out, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=2)
+    files = {name: os.path.getsize(os.path.join(args.out, name)) for name, _ in jobs}
+    write_meta(args.out, dict(settings, entropy_nats_per_token=round(entropy, 4),
+                              generator="data/synthetic.py", files=files))
     print(f"wrote {len(jobs)} shards to {args.out} (vocab {args.vocab}); "
           f"process entropy {entropy:.4f} nats/token (the best achievable loss on content tokens)")
+
+
+def not_current(out, settings, jobs):
+    """None when `out` holds exactly the shards these settings write; else why not."""
+    path = os.path.join(out, META)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        return "no meta.json (never generated, or interrupted)"
+    except (OSError, ValueError) as e:
+        return f"meta.json unreadable ({e})"
+    if not isinstance(meta, dict) or "files" not in meta:
+        return "meta.json lists no files (an older generation)"
+    changed = [k for k, v in settings.items() if meta.get(k) != v]
+    if changed:
+        return "other settings (" + ", ".join(f"{k} {meta.get(k)} -> {settings[k]}" for k in changed) + ")"
+    if sorted(meta["files"]) != sorted(name for name, _ in jobs):
+        return "meta.json lists other files"
+    problems = shard_set_problems(out)
+    for name, _ in jobs if not problems else ():
+        try:
+            read_shard_header(os.path.join(out, name))
+        except DataError as e:
+            problems.append(str(e))
+    return "; ".join(problems) if problems else None
 
 
 if __name__ == "__main__":

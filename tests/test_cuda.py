@@ -10,8 +10,11 @@ when they were written, so each test prints its own numbers for the record):
     float64 rule) differ by up to 4.7e-6 relative on the record's shapes: F32_BOUND 5e-5.
   bfloat16 Newton-Schulz: any change in rounding (a fused kernel, another matmul algorithm, a
     stack of other size) moves the update by up to 1.2e-2 relative (compiled vs eager 0.74e-2 to
-    1.2e-2, bf16 vs float32 0.69e-2 to 1.1e-2): BF16_BOUND 3e-2, 2.5x. bf16 rounding noise does not
-    grow past that, and a real bug moves it by more (dropping the contra term: 4e-2 to 6e-2)."""
+    1.2e-2, bf16 vs float32 0.69e-2 to 1.1e-2): BF16_BOUND 2e-2. A real bug moves it by more
+    (dropping the contra term: 4e-2 to 6e-2), and test_compiled_optimizer_matches_eager_on_cuda
+    measures that bug on the GPU beside the bound and requires the difference to be under half of it.
+  Batched vs per-matrix: the same rule on stacks; on the CPU 8e-8 in both dtypes. On CUDA, stacked
+    matmuls may take other kernels: float32 within F32_BOUND, bfloat16 within BF16_BOUND."""
 import os
 
 import pytest
@@ -28,7 +31,7 @@ from aurora import row_leverage
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 F32_BOUND = 5e-5   # two float32 implementations of the rule (CPU: up to 4.7e-6)
-BF16_BOUND = 3e-2  # two bfloat16 roundings of the rule (CPU: up to 1.2e-2)
+BF16_BOUND = 2e-2  # two bfloat16 roundings of the rule (CPU: up to 1.2e-2)
 NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -151,10 +154,14 @@ def test_compiled_optimizer_matches_eager_on_cuda(ns_dtype):
     compiled, opt = run_steps(shapes, "cuda", ns_dtype=ns_dtype, compile="auto")
     assert opt._compiled is not None
     eager, _ = run_steps(shapes, "cuda", ns_dtype=ns_dtype, compile=False)
+    no_contra, _ = run_steps(shapes, "cuda", ns_dtype=ns_dtype, compile=False, contra=0.0)
     difference = displacement_diff(compiled, eager, start)
-    print(f"compiled vs eager optimizer on CUDA, {ns_dtype}: relative difference {difference:.2e}")
-    # CPU, these shapes: float32 2.2e-6, bfloat16 8.7e-3
+    bug = displacement_diff(no_contra, eager, start)  # the scale of a real bug
+    print(f"compiled vs eager optimizer on CUDA, {ns_dtype}: relative difference {difference:.2e} "
+          f"(dropping contra: {bug:.2e})")
+    # CPU, these shapes: float32 2.2e-6, bfloat16 8.7e-3; dropping contra 4e-2 to 6e-2
     assert difference < (BF16_BOUND if ns_dtype == "bfloat16" else F32_BOUND)
+    assert difference < 0.5 * bug
 
 
 @pytest.mark.parametrize("ns_dtype", ["bfloat16", "float32"])
@@ -177,9 +184,10 @@ def test_compiled_direction_matches_eager_on_cuda(ns_dtype):
 
 @pytest.mark.parametrize("batched", [False, True])
 def test_one_rank_nccl_step_matches_cpu(batched, monkeypatch):
-    """Under a 1-rank NCCL process group (Aurora's distributed path with world size 1), the CUDA
-    step (compiled, as the record) with float32 Newton-Schulz matches the CPU's float32 step; the
-    bf16 default is reported and bounded by bf16 rounding."""
+    """Under a 1-rank NCCL process group (Aurora's distributed path with world size 1: the
+    all-gather of each round runs, as in the record), the CUDA step (compiled, as the record) with
+    float32 Newton-Schulz matches the CPU's float32 step; the bf16 default is reported and bounded
+    by bf16 rounding. (Two ranks on two GPUs: test_two_nccl_ranks_match_single_process.)"""
     shapes = [(1024, 256), (256, 1024), (256, 256), (256, 256)]
     start = [p.detach().cpu() for p in make_params(shapes, "cpu")]
     cpu, _ = run_steps(shapes, "cpu", batched=batched)  # the CPU default: float32 Newton-Schulz

@@ -2,13 +2,18 @@
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from data import cached_fineweb10B
-from data.shards import DataError, read_shard_header, write_shard
+from data.shards import DataError, read_shard_header, shard_set_problems, write_shard
 from data.synthetic import Generator, main as synthetic_main
 from train_gpt import Context, TokenLoader, batches_per_shard, find_shards, load_shard, shards_needed
 
@@ -202,3 +207,101 @@ def test_download_reports_an_unreachable_hub(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "could not download fineweb_val_000000.bin" in err and "kjj0/fineweb10B-gpt2" in err
     assert "ConnectionError" in err
+
+
+def test_download_bounds_a_hub_that_accepts_and_never_answers(tmp_path):
+    """The real hub client against a local server that accepts connections and never answers:
+    the download gives up after FINEWEB_TIMEOUT seconds without progress, naming HF_ENDPOINT."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    server.settimeout(0.2)
+    stop, held = threading.Event(), []
+
+    def accept():  # accepts and holds every connection, never answers; stops itself after 60 s
+        end = time.monotonic() + 60
+        while not stop.is_set() and time.monotonic() < end:
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+    env = dict(os.environ, HF_ENDPOINT=endpoint, FINEWEB_TIMEOUT="1.5", HF_HUB_OFFLINE="0")
+    for name in ("HF_HUB_DOWNLOAD_TIMEOUT", "HF_HUB_ETAG_TIMEOUT"):
+        env.pop(name, None)
+    start = time.monotonic()
+    try:
+        proc = subprocess.run([sys.executable, cached_fineweb10B.__file__, "1", "--dir", str(tmp_path)],
+                              capture_output=True, text=True, env=env, timeout=60)
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        server.close()
+    took = time.monotonic() - start
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"HF_ENDPOINT={endpoint}" in proc.stderr and "no progress for 1.5 s" in proc.stderr
+    assert held and took < 20, took  # it did connect; a few seconds, not minutes
+
+
+def test_download_timeout_setting_is_checked(tmp_path, fake_hub, monkeypatch):
+    monkeypatch.setenv("FINEWEB_TIMEOUT", "soon")
+    with pytest.raises(DataError, match="FINEWEB_TIMEOUT must be a positive number"):
+        cached_fineweb10B.download(1, str(tmp_path), fake_hub[1])
+
+
+def test_download_lists_its_shards_in_meta_json(tmp_path, fake_hub):
+    out = tmp_path / "fineweb10B"
+    cached_fineweb10B.download(2, str(out), fake_hub[1])
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["files"] == {n: 1024 + 2 * 64 for n in cached_fineweb10B.shard_names(2)}
+    assert shard_set_problems(str(out)) == []
+    os.remove(out / "fineweb_train_000001.bin")
+    assert shard_set_problems(str(out)) == [
+        "1 train shard(s) missing from the numbering 1..2: fineweb_train_000001.bin",
+        "fineweb_train_000001.bin is listed in meta.json but missing"]
+    cached_fineweb10B.download(2, str(out), fake_hub[1])  # what the message says to do: run it again
+    assert shard_set_problems(str(out)) == []
+
+
+def test_shard_set_problems(tmp_path):
+    for i in (1, 2, 4):
+        shard(tmp_path, f"fineweb_train_{i:06d}.bin", np.zeros(10))
+    assert shard_set_problems(str(tmp_path)) == [
+        "1 train shard(s) missing from the numbering 1..4: fineweb_train_000003.bin"]  # no meta.json
+    (tmp_path / "meta.json").write_text(json.dumps(dict(files={
+        "fineweb_train_000001.bin": 1044, "fineweb_train_000002.bin": 999, "fineweb_train_000003.bin": 1044})))
+    assert shard_set_problems(str(tmp_path))[1:] == [
+        "fineweb_train_000002.bin has 1044 bytes, meta.json lists 999",
+        "fineweb_train_000003.bin is listed in meta.json but missing",
+        "fineweb_train_000004.bin: not listed in meta.json (left from another generation or download?)"]
+    (tmp_path / "meta.json").write_text("[1, 2")
+    assert "meta.json is unreadable" in shard_set_problems(str(tmp_path))[-1]
+
+
+def test_synthetic_if_needed_regenerates_a_folder_that_lost_a_shard(tmp_path, capsys, monkeypatch):
+    import data.synthetic  # the tokens themselves are tested above: a fast stand-in here
+    monkeypatch.setattr(data.synthetic, "make_tokens",
+                        lambda gen, n, seed: (np.arange(n) * seed % 255, 1.0, 1))
+    out = tmp_path / "syn"
+    args = ["--out", str(out), "--train-shards", "3", "--shard-tokens", "3000", "--val-tokens", "2000",
+            "--if-needed"]
+    synthetic_main(args)
+    assert "wrote 4 shards" in capsys.readouterr().out
+    first = {n: (out / n).read_bytes() for n in os.listdir(out) if n.endswith(".bin")}
+    synthetic_main(args)
+    assert "present and verified" in capsys.readouterr().out
+    os.remove(out / "fineweb_train_000002.bin")  # what a corrupt shard's error message advises
+    synthetic_main(args)
+    said = capsys.readouterr().out
+    assert "fineweb_train_000002.bin" in said and "writing the synthetic shards again" in said
+    assert {n: (out / n).read_bytes() for n in os.listdir(out) if n.endswith(".bin")} == first
+    assert shard_set_problems(str(out)) == []
+    # fewer shards than before: the earlier generation's extra shard does not stay behind
+    synthetic_main(args[:3] + ["2"] + args[4:])
+    assert "other settings (train_shards 3 -> 2)" in capsys.readouterr().out
+    assert not (out / "fineweb_train_000003.bin").exists() and shard_set_problems(str(out)) == []

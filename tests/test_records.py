@@ -1,18 +1,27 @@
 """tools/records.py: parsing every log variant, the statistics, compare, plot, diff, submit,
 errors, CLI."""
+import contextlib
+import io
 import json
 import math
 import os
+import random
+import shlex
 import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
-from tools.records import (PUBLISHED, RecordsError, compare, diff_records, load_runs, parse_log,
-                           pass_probability, plot_records, read_log, submit, summarize,
-                           summary_of, trials_needed, write_summary)
+from tools import records
+from tools.compare import diff_records
+from tools.logs import RecordsError, load_runs, parse_log, read_log
+from tools.plots import plot_records
+from tools.stats import compare, pass_probability, summarize, trials_needed
+from tools.submit import PUBLISHED, submit
+from tools.summary import summary_of, write_summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The published record's output: the in-repo copy (always there), and the shared file it was
@@ -40,7 +49,17 @@ def write(path, lines, code=CODE):
 
 
 def cli(*args, cwd=None):
-    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, cwd=cwd)
+    """The command line: in this process (fast), or as its own process when `cwd` is given."""
+    argv = [str(a) for a in args]
+    if cwd is not None:
+        return subprocess.run(CLI + argv, capture_output=True, text=True, cwd=cwd)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = records.main(argv)
+        except SystemExit as e:  # argparse's usage errors
+            rc = e.code
+    return subprocess.CompletedProcess(CLI + argv, rc, out.getvalue(), err.getvalue())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -911,3 +930,231 @@ def test_upstream_folder_with_two_configurations_is_grouped():
     out = cli("summary", folder, "--pool").stdout.splitlines()
     assert out[-1].startswith("record: not reached") and "(n=6)" not in out[-1]
     assert "runs: n=6" in "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Our own logs as the trainer writes them (JSON header values, val_loss_target): the committed
+# 3-trial CPU example
+# ------------------------------------------------------------------------------------------------
+
+EXAMPLE_DIR = os.path.join(ROOT, "records", "2026-11-23_tiny_example")
+EXAMPLE_LOG = os.path.join(EXAMPLE_DIR, "ee34d945-e40f-4783-ad43-f3069fe51a37.txt")
+EXAMPLE_RESULT = os.path.join(ROOT, "records", "track_3_optimization", "results", "20261123_tiny_example")
+EXAMPLE_DESCRIPTION = "Aurora, tiny preset on synthetic data (CPU smoke example)"
+
+
+def example_copy(path, **changes):
+    """The example log with header lines changed (name -> JSON text), and its log line renamed
+    (so that it is not a byte copy)."""
+    text = open(EXAMPLE_LOG).read()
+    head, sep, rest = text.partition("=" * 100 + "\n")
+    for name, value in changes.items():
+        assert f"\n{name}: " in rest
+        rest = "\n".join(f"{name}: {value}" if line.startswith(f"{name}: ") else line
+                         for line in rest.split("\n"))
+    path.write_text(head + sep + rest.replace("log: ", f"log: {path.name} ", 1))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def example_submission(tmp_path_factory):
+    """The example result folder as submit writes it now (one submit for every test that reads it)."""
+    out = tmp_path_factory.mktemp("results") / "20261123_tiny_example"
+    proc = cli("submit", EXAMPLE_DIR, "--name", "tiny_example", "--target", "3.3", "--date",
+               "2026-11-23", "--description", EXAMPLE_DESCRIPTION, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+def test_the_committed_example_result_is_what_submit_writes(example_submission):
+    out, proc = example_submission
+    for name in ("README.md", "train_gpt_simple_tiny_example.py", os.path.basename(EXAMPLE_LOG)):
+        assert (out / name).read_text() == open(os.path.join(EXAMPLE_RESULT, name)).read(), name
+    assert "record: step 175  mean 3.291777" in proc.stdout
+
+
+def test_the_reproduce_command_passes_the_trainers_dry_run(example_submission, monkeypatch, capsys):
+    readme = (example_submission[0] / "README.md").read_text()
+    (command,) = [line for line in readme.split("## Reproduce")[1].splitlines() if line.startswith("./run.sh")]
+    argv = shlex.split(command)
+    assert argv[0] == "./run.sh" and "--preset" in argv and '"' not in command
+    assert argv[argv.index("--preset") + 1] == "tiny"  # a plain value, not the header's JSON '"tiny"'
+    # the command is for the user's machine; its flags must be the trainer's, with plain values
+    import train_gpt
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    capsys.readouterr()
+    assert train_gpt.main([*argv[1:], "--dry-run"]) == 0, capsys.readouterr().err[-2000:]
+    assert "dry run: configuration ok (preset tiny" in capsys.readouterr().out
+
+
+def test_json_header_values_become_plain_flags(tmp_path):
+    facts = dict(boolean_optional=True)
+    assert records.flag_arguments("rule", '"aurora"', facts) == ["--rule", "aurora"]
+    assert records.flag_arguments("adam_betas", "[0.8, 0.95]", facts) == ["--adam-betas", "0.8", "0.95"]
+    assert records.flag_arguments("adam_betas", "(0.9, 0.95)", facts) == ["--adam-betas", "0.9", "0.95"]
+    assert records.flag_arguments("nesterov", "false", facts) == ["--no-nesterov"]
+    assert records.flag_arguments("nesterov", "True", facts) == ["--nesterov"]
+    assert records.flag_arguments("adam_eps", "1e-10", facts) == ["--adam-eps", "1e-10"]
+    assert records.flag_arguments("run_name", "tiny", facts) == ["--run-name", "tiny"]
+    assert records.flag_arguments("seed", "null", facts) is None
+
+
+def test_target_from_the_logs_headers(tmp_path):
+    record = tmp_path / "rec"
+    record.mkdir()
+    example_copy(record / "a.txt", val_loss_target="3.3")
+    s = summary_of(str(record))[0]
+    assert s["target"] == 3.3 and s["step"] == 175 and any("val_loss_target" in n for n in s["notes"])
+    assert summary_of(str(record), target=3.28)[0]["step"] is None  # --target wins
+    # the summary the trainer writes after each run: `summary RECORD_DIR --write`
+    proc = cli("summary", record, "--write")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1].startswith("record: step 175")
+    assert json.loads((record / "summary.json").read_text())["target"] == 3.3
+    # logs of one record run for different targets: refused, naming them
+    example_copy(record / "b.txt", val_loss_target="3.28")
+    proc = cli("summary", record)
+    assert proc.returncode == 2 and "different targets" in proc.stderr
+    assert "3.3 in " in proc.stderr and "a.txt" in proc.stderr and "b.txt" in proc.stderr
+    assert cli("summary", record, "--target", "3.3").returncode == 0
+    # compare warns when A and B were run for different targets
+    proc = cli("compare", record / "a.txt", EXAMPLE_LOG, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "A and B were run for different targets: A for 3.3" in proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["target"] == 3.3 and "B for 3.28" in data["target_warning"]
+    assert "warning" not in cli("compare", EXAMPLE_LOG, EXAMPLE_LOG).stderr
+    example_copy(record / "b.txt", val_loss_target='"high"')
+    with pytest.raises(RecordsError, match="val_loss_target '\"high\"' is not a number"):
+        summary_of(str(record / "b.txt"))
+
+
+def test_each_file_is_counted_once(tmp_path):
+    record = tmp_path / "rec"
+    shutil.copytree(EXAMPLE_DIR, record)
+    log = record / os.path.basename(EXAMPLE_LOG)
+    for paths in ([record, record], [record, log], [log, log]):  # the same file given twice
+        s = summary_of([str(p) for p in paths], target=3.3)[0]
+        assert s["n"] == 3 and s["duplicates"] == [], paths
+        assert any(n.startswith("read once: 1 file(s) given more than once") for n in s["notes"])
+    shutil.copy(log, record / "z-copy.txt")  # a copy of the log: its trials are the same trials
+    s = write_summary(str(record), target=3.3)
+    assert s["n"] == 3 and len(s["duplicates"]) == 3 and all(d["copy"] for d in s["duplicates"])
+    assert s["duplicates"][0]["duplicate_of"] == f"{log.name} trial 0"  # relative to the folder
+    assert {d["source"] for d in s["duplicates"]} == {"z-copy.txt"}
+    assert any("z-copy.txt has the same content as" in n and "counted once" in n for n in s["notes"])
+    out = cli("summary", record, "--target", "3.3").stdout
+    assert "copy (counted once):" in out and "runs: n=3" in out
+
+
+def test_groups_cover_our_header_hyperparameters(tmp_path):
+    record = tmp_path / "rec"
+    record.mkdir()
+    example_copy(record / "a.txt")
+    # lines that differ between runs of one record (the trainer's PER_RUN): one configuration
+    example_copy(record / "b.txt", data_dir='"/elsewhere"', records_dir='"/r"', trials="5", seed="null")
+    s = summary_of(str(record), target=3.3)[0]
+    assert s.get("group") is None and s["n"] == 3 and len(s["duplicates"]) == 3  # same seeds
+    example_copy(record / "b.txt", lr_matrix="0.05")  # another configuration
+    s = summary_of(str(record), target=3.3)[0]
+    assert s["group"] in ("a.txt", "b.txt") and len(s["groups"]) == 2 and s["n"] == 3
+    assert any("differs from a.txt in: lr_matrix: 0.05" in n for n in s["notes"])
+    out = cli("summary", record, "--target", "3.3").stdout
+    assert f"the claim below is for group {s['group']}" in out and "group b.txt: n=3" in out
+    pooled = cli("summary", record, "--target", "3.3", "--pool").stdout  # --pool: one summary
+    assert "claim below is for group" not in pooled and "duplicate seed (counted once)" in pooled
+
+
+MALFORMED = [
+    "step:1/2 val_loss:3.1 train_time:1.0s step_avg:1.0ms step:1/2",  # a repeated step field
+    "step:1/2 val_loss:3.1 val_loss:3.0 train_time:1.0s step_avg:1.0ms",  # two values of the metric
+    "step:1/2 val_loss:3.1 train_time:1.0s step_avg:1.0ms total:7",  # a field of the parser's own
+    "step:1/2 val_loss:3.1 train_time:1.0s step_avg:1.0ms seconds:x",
+    "step:1/2 val_loss:3.1 :x train_time:1.0s step_avg:1.0ms",  # no key
+    "step:1/2 val_loss:3.1 train-time:1.0s train_time:1.0s step_avg:1.0ms",  # not a field name
+]
+
+
+@pytest.mark.parametrize("line", MALFORMED)
+def test_a_malformed_val_line_is_listed_and_skipped(tmp_path, line):
+    write(tmp_path / "a.txt", ["trial:0 seed:0", val(1, 3.2, total=2), line, val(2, 3.1, total=2)])
+    s = summary_of(str(tmp_path))[0]
+    assert s["n"] == 1 and s["steps"] == [1, 2] and s["final_losses"] == [3.1]
+    assert [b["text"] for b in s["bad_lines"]] == [line]
+    proc = cli("summary", tmp_path, "--write")  # the trainer's summary after each run is written
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "summary.json").read_text())["bad_lines"][0]["line"] == 10
+
+
+def test_fuzzed_val_lines_raise_only_records_error(tmp_path):
+    lines = open(EXAMPLE_LOG).read().split("=" * 100 + "\n")[2].splitlines()
+    vals = [line for line in lines if line.startswith("step:") and "val_loss" in line]
+    rng, path = random.Random(0), tmp_path / "f.txt"
+    for _ in range(300):
+        line = rng.choice(vals)
+        tokens = line.split()
+        how = rng.randrange(4)
+        if how == 0:  # cut
+            line = line[:rng.randrange(len(line))]
+        elif how == 1:  # a token repeated somewhere
+            tokens.insert(rng.randrange(len(tokens) + 1), rng.choice(tokens))
+            line = " ".join(tokens)
+        elif how == 2:  # a stretch repeated (a write replayed)
+            a = rng.randrange(len(line))
+            b = rng.randrange(a, len(line) + 1)
+            line = line[:b] + line[a:]
+        else:  # a character dropped in or replaced
+            i = rng.randrange(len(line))
+            line = line[:i] + rng.choice(":/ x9\x00٣") + line[i + rng.randrange(2):]
+        path.write_text("trial:0 seed:1\n" + "\n".join([vals[0], line, vals[3], line]) + "\n")
+        try:
+            log = read_log(str(path))
+            summarize(log["trials"])
+        except RecordsError:
+            pass
+
+
+@pytest.mark.parametrize("content, why", [
+    ("{not json", "not valid JSON"), ("", "empty"), ("[1, 2]", "not a JSON object (a list)"),
+    (None, "a directory, not a file"),
+])
+def test_a_broken_config_json_is_named_not_a_crash(tmp_path, content, why):
+    write(tmp_path / "a.txt", ["trial:0 seed:0", val(100, 3.27)])
+    if content is None:
+        (tmp_path / "config.json").mkdir()
+    else:
+        (tmp_path / "config.json").write_text(content)
+    proc = cli("summary", tmp_path, "--write")
+    assert proc.returncode == 0, proc.stderr
+    assert f"config.json is {why}" in proc.stdout and "--append" in proc.stdout
+    (tmp_path / "ok").mkdir()
+    write(tmp_path / "ok" / "a.txt", ["trial:0 seed:0", val(100, 3.27)])
+    (tmp_path / "ok" / "config.json").write_text('{"lr_matrix": 0.04}')
+    assert "config.json" not in cli("summary", tmp_path / "ok").stdout
+
+
+def test_paths_that_cannot_be_written_are_named(tmp_path, monkeypatch):
+    write(tmp_path / "a.txt", ["trial:0 seed:0", val(100, 3.27)])
+    proc = cli("summary", tmp_path / "a.txt" / "sub", "--write")  # a path under a file
+    assert proc.returncode == 2 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
+
+    def read_only(*args, **kwargs):  # root ignores chmod: the error a read-only folder gives
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    proc = cli("summary", tmp_path, "--write")
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: cannot write {tmp_path / 'summary.json'}: Permission denied\n"
+    monkeypatch.undo()
+    proc = cli("submit", tmp_path, "--name", "x", "--out", tmp_path / "a.txt")
+    assert proc.returncode == 2 and "exists and is not a directory" in proc.stderr
+
+
+def test_submit_names_left_out_trials_relative_to_the_folder(tmp_path):
+    record = make_submission(tmp_path / "rec")
+    shutil.copy(os.path.join(record, "a.txt"), os.path.join(record, "copy.txt"))
+    r = submit(record, "copies", out=str(tmp_path / "o"), date="2026-11-23", baseline=REFERENCE)
+    readme = open(os.path.join(r["out"], "README.md")).read()
+    assert r["summary"]["n"] == 4
+    assert "- copy (counted once): copy.txt trial 0 repeats a.txt trial 0" in readme
+    assert str(tmp_path) not in readme

@@ -60,8 +60,10 @@ class RunSh:
             self.log.unlink()
         proc = subprocess.run([RUN_SH, *args], cwd=self.cwd, env=full, capture_output=True,
                               text=True, timeout=300)
-        proc.calls = [json.loads(line) for line in self.log.read_text().splitlines()] \
+        proc.all_calls = [json.loads(line) for line in self.log.read_text().splitlines()] \
             if self.log.exists() else []
+        # the interpreter check and the GPU count are `python -c` probes: not part of the plan
+        proc.calls = [c for c in proc.all_calls if c["argv"][:1] != ["-c"]]
         return proc
 
 
@@ -119,6 +121,8 @@ def test_cpu_smoke_run_from_another_directory(run_sh):
     assert train["argv"][1:] == check["argv"][2:]
     assert proc.calls.index(check) < proc.calls.index(train)
     assert not downloads(proc.calls) and not launches(proc.calls)
+    (generate,) = generations(proc.calls)  # checks the shards against meta.json: a lost one is rewritten
+    assert generate["argv"][1:] == ["--out", os.path.join(ROOT, "data", "synthetic"), "--if-needed"]
     assert {c["cwd"] for c in proc.calls} == {str(run_sh.cwd)}
 
 
@@ -145,6 +149,17 @@ def test_cpu_failures_propagate(run_sh, tmp_path):
     assert failed.returncode != 0  # the dry run reads no data; the real run's failure is run.sh's
     assert str(empty) in failed.stderr  # the data error of train_gpt.py
     assert len(trainings(failed.calls)) == 1
+
+
+@pytest.mark.parametrize("python, message", [
+    ("/bin/false", "PYTHON=/bin/false does not run Python 3 (exit status 1)"),
+    ("nonexistent-python", "PYTHON=nonexistent-python: no such command"),
+])
+def test_a_python_that_does_not_run_is_named_first(run_sh, python, message):
+    for gpus in (None, 8):
+        proc = run_sh("--preset", "tiny", gpus=gpus, PYTHON=python)
+        assert proc.returncode == 2 and proc.stdout == "", proc.stdout  # no "CPU run" first
+        assert proc.stderr.startswith("run.sh: ") and message in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("preset, gpus", [(["--preset", "record"], None), (["--preset=small"], 0)])
@@ -250,7 +265,7 @@ def test_bad_environment_is_refused_before_anything_runs(run_sh, env, message):
     proc = run_sh("--preset", "tiny", gpus=gpus, **env)
     assert proc.returncode == 2
     assert proc.stderr.startswith("run.sh: ") and message in proc.stderr, proc.stderr
-    assert proc.calls == []  # not even the interpreter ran
+    assert proc.all_calls == []  # not even the interpreter ran
 
 
 def test_multi_node_needs_gpus(run_sh):
@@ -258,3 +273,15 @@ def test_multi_node_needs_gpus(run_sh):
     assert proc.returncode == 2
     assert "no NVIDIA GPU found" in proc.stderr
     assert not dry_runs(proc.calls) and not trainings(proc.calls)
+
+
+def test_the_trainers_lock_file_is_ignored_by_git():
+    """records/.lock (the trainer's lock for record folders) never shows in `git status`."""
+    try:
+        proc = subprocess.run(["git", "check-ignore", "-q", "records/.lock"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=30)
+    except OSError:
+        pytest.skip("git not available")
+    if proc.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert proc.returncode == 0, "records/.lock is not in .gitignore"

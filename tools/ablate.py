@@ -19,7 +19,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from tools.records import parse_log  # noqa: E402
+from tools.logs import parse_log  # noqa: E402
 
 RUNS = {
     "muon": ["--rule", "muon"],

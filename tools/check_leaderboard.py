@@ -14,8 +14,11 @@ import os
 import re
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from records import RecordsError, claimed, copies, load_record, screen, summarize, summary_of  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tools.logs import RecordsError, load_record  # noqa: E402
+from tools.stats import claimed, summarize  # noqa: E402
+from tools.summary import summary_of  # noqa: E402
+from tools.trials import copies, screen  # noqa: E402
 
 ROW = re.compile(r"^\|\s*(\d+)\s*\|\s*(\d+)(\(!\))?\s*\|\s*([\d.]+)\s*\(n=(\d+)\)(\S*)\s*\|.*?"
                  r"\[log\]\(results/([^)]+)\)")
