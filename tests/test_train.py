@@ -490,13 +490,14 @@ def test_sigterm_writes_an_interrupted_line(data_dir, tmp_path):
     assert re.search(r"^interrupted: SIGTERM at step \d+, trial 0 \(seed \d+\)$", text, re.M), text[-500:]
 
 
-def _rank_with_its_own_generator(rank, port, runs):
-    """Rank `rank` of 2 gloo processes running train_gpt.main(args) for each args of `runs`. Rank
+def _rank_with_its_own_generator(rank, runs):
+    """Rank `rank` of 2 gloo processes running train_gpt.main(args) for each (port, args) of
+    `runs` (a fresh port for each process group: reusing one can hang the second). Rank
     1's generator is not where rank 0's is when it initializes the model (it draws 5 numbers
     first), as the record's ranks' are not (each process seeded from the OS entropy): only rank
     0's broadcast makes the ranks' weights agree."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank), CUDA_VISIBLE_DEVICES="")
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                      CUDA_VISIBLE_DEVICES="")
     torch.set_num_threads(1)
     if rank == 1:
         init = GPT.init_weights
@@ -505,7 +506,8 @@ def _rank_with_its_own_generator(rank, port, runs):
             torch.rand(5, device=self.embed.weight.device)
             return init(self, init_var)
         GPT.init_weights = init_elsewhere
-    for args in runs:
+    for port, args in runs:
+        os.environ["MASTER_PORT"] = str(port)
         assert train_gpt.main(args) == 0
 
 
@@ -516,7 +518,7 @@ def test_two_gloo_ranks_with_different_generators_match_one_process(data_dir, tm
     for name, flag in paths:
         assert train_gpt.main(args + [flag, "--run-name", f"{name}1"]) == 0
     mp.spawn(_rank_with_its_own_generator, nprocs=2, join=True,
-             args=(free_port(), [args + [flag, "--run-name", f"{name}2"] for name, flag in paths]))
+             args=([(free_port(), args + [flag, "--run-name", f"{name}2"]) for name, flag in paths],))
     for name, _ in paths:
         results = {}
         for world in (1, 2):
