@@ -9,6 +9,7 @@ at a few named points, and nothing else of it:
     runnable_source()                 the log's code part: the trainer with its modules inlined
     Harness(hp, ctx, log)             installs the SIGTERM/SIGINT handler
     harness.open(hp, code, ...)       before the first trial: opens (or, resuming, reopens) the log
+    harness.first_trial               0, or the trial a checkpoint continues
     harness.resumes(trial)            does this trial continue a checkpoint? (then no init)
     harness.trial_started(run)        after a trial is built: restores a checkpoint's state; the step
     harness.step_ended(run, step)     between a step's validation and the next training step
@@ -19,8 +20,9 @@ at a few named points, and nothing else of it:
 
 `run` is train_gpt.py's Run (model, optimizers, train_loader, clock, probe, jsonl, trial, step) and
 its settle() (log the pending train losses, check the updates): what a checkpoint saves and
-restores. The harness reads no hyperparameter except the run's flags (records_dir, run_name,
-append, seed, trials, save_every, resume) and the list of them it prints in the header.
+restores. Of the hyperparameters, the harness reads only the run's flags (records_dir, run_name,
+append, seed, trials, save_every, resume), rule and preset (the default run name) and diagnostics
+(whether a .jsonl file goes beside the log); the header lists them all.
 """
 import argparse
 import dataclasses
