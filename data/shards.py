@@ -4,6 +4,7 @@ A shard is a header of 256 little-endian int32 values (magic 20240520, version 1
 the rest zero), then N little-endian uint16 tokens: 1024 + 2N bytes in all.
 """
 import json
+import math
 import os
 import re
 
@@ -130,3 +131,30 @@ def shard_set_problems(data_dir):
         problems.append(f"{', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}: not listed in "
                         f"{META} (left from another generation or download?)")
     return problems
+
+
+def batches_per_shard(n_tokens, batch):
+    """How many global batches the loader reads from a shard before skipping its tail."""
+    if n_tokens < batch + 1:
+        return 0
+    count, pos = 1, batch
+    while pos + batch + 1 < n_tokens:
+        count, pos = count + 1, pos + batch
+    return count
+
+
+def shards_needed(files, batch, steps, what):
+    """The train shards `steps` batches read; fails before training, not hours in, if too few."""
+    sizes, total = [], 0
+    for f in files:
+        sizes.append(read_shard_header(f))
+        total += batches_per_shard(sizes[-1], batch)
+        if total >= steps:
+            return files[:len(sizes)]
+    typical = max(batches_per_shard(n, batch) for n in sizes) or 1
+    missing = math.ceil((steps - total) / typical)
+    raise DataError(
+        f"{what}: {len(files)} shard(s) hold {sum(sizes):,} tokens = {total} batches of "
+        f"{batch:,} tokens, but {steps} are needed (about {missing} more shard(s) of this size). "
+        "Download more with `python data/cached_fineweb10B.py N` (N = number of train shards) "
+        "or generate more synthetic ones")

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import harness
 import train_gpt
 from conftest import free_port
 from aurora import Aurora
@@ -340,17 +341,17 @@ def test_a_checkpoint_without_its_log_is_refused(data_dir, tmp_path, folder, cap
 
 def test_a_write_that_dies_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
     path = str(tmp_path / "run.ckpt")
-    train_gpt.write_atomic(path, lambda f: torch.save({"step": 4}, f))
+    harness.write_atomic(path, lambda f: torch.save({"step": 4}, f))
 
     def dies(f):  # a kill or a full disk in the middle of the write
         f.write(b"PK\x03\x04 half a checkpoint")
         raise OSError(28, "No space left on device")
     with pytest.raises(OSError):
-        train_gpt.write_atomic(path, dies)
+        harness.write_atomic(path, dies)
     assert torch.load(path) == {"step": 4} and os.listdir(tmp_path) == ["run.ckpt"]
     monkeypatch.setattr(os, "replace", lambda *a: os.kill(os.getpid(), 0) or (_ for _ in ()).throw(OSError("killed")))
     with pytest.raises(OSError):
-        train_gpt.write_atomic(path, lambda f: torch.save({"step": 8}, f))
+        harness.write_atomic(path, lambda f: torch.save({"step": 8}, f))
     assert torch.load(path) == {"step": 4} and os.listdir(tmp_path) == ["run.ckpt"]
 
 

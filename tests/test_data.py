@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from data import cached_fineweb10B
-from data.shards import DataError, read_shard_header, shard_set_problems, write_shard
+from data.shards import DataError, batches_per_shard, read_shard_header, shard_set_problems, shards_needed, write_shard
 from data.synthetic import Generator, main as synthetic_main
-from train_gpt import Context, TokenLoader, batches_per_shard, find_shards, load_shard, shards_needed
+from train_gpt import Context, TokenLoader, find_shards, load_shard
 
 
 def make_loader(files, batch, rank, world, vocab):
@@ -305,3 +305,19 @@ def test_synthetic_if_needed_regenerates_a_folder_that_lost_a_shard(tmp_path, ca
     synthetic_main(args[:3] + ["2"] + args[4:])
     assert "other settings (train_shards 3 -> 2)" in capsys.readouterr().out
     assert not (out / "fineweb_train_000003.bin").exists() and shard_set_problems(str(out)) == []
+
+
+def test_the_trainer_refuses_an_incomplete_shard_set_and_names_the_fix(tmp_path):
+    synthetic = tmp_path / "syn"
+    synthetic.mkdir()
+    for i in (0, 1, 3):  # train shard 2 missing from the numbering
+        write_shard(str(synthetic / f"fineweb_{'val' if i == 0 else 'train'}_{i:06d}.bin"), np.arange(3000) % 50)
+    (synthetic / "meta.json").write_text(json.dumps({"entropy_nats_per_token": 1.0}))
+    with pytest.raises(DataError) as e:
+        find_shards(str(synthetic), "train")
+    assert "fineweb_train_000002.bin" in str(e.value)
+    assert f"python data/synthetic.py --out {synthetic} --if-needed" in str(e.value)
+    os.remove(synthetic / "meta.json")  # no generator's meta.json: FineWeb's download is the fix
+    with pytest.raises(DataError) as e:
+        find_shards(str(synthetic), "val")
+    assert "python data/cached_fineweb10B.py" in str(e.value) and "missing" in str(e.value)

@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import harness
 import train_gpt
 from conftest import free_port
 from data.shards import write_shard
@@ -342,8 +343,8 @@ def test_the_code_part_of_a_log_runs_on_its_own(data_dir, tmp_path):
 
 
 def test_existing_record_is_never_overwritten_and_seeds_are_never_reused(data_dir, tmp_path, capsys, monkeypatch):
-    draws, real_draw = [10, 99, 9, 11], train_gpt.draw_seed  # what the OS entropy gives, in order
-    monkeypatch.setattr(train_gpt, "draw_seed", lambda: draws.pop(0) if draws else real_draw())
+    draws, real_draw = [10, 99, 9, 11], harness.draw_seed  # what the OS entropy gives, in order
+    monkeypatch.setattr(harness, "draw_seed", lambda: draws.pop(0) if draws else real_draw())
     args = SMALL + ["--train-steps", "2", "--run-name", "same", "--no-diagnostics"]
     assert run(args, data_dir, tmp_path) == 0
     record_dir = glob.glob(str(tmp_path / "*_same"))[0]
@@ -567,7 +568,7 @@ def test_two_runs_started_together_cannot_join_one_folder_with_different_configu
     def start(steps):
         hp = tiny_hp(records_dir=str(tmp_path), run_name="race", append=True, train_steps=steps)
         try:
-            _, _, log, hp = train_gpt.open_record(hp)
+            _, _, log, hp = harness.open_record(hp)
             log.write(f"trial:0 seed:{hp.seed}\n")  # a log now exists: the folder is taken
             log.close()
             outcomes[steps] = ("ok", None)
@@ -585,3 +586,72 @@ def test_two_runs_started_together_cannot_join_one_folder_with_different_configu
     config = json.load(open(glob.glob(str(tmp_path / "*_race" / "config.json"))[0]))
     assert config["train_steps"] == winner
     assert "differs" in outcomes[21 - winner][1] and "train_steps" in outcomes[21 - winner][1]
+
+
+# --- the harness: what a variant's log shows, the record folder's config.json, --records-dir ---
+
+TINIEST = ["--preset", "tiny", "--n-layer", "1", "--d-model", "64", "--head-dim", "16", "--train-steps", "4",
+           "--val-every", "2", "--val-every-late", "2", "--seed", "0", "--no-diagnostics"]
+
+
+def test_a_one_constant_variant_diffs_from_the_baseline_in_one_code_line(data_dir, tmp_path):
+    """A speedrunner's change to one constant of train_gpt.py is the one changed line of the code
+    part that `tools/records.py diff` shows between the variant's log and the baseline's."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH="")
+    base = subprocess.run([sys.executable, os.path.join(ROOT, "train_gpt.py"), *TINIEST, "--data-dir", data_dir,
+                           "--records-dir", str(tmp_path / "a")], capture_output=True, text=True, timeout=300, env=env)
+    assert base.returncode == 0, base.stderr[-2000:]
+    log_a = only_log(glob.glob(str(tmp_path / "a" / "*"))[0])
+    code = open(log_a).read().split("\n" + SEPARATOR + "\n", 1)[0] + "\n"
+    assert code.count("return self.proj(F.relu(self.fc(x)).square())") == 1
+    variant = tmp_path / "variant"
+    variant.mkdir()
+    (variant / "train_gpt.py").write_text(code.replace("return self.proj(F.relu(self.fc(x)).square())",
+                                                       "return self.proj(F.relu(self.fc(x)).square() * 0.5)"))
+    other = subprocess.run([sys.executable, "train_gpt.py", *TINIEST, "--data-dir", data_dir, "--records-dir",
+                            str(tmp_path / "b")], cwd=variant, capture_output=True, text=True, timeout=300, env=env)
+    assert other.returncode == 0, other.stderr[-2000:]
+    log_b = only_log(glob.glob(str(tmp_path / "b" / "*"))[0])
+    diff = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "records.py"), "diff", log_a, log_b, "--json"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert diff.returncode == 0, diff.stderr[-2000:]
+    d = json.loads(diff.stdout)
+    changed = [line for line in d["code_diff"][2:] if line[:1] in "+-"]
+    assert changed == ["-        return self.proj(F.relu(self.fc(x)).square())",
+                       "+        return self.proj(F.relu(self.fc(x)).square() * 0.5)"], d["code_diff"]
+    assert d["hyperparameters"] == []  # and nothing else differs in the configuration
+
+
+@pytest.mark.parametrize("damage, why", [("corrupt", "not valid JSON"), ("empty", "is empty"),
+                                         ("directory", "a directory"), ("list", "not a JSON object (a list)")])
+def test_an_unusable_config_json_is_named_with_the_fix(data_dir, tmp_path, capsys, damage, why):
+    args = SMALL + ["--train-steps", "2", "--run-name", "cfg", "--no-diagnostics", "--seed", "1"]
+    assert run(args, data_dir, tmp_path) == 0
+    record_dir = glob.glob(str(tmp_path / "*_cfg"))[0]
+    config = os.path.join(record_dir, "config.json")
+    os.remove(config)
+    if damage == "directory":
+        os.mkdir(config)
+    else:
+        open(config, "w").write({"corrupt": '{"train_steps": 2,', "empty": "", "list": "[1, 2]"}[damage])
+    capsys.readouterr()
+    assert run(args + ["--append", "--seed", "2"], data_dir, tmp_path) == 2
+    err = capsys.readouterr().err
+    assert f"{config} is" in err and why in err and "delete it" in err and "logs' headers" in err, err
+    assert len(glob.glob(os.path.join(record_dir, "*.txt"))) == 1
+
+
+@pytest.mark.parametrize("kind", ["a file", "read-only"])
+def test_an_unusable_records_dir_is_named_before_training(data_dir, tmp_path, capsys, kind):
+    target = tmp_path / "records"
+    if kind == "a file":
+        target.write_text("not a folder")
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        target.mkdir()
+        target.chmod(0o555)
+    assert run(SMALL + ["--train-steps", "2", "--no-diagnostics"], data_dir, target) == 2
+    err = capsys.readouterr().err
+    assert f"cannot use --records-dir {target}: " in err and "Traceback" not in err, err
+    assert "step:" not in err

@@ -185,7 +185,9 @@ def script_facts(code):
     (its `PER_RUN` tuple: fields that may differ between the logs of one record), and how its
     flags look (generated: one flag per field, bools as --x/--no-x). Empty for an upstream script
     or code this reader does not understand."""
-    facts = dict(defaults={}, presets={}, per_run=(), generated="dataclasses.fields(Hyperparameters)" in code,
+    generated = any(m in code for m in ("dataclasses.fields(Hyperparameters)",  # flags built in the file,
+                                        "parse_flags(Hyperparameters"))  # or by harness.py's parse_flags
+    facts = dict(defaults={}, presets={}, per_run=(), generated=generated,
                  boolean_optional="BooleanOptionalAction" in code)
     # our code part is train_gpt.py and aurora.py, each after a `#### <file> ####` line
     for section in re.split(r"(?m)^#### \S+ ####\n", code):

@@ -1,0 +1,748 @@
+"""The run harness of train_gpt.py: everything around training that a speedrunner does not change.
+
+It keeps the record folder (and its lock), the log (code part, environment header), the seeds of
+the trials, checkpoints (--save-every, --resume) and the record's summary. train_gpt.py calls it
+at a few named points, and nothing else of it:
+
+    parse_flags(...)                  the command line, one flag per hyperparameter
+    Clock, TrainLosses                the training clock and the train losses, read a step late
+    runnable_source()                 the log's code part: the trainer with its modules inlined
+    Harness(hp, ctx, log)             installs the SIGTERM/SIGINT handler
+    harness.open(hp, code, ...)       before the first trial: opens (or, resuming, reopens) the log
+    harness.first_trial               0, or the trial a checkpoint continues
+    harness.resumes(trial)            does this trial continue a checkpoint? (then no init)
+    harness.trial_started(run)        after a trial is built: restores a checkpoint's state; the step
+    harness.step_ended(run, step)     between a step's validation and the next training step
+    harness.trial_ended(val_loss)     a trial's final validation loss
+    harness.run_ended()               every trial done: final losses, summary
+    harness.stopped(error, run)       a NaN or a signal stopped training: the log says so
+    harness.close()
+
+`run` is train_gpt.py's Run (model, optimizers, train_loader, clock, probe, jsonl, trial, step) and
+its settle() (log the pending train losses, check the updates): what a checkpoint saves and
+restores. Of the hyperparameters, the harness reads only the run's flags (records_dir, run_name,
+append, seed, trials, save_every, resume), rule and preset (the default run name) and diagnostics
+(whether a .jsonl file goes beside the log); the header lists them all.
+"""
+import argparse
+import dataclasses
+import datetime
+import fcntl
+import glob
+import json
+import os
+import pickle
+import platform
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import uuid
+import zipfile
+
+import torch
+import torch.distributed as dist
+
+from data.shards import read_shard_header
+
+HARNESS_ROOT = os.path.dirname(os.path.abspath(__file__))
+SEPARATOR = "=" * 100
+
+
+def parse_flags(cls, presets, choices, check, argv=None):
+    """(an instance of the dataclass `cls`, dry_run) from the command line: one flag per field
+    (--train-steps sets train_steps; help from the field's metadata), the chosen preset's
+    overrides under the flags, then check(hp) (a ValueError exits with status 2 and its message)."""
+    ap = argparse.ArgumentParser(allow_abbrev=False,  # run.sh must see the same flag names
+                                 description="Train GPT with Aurora (default: the 3175-step record). "
+                                 "Defaults are the record's (or the chosen preset's).")
+    ap.add_argument("--dry-run", action="store_true", help="check the flags and the configuration "
+                    "(world size from $WORLD_SIZE, default 1) and exit; touches no data or records")
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default {f.default})")
+        if f.type is bool:
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif f.type is tuple:
+            ap.add_argument(flag, type=float, nargs=len(f.default), **kw)
+        else:
+            ap.add_argument(flag, type=f.type, choices=choices.get(f.name), **kw)
+    args = vars(ap.parse_args(argv))
+    dry_run = args.pop("dry_run")
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+    hp = cls(**{**presets.get(args.get("preset", "record"), {}), **args})
+    try:
+        check(hp)
+    except ValueError as e:
+        ap.error(str(e))
+    return hp, dry_run
+
+
+class Logger:
+    """Rank 0 writes to stdout and the log file; errors go to stderr (every rank) and the log."""
+
+    def __init__(self, rank):
+        self.rank, self.file = rank, None
+
+    def __call__(self, msg, error=False):
+        if error or self.rank == 0:
+            print(msg, file=sys.stderr if error else sys.stdout, flush=True)
+        if self.file:
+            self.file.write(msg + "\n")
+            self.file.flush()
+
+
+# --- the code part of a log -------------------------------------------------------------------
+
+LOCAL_IMPORT = re.compile(r"^from (aurora|data\.shards|diagnostics|harness) import .*$", re.M)
+
+
+def runnable_source(script=None):
+    """The trainer (`script`; default: train_gpt when imported, else the script being run) with
+    each local module it imports inlined in place of the import line, and the local imports of
+    those inlined in turn, each module once: the benchmark wants all code a run used in its log,
+    as one script that runs on its own. A script cut from a log has nothing left to inline: its
+    logs carry it byte for byte."""
+    if script is None:
+        trainer = sys.modules.get("train_gpt") or sys.modules["__main__"]
+        script = trainer.__file__
+    with open(os.path.abspath(script)) as f:
+        source = f.read()
+    root, done = os.path.dirname(os.path.abspath(script)), set()
+
+    def inline(match):
+        name = match.group(1).replace(".", "/") + ".py"
+        if name in done:
+            return f"# {match.group(0)}  (inlined above)"
+        done.add(name)
+        with open(os.path.join(root, name)) as f:
+            module = LOCAL_IMPORT.sub(inline, f.read().rstrip("\n"))
+        return f"# {'-' * 40} {name} (inlined) {'-' * 40}\n{module}\n# {'-' * 40} end of {name} {'-' * 40}"
+    return LOCAL_IMPORT.sub(inline, source)
+
+
+# --- record folders, seeds, the log's header ----------------------------------------------------
+
+# Hyperparameters that may differ between the logs of one record folder.
+PER_RUN = ("seed", "trials", "data_dir", "records_dir", "run_name", "append", "allow_cpu",
+           "save_every", "resume")
+
+
+def record_config(hp):
+    """The hyperparameters every log of one record folder must share, as the log prints them."""
+    return {k: json.dumps(v) for k, v in dataclasses.asdict(hp).items() if k not in PER_RUN}
+
+
+def header_config(log_path, fields):
+    """The `name: value` lines of an existing log's header for the hyperparameters `fields`."""
+    with open(log_path, errors="replace") as f:
+        text = f.read()
+    sections = text.split("\n" + SEPARATOR + "\n")
+    header = sections[1] if len(sections) > 2 else ""
+    fields = set(fields) - set(PER_RUN)
+    return {k: v for k, v in (line.split(": ", 1) for line in header.splitlines() if ": " in line)
+            if k in fields}
+
+
+def config_problem(path):
+    """(a record folder's config.json at `path` as a dict, None) or (None, why it cannot be used).
+    tools/logs.py's read_config words the same checks for the summary (the toolkit runs without
+    torch, so it does not import this module)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        config = json.loads(text) if text.strip() else None
+        if config is None:
+            return None, "empty" if not text.strip() else "not a JSON object (null)"
+        if not isinstance(config, dict):
+            return None, f"not a JSON object (a {type(config).__name__})"
+        return config, None
+    except IsADirectoryError:
+        return None, "a directory, not a file"
+    except OSError as e:
+        return None, f"unreadable: {e.strerror or e}"
+    except ValueError as e:
+        return None, f"not valid JSON ({e})"
+
+
+def read_config(path):
+    """A record folder's config.json, or ValueError naming it and what to do."""
+    config, why = config_problem(path)
+    if why:
+        raise ValueError(f"--append: {path} is {why}; delete it to have the logs' headers used "
+                         "as the record's configuration")
+    return config
+
+
+SEED_LINE = re.compile(r"^trial:\d+ seed:(\S+)", re.M)
+
+
+def seeds_in(record_dir):
+    """Seeds (as logged: strings) of every trial already in a record folder."""
+    seeds = set()
+    for log in glob.glob(os.path.join(glob.escape(record_dir), "*.txt")):
+        with open(log, errors="replace") as f:
+            seeds |= set(SEED_LINE.findall(f.read().split(SEPARATOR, 1)[-1]))
+    return seeds
+
+
+# Seeds drawn from the OS entropy lie in [0, 2^32): short to type, and S + trials stays far inside
+# torch.manual_seed's range.
+DRAWN_SEEDS = 2 ** 32
+
+
+def draw_seed():
+    return secrets.randbelow(DRAWN_SEEDS)
+
+
+def trial_seeds(hp):
+    return [hp.seed + t for t in range(hp.trials)]
+
+
+def usable_records_dir(path):
+    """--records-dir created if needed and writable, or ValueError saying why not."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        if not os.path.isdir(path):
+            raise NotADirectoryError(f"{path} is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(f"{path} is not writable")
+        with open(os.path.join(path, ".lock"), "a"):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot use --records-dir {path}: {e.strerror or e}") from None
+
+
+def open_record(hp):
+    """Find or create the record folder and open a new <uuid>.txt in it, under a lock so that two
+    runs started together cannot both create or join a folder with different configurations.
+    Refuses (ValueError/FileExistsError) without writing anything; never touches an older log.
+    Without --seed (hp.seed None) the seed is drawn here, from the OS entropy. Returns (folder,
+    log path, open log file, hp with the seed actually used)."""
+    drawn = hp.seed is None
+    if drawn:
+        hp = dataclasses.replace(hp, seed=draw_seed())
+    run_name = hp.run_name or f"{hp.rule}_{hp.preset}"
+    usable_records_dir(hp.records_dir)
+    with open(os.path.join(hp.records_dir, ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+        record_dir = os.path.join(hp.records_dir, f"{today}_{run_name}")
+        earlier = sorted(glob.glob(os.path.join(glob.escape(hp.records_dir), f"*_{glob.escape(run_name)}")))
+        if hp.append and earlier and not os.path.exists(record_dir):
+            record_dir = earlier[-1]  # --append after midnight joins the run's latest folder
+        logs = sorted(glob.glob(os.path.join(glob.escape(record_dir), "*.txt")))
+        if logs and not hp.append:
+            raise FileExistsError(f"{record_dir} already holds {len(logs)} log(s). Pass --append to "
+                                  "add this run to that record (same configuration, more seeds), "
+                                  "or choose another --run-name")
+        config_path = os.path.join(record_dir, "config.json")
+        if logs:
+            if os.path.lexists(config_path):
+                old = {k: json.dumps(v) for k, v in read_config(config_path).items()}
+            else:  # never take the configuration from the newcomer
+                old = header_config(logs[0], [f.name for f in dataclasses.fields(hp)])
+            new = record_config(hp)
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            if diff:
+                raise ValueError(f"--append: this run's configuration differs from the record in "
+                                 f"{record_dir}: " + ", ".join(f"{k} {old.get(k)} -> {new.get(k)}"
+                                                                for k in diff) + "; use another --run-name")
+            hp = choose_seeds(hp, seeds_in(record_dir), drawn)
+        os.makedirs(record_dir, exist_ok=True)
+        if not os.path.exists(config_path):
+            with open(config_path, "w") as f:
+                json.dump({k: json.loads(v) for k, v in record_config(hp).items()}, f, indent=2)
+            os.chmod(config_path, 0o644)
+        log_path = os.path.join(record_dir, f"{uuid.uuid4()}.txt")
+        return record_dir, log_path, open(log_path, "x"), hp  # "x": fail rather than overwrite
+
+
+def choose_seeds(hp, taken, drawn):
+    """A trial seed already in the folder (`taken`: as logged) is refused when it was given with
+    --seed; a drawn one is drawn again."""
+    while True:
+        clash = sorted(s for s in trial_seeds(hp) if str(s) in taken)
+        if not clash:
+            return hp
+        if not drawn:
+            raise ValueError(f"--append: seed(s) {clash} already in this record; choose another "
+                             "--seed, or leave it out to draw one")
+        hp = dataclasses.replace(hp, seed=draw_seed())
+
+
+def environment_lines(hp, ctx, setup, drawn=False):
+    """The log's header: versions, device, commit, the setup line the trainer gives (`setup`), the
+    trials' seeds, every hyperparameter, nvidia-smi."""
+    lines = [f"python {platform.python_version()}  torch {torch.__version__}  "
+             f"cuda {torch.version.cuda}  platform {platform.platform()}"]
+    if ctx.device.type == "cuda":
+        lines.append(f"device {torch.cuda.get_device_name(ctx.device)}  world_size {ctx.world}")
+    else:
+        lines.append(f"device cpu ({platform.processor() or platform.machine()}, "
+                     f"{torch.get_num_threads()} threads)  world_size {ctx.world}")
+    try:
+        git = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=HARNESS_ROOT,
+                             capture_output=True, text=True, timeout=5)
+        commit = git.stdout.strip() if git.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    lines.append(f"git_commit {commit}")
+    lines.append(setup)
+    lines.append(f"seeds {trial_seeds(hp)}" + (" (drawn from the OS entropy; run trial i again with "
+                                               "--seed <its seed> --trials 1)" if drawn else ""))
+    lines += [f"{k}: {json.dumps(v)}" for k, v in dataclasses.asdict(hp).items()]
+    try:
+        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=10).stdout
+        lines += smi.rstrip().splitlines() if smi else []
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return lines
+
+
+def refresh_summary(record_dir, log):
+    """Post-processing, when the records toolkit sits beside this script: rewrite summary.json."""
+    tool = os.path.join(HARNESS_ROOT, "tools", "records.py")
+    if os.path.exists(tool):
+        proc = subprocess.run([sys.executable, tool, "summary", record_dir, "--write"],
+                              capture_output=True, text=True)
+        last = (proc.stdout.strip().splitlines() or [""])[-1]
+        log(f"summary: {os.path.join(record_dir, 'summary.json')}: {last}" if proc.returncode == 0
+            else f"summary not written: {proc.stderr.strip()}", error=proc.returncode != 0)
+
+
+# --- the clock and the train losses: what a record measures, as the record's loop does -------
+
+
+class Clock:
+    """Training time with validation excluded. It stops and starts where the record's does: at a
+    dist.barrier() when distributed (with NCCL the barrier returns once the GPU work queued before
+    it is done), at torch.cuda.synchronize() on one GPU. Nothing between a start and a stop waits
+    for the device: elapsed() is host time, the record's approx_training_time."""
+
+    def __init__(self, ctx):
+        self.ctx, self.total, self.started = ctx, 0.0, None
+        self.last_val_time, self.last_val_step = 0.0, 0
+
+    def _sync(self):
+        if self.ctx.world > 1:
+            dist.barrier()
+        elif self.ctx.device.type == "cuda":
+            torch.cuda.synchronize(self.ctx.device)
+
+    def start(self):
+        self._sync()
+        self.started = time.perf_counter()
+
+    def stop(self):
+        self._sync()
+        self.total += time.perf_counter() - self.started
+        self.started = None
+
+    def elapsed(self):
+        return self.total + (time.perf_counter() - self.started if self.started else 0.0)
+
+    def val_fields(self, step):
+        """train_time and step_avg (mean step time since the previous validation) of a val line."""
+        steps = step - self.last_val_step
+        avg = 1000 * (self.total - self.last_val_time) / steps if steps else float("nan")
+        self.last_val_time, self.last_val_step = self.total, step
+        return f"train_time:{self.total:.3f}s step_avg:{avg:.2f}ms"
+
+
+class TrainLosses:
+    """Each step's train loss, read without stalling the device. The step's summed loss (already
+    all-reduced) is copied with non_blocking=True into a host buffer (pinned on CUDA, where an
+    event marks the copy's arrival) and read one step later, when the device is past it, or with
+    the clock stopped. Two buffers: a step's copy never overwrites the unread loss before it."""
+
+    def __init__(self, device):
+        cuda = device.type == "cuda"
+        self.buffers = [torch.zeros((), dtype=torch.float32, pin_memory=cuda) for _ in range(2)]
+        self.events = [torch.cuda.Event() if cuda else None for _ in range(2)]
+        self.pending = []  # (buffer, step, train time after the step), oldest first
+
+    def put(self, loss, step, elapsed):
+        i = step % 2
+        assert all(j != i for j, _, _ in self.pending), "read the step before first"
+        self.buffers[i].copy_(loss, non_blocking=True)
+        if self.events[i] is not None:
+            self.events[i].record()
+        self.pending.append((i, step, elapsed))
+
+    def take(self):
+        """(step, summed loss, train time) of the oldest unread step; waits for its copy only."""
+        i, step, elapsed = self.pending.pop(0)
+        if self.events[i] is not None:
+            self.events[i].synchronize()
+        return step, self.buffers[i].item(), elapsed  # a host tensor: no device sync
+
+
+# --- signals ----------------------------------------------------------------------------------
+
+
+class Interrupted(Exception):
+    """SIGTERM (preemption, a kill) or SIGINT while training."""
+
+
+class StopRequest:
+    """The SIGTERM/SIGINT handler. It raises Interrupted at once, except while a run that writes
+    checkpoints trains (`defer`): then it notes the signal, and the trial saves a checkpoint and
+    stops at its next step boundary, a step later at most (raising in the middle of a step would
+    leave nothing consistent to save). More signals change nothing: torchrun forwards the one its
+    workers often got too, and a supervisor's SIGKILL follows anyway if a step hangs."""
+
+    def __init__(self):
+        self.defer, self.signum = False, None
+
+    def __call__(self, signum, frame):
+        if not self.defer:
+            raise Interrupted(signal.Signals(signum).name)
+        self.signum = self.signum or signum
+
+
+# --- checkpoints (--save-every, --resume): the running trial's whole state in one file beside the
+# log, written atomically by rank 0; a resumed run continues bit for bit, with any world size that
+# splits the batch (Aurora's momentum is gathered from the ranks that hold it: no per-rank files).
+
+CHECKPOINT_FORMAT = "train_gpt.py checkpoint 1"
+CHECKPOINT_KEYS = ("config", "code", "trial", "seed", "step", "finals", "world_size", "torch", "model",
+                   "adam", "aurora", "loader", "rng", "clock", "fc_init", "log", "log_bytes", "jsonl_bytes")
+# Lines of an interrupted run's log that stay as they are when a resumed run marks the lines it
+# wrote after the checkpoint: they say what happened to it (or were marked by an earlier resume);
+# everything else is redone.
+EVENT_LINE = re.compile(r"^(checkpoint|checkpoint not written|interrupted|failed|error|resumed|lost):")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed (exit status 2, before anything is written)."""
+
+
+def write_atomic(path, write):
+    """Replace `path` by what write(f) writes, all or nothing: a temporary file in the same folder,
+    flushed to the disk, then renamed over `path` (a kill or a full disk mid-write leaves the old
+    file whole, and at most a stale `path`.tmp)."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself, on the disk
+    finally:
+        os.close(folder)
+
+
+def load_checkpoint(path):
+    """The checkpoint at `path`, whole (each part's CRC32, which torch.load does not check: a
+    flipped or zeroed block would load silently) and of this trainer, or CheckpointError."""
+    what = (f"--resume {path}: the file is not a whole checkpoint of train_gpt.py (truncated by a copy "
+            "or a full disk, or corrupt?)")
+    todo = ("resume from an intact copy of the checkpoint, or start the run again without --resume "
+            "(a run killed while writing a checkpoint keeps the previous one whole: <uuid>.ckpt, not "
+            "<uuid>.ckpt.tmp)")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"--resume {path}: no such file")
+    try:
+        with zipfile.ZipFile(path) as z:
+            broken = z.testzip()
+        if broken:
+            raise CheckpointError(f"{what}: its part {broken} fails its checksum; {todo}")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: runs no code
+    except CheckpointError:
+        raise
+    except Exception as e:  # zipfile, torch and the unpickler raise many kinds: all mean unreadable
+        first = (str(e).splitlines() or [""])[0][:200]
+        detail = ("it holds more than tensors and plain values" if isinstance(e, pickle.UnpicklingError)
+                  else first)
+        raise CheckpointError(f"{what}: {type(e).__name__}: {detail}; {todo}") from None
+    missing = ([k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else
+               list(CHECKPOINT_KEYS))
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or missing:
+        raise CheckpointError(f"{what}: it lacks {', '.join(missing) or 'the format mark'}; {todo}")
+    return ckpt
+
+
+def resume_config(hp, ctx, train_files):
+    """What a resumed run must share with the checkpoint's run to continue it bit for bit: the
+    record's configuration, the trials (seed, count), the device type (activation and
+    Newton-Schulz dtypes follow it) and the train shards (names and sizes). Not the world size."""
+    config = record_config(hp)
+    config.update({k: json.dumps(getattr(hp, k)) for k in ("seed", "trials")})
+    config["device"] = json.dumps(ctx.device.type)
+    config["train_shards"] = json.dumps([f"{os.path.basename(f)}:{read_shard_header(f)}"
+                                         for f in train_files])
+    return config
+
+
+def check_resume(ckpt, hp, ctx, train_files, code):
+    """Refuse (CheckpointError) a checkpoint of another configuration or code than this run's;
+    returns hp with the checkpoint's seed unless the command line sets one (it must then be the
+    checkpoint's)."""
+    if hp.seed is None:
+        hp = dataclasses.replace(hp, seed=json.loads(ckpt["config"].get("seed", "null")))
+    old, new = ckpt["config"], resume_config(hp, ctx, train_files)
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+        raise CheckpointError(
+            f"--resume {hp.resume}: this run's configuration differs from the checkpoint's in "
+            + ", ".join(f"{k} {old.get(k, 'absent')} (checkpoint) vs {new.get(k, 'absent')}" for k in diff)
+            + ". Resume with the flags of the run that wrote it (its log's header lists them)")
+    if ckpt["code"] != code:
+        a, b = ckpt["code"].splitlines(), code.splitlines()
+        line = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        show = (lambda lines: repr(lines[line][:100]) if line < len(lines) else "the end")
+        raise CheckpointError(
+            f"--resume {hp.resume}: the code differs from the code of the run that wrote the "
+            f"checkpoint (its log's code part), first at line {line + 1} of the one-file source: "
+            f"{show(a)} (checkpoint) vs {show(b)}. Resume with the code that wrote it (e.g. the "
+            "log's code part, which runs on its own)")
+    return hp
+
+
+def reopen_record(ckpt_path, ckpt):
+    """The log (and diagnostics file) of the checkpoint's run, reopened to append: found beside
+    the checkpoint (a record folder copied or moved), else where the run wrote it. The lines the
+    interrupted run wrote after the checkpoint were about steps this run redoes: each gets `lost: `
+    in front (kept, but no longer read as steps or trials by the records toolkit), except its
+    event lines (EVENT_LINE); the diagnostics file is cut back to the checkpoint. Checks
+    everything before it writes. Returns (folder, log path, log, diagnostics file, lost lines)."""
+    name = os.path.basename(ckpt["log"])
+    beside = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), name)
+    log_path = beside if os.path.exists(beside) else ckpt["log"]
+    jsonl_path = os.path.splitext(log_path)[0] + ".jsonl"
+    for path, size in ((log_path, ckpt["log_bytes"]), (jsonl_path, ckpt["jsonl_bytes"])):
+        if size is None:
+            continue
+        if not os.path.exists(path):
+            raise CheckpointError(f"--resume {ckpt_path}: its run's {os.path.basename(path)} is "
+                                  f"neither beside it nor in {os.path.dirname(ckpt['log'])}; a "
+                                  "resumed run continues it: keep the record folder together")
+        if os.path.getsize(path) < size:
+            raise CheckpointError(f"--resume {ckpt_path}: {path} holds {os.path.getsize(path):,} "
+                                  f"bytes, fewer than the {size:,} it had when the checkpoint was "
+                                  "written: not the file of this checkpoint's run")
+    with open(log_path, "rb") as f:
+        text = f.read()
+    tail = text[ckpt["log_bytes"]:].decode(errors="replace").splitlines()
+    marked = [line if EVENT_LINE.match(line) else "lost: " + line for line in tail]
+    lost = sum(not EVENT_LINE.match(line) for line in tail)
+    if tail:
+        head = text[:ckpt["log_bytes"]]
+        write_atomic(log_path, lambda f: f.write(head + "".join(m + "\n" for m in marked).encode()))
+    jsonl = None
+    if ckpt["jsonl_bytes"] is not None:
+        os.truncate(jsonl_path, ckpt["jsonl_bytes"])
+        jsonl = open(jsonl_path, "a")
+    return os.path.dirname(log_path), log_path, open(log_path, "a"), jsonl, lost
+
+
+def resumed_line(hp, ctx, ckpt, lost):
+    """The log's line where a resumed run starts (no new `trial:` line: the trial goes on)."""
+    torch_note = f" (checkpoint: {ckpt['torch']})" if ckpt["torch"] != torch.__version__ else ""
+    lost_note = (f"; {lost} line(s) the interrupted run wrote after the checkpoint are marked "
+                 "'lost:' and redone below" if lost else "")
+    return (f"resumed: from {os.path.abspath(hp.resume)} at step {ckpt['step']}, trial {ckpt['trial']} "
+            f"(seed {ckpt['seed']}): world_size {ctx.world} (checkpoint: {ckpt['world_size']}), torch "
+            f"{torch.__version__}{torch_note}{lost_note}")
+
+
+# --- the harness: what the training loop calls ---------------------------------------------------
+
+
+class Harness:
+    """One run's harness (every trial of the process); see the module's docstring for the calls."""
+
+    def __init__(self, hp, ctx, log):
+        self.hp, self.ctx, self.log = hp, ctx, log
+        self.code = self.record_dir = self.jsonl = self.checkpoint = self.resume = None
+        self.train_files, self.finals, self.start = [], [], 0
+        self.stop = StopRequest()
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def open(self, hp, code, train_files, setup):
+        """Before the first trial, after the data was checked: with --resume, read and check the
+        checkpoint, and reopen its log; else open the record folder and write the log's code part
+        (`code`) and header (`setup`: the trainer's line of what it uses). Nothing is written before
+        every check passed; every rank gets the seed rank 0 drew. Returns hp with that seed."""
+        ctx, log = self.ctx, self.log
+        self.code, self.train_files = code, train_files
+        if hp.resume:  # every rank reads and checks it (same file, same verdict): nothing written yet
+            self.resume = load_checkpoint(hp.resume)
+            hp = check_resume(self.resume, hp, ctx, train_files, code)
+            self.finals = list(self.resume["finals"])
+        failure = None
+        if ctx.rank == 0:
+            try:
+                if self.resume:
+                    self.record_dir, log_path, log.file, self.jsonl, lost = reopen_record(hp.resume, self.resume)
+                    log(resumed_line(hp, ctx, self.resume, lost))
+                else:
+                    drawn = hp.seed is None
+                    self.record_dir, log_path, log.file, hp = open_record(hp)
+                    log.file.write(code + SEPARATOR + "\n")
+                    for line in environment_lines(hp, ctx, setup, drawn) + [SEPARATOR, f"log: {log_path}"]:
+                        log(line)
+                    if hp.diagnostics:  # one JSON object per (step, layer), next to the log
+                        self.jsonl = open(os.path.splitext(log_path)[0] + ".jsonl", "x")
+                        log(f"diagnostics file: {self.jsonl.name}")
+                self.checkpoint = os.path.splitext(log_path)[0] + ".ckpt"
+            except (ValueError, FileExistsError) as e:
+                failure = e
+        if ctx.world > 1:  # every rank uses the seed rank 0 drew or checked for this folder, or stops
+            shared = [hp.seed, None if failure is None else str(failure)]
+            dist.broadcast_object_list(shared, 0)
+            hp = dataclasses.replace(hp, seed=shared[0])
+            failure = failure or (shared[1] and ValueError(f"rank 0: {shared[1]}"))
+        if failure:
+            raise failure
+        self.hp = hp
+        self.stop.defer = hp.save_every > 0  # a signal now: save, then stop
+        return hp
+
+    @property
+    def first_trial(self):
+        return self.resume["trial"] if self.resume else 0
+
+    def resumes(self, trial):
+        """Does `trial` continue the checkpoint being resumed (its weights come from it)?"""
+        return self.resume is not None and self.resume["trial"] == trial
+
+    def trial_started(self, run):
+        """The step `run`'s trial starts at: 0, or, resuming, the checkpoint's, with the trial's
+        state put back where the checkpoint left it: weights, optimizer states (each rank keeps
+        its share of Aurora's), data position, random generators (the next trial's initialization
+        draws from them), clock, diagnostics' initial rows."""
+        ckpt, self.resume = self.resume, None  # (the checkpoint's memory goes with the trial)
+        if ckpt is None:
+            self.start = 0
+            return 0
+        adam, aurora = run.optimizers
+        run.model.load_state_dict(ckpt["model"])
+        adam.load_state_dict(ckpt["adam"])
+        aurora.load_state_dict(ckpt["aurora"])
+        run.train_loader.reset(**ckpt["loader"])
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if run.ctx.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], run.ctx.device)
+        clock = ckpt["clock"]
+        run.clock.total, run.clock.last_val_time, run.clock.last_val_step = (
+            clock["total"], clock["last_val_time"], clock["last_val_step"])
+        if run.probe.enabled and run.ctx.rank == 0:
+            run.probe.fc_init = [t.to(run.ctx.device) for t in ckpt["fc_init"]]
+        run.step = aurora.step_index = self.start = ckpt["step"]  # Aurora names a non-finite update by its step
+        return self.start
+
+    def step_ended(self, run, step):
+        """Between the validation of `step` and the next training step: with --save-every, write a
+        checkpoint every save_every steps (not at the step the trial started or resumed at:
+        nothing new), and when a signal asked to stop, save, then raise Interrupted. Every rank
+        takes the same decisions."""
+        if not self.hp.save_every:
+            return
+        stop = self.stop_requested()
+        if stop or (step % self.hp.save_every == 0 and step != self.start):
+            self.save_checkpoint(run)
+        if stop:
+            raise Interrupted(stop)
+
+    def trial_ended(self, val_loss):
+        self.finals.append(val_loss)
+
+    def run_ended(self):
+        """Every trial done: the final losses, no checkpoint left, the record's summary."""
+        self.stop.defer = False
+        if self.ctx.rank == 0:
+            self.log(f"final val losses: {' '.join(f'{v:.5f}' for v in self.finals)}")
+            self.remove_checkpoint()
+            refresh_summary(self.record_dir, self.log)
+        if self.ctx.world > 1:
+            dist.barrier()  # leave together: a gloo rank that exits while a peer still talks can abort
+
+    def stopped(self, e, run):
+        """A NaN/inf (FloatingPointError) or a signal (Interrupted) stopped training: say where, in
+        the log too, keeping the log. Returns the exit status."""
+        log = self.log
+        trial = f"trial {run.trial} (seed {self.hp.seed + run.trial})" if run else "setup"
+        if isinstance(e, Interrupted):  # a line the records toolkit reads: this trial is incomplete
+            log(f"interrupted: {e} at step {run.step if run else 0}, {trial}", error=True)
+        else:
+            log(f"failed: {trial}: {e}", error=True)
+        kept = f"; the log so far is kept in {log.file.name}" if log.file else ""
+        if isinstance(e, Interrupted) and run and self.checkpoint and os.path.exists(self.checkpoint):
+            kept += f"; continue with the same flags and --resume {self.checkpoint}"
+        log(f"error: {trial}: {e}. Training stopped{kept}", error=True)
+        return 130 if isinstance(e, Interrupted) else 1
+
+    def close(self):
+        if self.log.file:
+            self.log.file.close()
+        if self.jsonl:
+            self.jsonl.close()
+
+    # checkpoints
+
+    def stop_requested(self):
+        """The signal that asks this run to stop, or None. Any rank's counts: all ranks must stop
+        at the same step, so with several ranks this is a one-number all-reduce per step (only
+        when checkpointing)."""
+        signum = self.stop.signum or 0
+        if self.ctx.world > 1:
+            flag = torch.tensor([signum], device=self.ctx.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        return signal.Signals(signum).name if signum else None
+
+    def save_checkpoint(self, run):
+        """Write the running trial's state at run.step (clock paused). Every rank takes part
+        (Aurora's momentum is gathered); rank 0 writes. A failed write is reported and training
+        goes on: the previous checkpoint is still whole."""
+        hp, ctx, log = self.hp, self.ctx, self.log
+        run.clock.stop()
+        started = time.perf_counter()
+        adam, aurora = run.optimizers
+        run.settle()  # train losses in the log before the checkpoint (a resumed run does not redo
+        # them), and never a non-finite state saved
+        aurora_state = aurora.state_dict()  # collective
+        if ctx.rank == 0:
+            state = dict(
+                format=CHECKPOINT_FORMAT, config=resume_config(hp, ctx, self.train_files),
+                code=self.code, trial=run.trial, seed=hp.seed + run.trial, step=run.step,
+                finals=list(self.finals), world_size=ctx.world, torch=str(torch.__version__),
+                model=run.model.state_dict(), adam=adam.state_dict(), aurora=aurora_state,
+                loader=dict(shard=run.train_loader.shard, pos=run.train_loader.pos),
+                rng=dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(ctx.device)
+                         if ctx.device.type == "cuda" else None),
+                clock=dict(total=run.clock.total, last_val_time=run.clock.last_val_time,
+                           last_val_step=run.clock.last_val_step),
+                fc_init=run.probe.fc_init if hp.diagnostics else None,
+                # how far the log and the diagnostics file were written: a resumed run redoes the rest
+                log=os.path.abspath(log.file.name), log_bytes=os.fstat(log.file.fileno()).st_size,
+                jsonl_bytes=os.fstat(self.jsonl.fileno()).st_size if self.jsonl else None)
+            try:
+                write_atomic(self.checkpoint, lambda f: torch.save(state, f))
+                log(f"checkpoint: step {run.step} of trial {run.trial} saved to {self.checkpoint} "
+                    f"({os.path.getsize(self.checkpoint) / 1e6:.1f} MB in {time.perf_counter() - started:.2f}s)")
+            except OSError as e:
+                log(f"checkpoint not written: step {run.step} of trial {run.trial}: {e}; training goes "
+                    "on, the previous checkpoint (if any) is whole", error=True)
+        run.clock.start()
+
+    def remove_checkpoint(self):
+        """A complete run needs no checkpoint (the model's final weights are not what a record
+        keeps), nor the temporary file of a write that a kill cut short."""
+        if self.checkpoint and os.path.exists(self.checkpoint + ".tmp"):
+            os.remove(self.checkpoint + ".tmp")
+        if self.checkpoint and os.path.exists(self.checkpoint):
+            os.remove(self.checkpoint)
+            self.log(f"checkpoint: removed {self.checkpoint}: the run is complete")
