@@ -60,7 +60,7 @@ fi
 SHARDS=0
 if [[ ! -f $DATA/fineweb_val_000000.bin ]]; then
   python3 data/synthetic.py --out "$DATA" --vocab "$VOCAB" --train-shards "$TRAIN_SHARDS" \
-    --shard-tokens "$SHARD_TOKENS" --val-tokens "$VAL_TOKENS" >"$OUT/synthetic.txt" 2>&1 &
+    --shard-tokens "$SHARD_TOKENS" --val-tokens "$((VAL_TOKENS + 1))" >"$OUT/synthetic.txt" 2>&1 &  # +1: the last target
   SHARDS=$!
 fi
 if [[ ${PYTEST:-1} != 0 ]]; then
