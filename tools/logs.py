@@ -57,7 +57,7 @@ def to_float(text):
 def parse_seed(token):
     if re.fullmatch(r"-?\d+", token):
         return int(token)
-    return None if token == "None" else token  # e.g. record0: unseeded, the record's stream
+    return None if token == "None" else token  # e.g. record0: an older log's unseeded trial
 
 
 def header_value(text):
