@@ -19,7 +19,7 @@ import tokenize
 
 # Hyperparameter lines that vary between the runs of one record (as train_gpt.py's --append check);
 # a log whose trainer declares PER_RUN adds those names (see run_specific()).
-RUN_SPECIFIC = ("seed", "trials", "data_dir", "first_trial")  # first_trial: older logs only
+RUN_SPECIFIC = ("seed", "trials", "data_dir")
 SEEDISH = re.compile(r"seed", re.IGNORECASE)
 
 
