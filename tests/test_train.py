@@ -281,8 +281,8 @@ def test_diagnostics_change_nothing_in_training(data_dir, tmp_path, monkeypatch)
     """Diagnostics on and off: the same weights at the end, bit for bit, and the same val losses."""
     finals, train_trial = [], train_gpt.train_trial
 
-    def keep_final_weights(run_, trial):
-        loss = train_trial(run_, trial)
+    def keep_final_weights(run_, trial, *rest):
+        loss = train_trial(run_, trial, *rest)
         finals.append({k: v.clone() for k, v in run_.model.state_dict().items()})
         return loss
 
