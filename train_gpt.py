@@ -521,6 +521,7 @@ class Run:
     probe: object = None           # and unread train losses
     clock: object = None
     losses: object = None
+    harness: object = None         # harness.py's Harness: the loop calls it at its named points
 
     def settle(self):
         """With the clock stopped: log the train losses not yet read, check Aurora's updates."""
@@ -594,12 +595,12 @@ def check_updates(aurora, before=None):
 
 
 
-def train_trial(run, trial, harness):
+def train_trial(run, trial):
     """One trial (one seed of a record): seed and re-initialize (or, resuming, take the
     checkpoint's state), then the record's loop: validate (clock paused) on schedule, stop after
     the last validation, else train one step. No host sync while the clock runs: the train loss is
     read a step late, updates are checked at validations."""
-    hp, ctx, log, model = run.hp, run.ctx, run.log, run.model
+    hp, ctx, log, model, harness = run.hp, run.ctx, run.log, run.model, run.harness
     run.trial, run.step = trial, 0
     resumed = harness.resumes(trial)
     if not resumed:
@@ -659,7 +660,7 @@ def prepare(hp, ctx, log, harness):
     log(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
     compiled = torch.compile(model, dynamic=False) if use_compile(hp, ctx) else model
     loader = TokenLoader(train_files, hp.batch_tokens, ctx, hp.vocab_size)
-    return Run(hp, ctx, log, model, compiled, loader, val, harness.jsonl)
+    return Run(hp, ctx, log, model, compiled, loader, val, harness.jsonl, harness=harness)
 
 
 def main(argv=None):
@@ -680,7 +681,7 @@ def main(argv=None):
     try:
         run = prepare(hp, ctx, log, harness)
         for trial in range(harness.first_trial, run.hp.trials):
-            harness.trial_ended(train_trial(run, trial, harness))
+            harness.trial_ended(train_trial(run, trial))
         harness.run_ended()
         return 0
     except (DataError, ValueError, FileExistsError) as e:  # bad input or configuration
