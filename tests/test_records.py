@@ -18,9 +18,10 @@ import pytest
 from tools import records
 from tools.compare import diff_records
 from tools.logs import RecordsError, load_runs, parse_log, read_log
+from tools.parents import PUBLISHED
 from tools.plots import plot_records
 from tools.stats import compare, pass_probability, summarize, trials_needed
-from tools.submit import PUBLISHED, submit
+from tools.submit import submit
 from tools.summary import summary_of, write_summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -665,7 +666,8 @@ def test_diff_folders_and_upstream_logs(tmp_path):
     assert "neither has hyperparameter lines" in out and "not compared: B has no code part" in out
     # A passes at 3200 only: (3.28 - 3.2775) * sqrt(2) = 0.0035 < 0.004 at 3100
     assert "pairwise test: A n=2 step 3200 mean 3.270500" in out and "B n=20 step 3175" in out
-    assert " 3175 " not in out.split("pairwise")[0]  # only common steps: ours validate 3000/3100/3200
+    table = out.split("at common validated steps")[1].split("pairwise")[0]
+    assert " 3175 " not in table  # only common steps: ours validate 3000/3100/3200
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1158,3 +1160,140 @@ def test_submit_names_left_out_trials_relative_to_the_folder(tmp_path):
     assert r["summary"]["n"] == 4
     assert "- copy (counted once): copy.txt trial 0 repeats a.txt trial 0" in readme
     assert str(tmp_path) not in readme
+
+
+# ------------------------------------------------------------------------------------------------
+# The newer published Aurora records' in-repo copies, and the parent record by preset
+# ------------------------------------------------------------------------------------------------
+
+PUBLISHED_DIRS = {steps: os.path.join(ROOT, "records", f"published_aurora_{steps}")
+                  for steps in (2930, 2890, 2860)}
+# What upstream publishes (its result READMEs and leaderboard rows): n, the claimed step, the mean
+# at it as published (digits: how many it gives), the margin where stated, the leaderboard's mean.
+UPSTREAM_CLAIMS = {2930: dict(n=16, mean=3.27844375, digits=8, margin=0.006225, board=3.2784),
+                   2890: dict(n=16, mean=3.2788, digits=4, margin=None, board=3.2788),
+                   2860: dict(n=16, mean=3.278939375, digits=9, margin=0.0042425, board=3.2789)}
+# Their READMEs' per-seed tables at the claimed step: the first 8 characters of each log's name
+UPSTREAM_SEEDS = {
+    2930: "d198124d 3.27695 cc3e4c68 3.27852 91c76856 3.27789 2e1a56d8 3.27749 6a9b2d1c 3.27853 "
+          "6fea25b2 3.27804 d1cfc000 3.27869 f2dd09b2 3.27817 da49a1cb 3.27936 b5e875f3 3.27852 "
+          "e9cb5656 3.27885 d47d8868 3.27948 e8e9f023 3.28112 667a2045 3.27732 4f52349c 3.27631 "
+          "e45a078c 3.27986",
+    2860: "c4b5e2ad 3.27765 d715cb87 3.27965 7b578310 3.27675 6f0d30bb 3.27978 58808330 3.27961 "
+          "bb2723d5 3.27999 cb2d26ac 3.27696 242f921c 3.27746 5c30823b 3.27929 e782d1d7 3.27910 "
+          "a5ad12b6 3.28025 73926855 3.28060 de02a52e 3.27822 15223178 3.27837 9df54a64 3.27969 "
+          "8b1ae377 3.27966"}
+UPSTREAM_FOLDERS = {2930: "20260514_aurora_proj_pruned_extended_contra",
+                    2890: "20260522_ema_nesterov_aurora_proj", 2860: "20260525_aurora_ema_ref"}
+
+
+@pytest.mark.parametrize("steps", sorted(PUBLISHED_DIRS))
+def test_newer_published_copies_give_the_published_figures(steps):
+    claim, folder = UPSTREAM_CLAIMS[steps], PUBLISHED_DIRS[steps]
+    logs = records.load_record(folder)["logs"]
+    assert len(logs) == 16 and all(log["code"] == "" for log in logs)  # output parts only
+    seeds = []
+    for log in logs:
+        with open(log["path"], "rb") as f:
+            assert f.readline() == b"=" * 100 + b"\n"
+        (seed,) = [int(line.split("=")[1]) for line in log["environment"]
+                   if line.startswith("Using seed=")]
+        seeds.append(seed)
+    assert sorted(seeds) == list(range(16))  # one log per seed, 0..15
+    s = summarize([t for log in logs for t in log["trials"]])
+    assert (s["n"], s["step"]) == (claim["n"], steps)
+    assert round(s["mean"], claim["digits"]) == claim["mean"] and round(s["mean"], 4) == claim["board"]
+    if claim["margin"] is not None:
+        assert round(s["margin"], 7) == claim["margin"]
+    assert s["incomplete"] == s["duplicates"] == s["bad_lines"] == []
+    before = s["steps"][s["steps"].index(steps) - 1]  # the step before the claim fails
+    assert [row["margin"] < 0.004 for row in s["per_step"] if row["step"] == before] == [True]
+    if steps in UPSTREAM_SEEDS:
+        words = UPSTREAM_SEEDS[steps].split()
+        published = dict(zip(words[::2], map(float, words[1::2])))
+        counted = records.screen([t for log in logs for t in log["trials"]])["counted"]
+        assert {os.path.basename(r["source"])[:8]: r["losses"][r["steps"].index(steps)]
+                for r in counted} == published
+    if steps == 2930:  # its README also states z and p with sigma 0.0013
+        z = s["margin"] / 0.0013
+        assert round(z, 4) == 4.7885 and f"{0.5 * math.erfc(z / math.sqrt(2)):.2e}" == "8.40e-07"
+
+
+@pytest.mark.skipif(not os.environ.get("MODDED_NANOGPT"), reason="MODDED_NANOGPT (a modded-nanogpt "
+                    "checkout or git mirror) not set")
+def test_newer_published_copies_are_the_output_parts_of_upstreams_logs():
+    upstream = os.environ["MODDED_NANOGPT"]
+    for steps, folder in UPSTREAM_FOLDERS.items():
+        names = sorted(f for f in os.listdir(PUBLISHED_DIRS[steps]) if f.endswith(".txt"))
+        listed = subprocess.run(["git", "-C", upstream, "ls-tree", "--name-only", "HEAD",
+                                 f"records/track_3_optimization/results/{folder}/"],
+                                capture_output=True, text=True, check=True).stdout.split()
+        assert names == sorted(os.path.basename(p) for p in listed if p.endswith(".txt"))
+        for name in names:
+            log = subprocess.run(["git", "-C", upstream, "show",
+                                  f"HEAD:records/track_3_optimization/results/{folder}/{name}"],
+                                 capture_output=True, check=True).stdout
+            start = log.index(b"\n" + b"=" * 100 + b"\n") + 1
+            with open(os.path.join(PUBLISHED_DIRS[steps], name), "rb") as f:
+                assert f.read() == log[start:], name
+
+
+def test_parent_table():
+    from tools.parents import PARENTS, parent_path
+    assert sorted(PARENTS) == ["aurora_2860", "aurora_2890", "aurora_2930", "record"]
+    for preset in PARENTS:  # each parent is there and claims the step its preset is named for
+        s = summarize(load_runs(parent_path(preset)))
+        assert s["step"] == (3175 if preset == "record" else int(preset.split("_")[1]))
+    assert parent_path("record") == parent_path("tiny") == parent_path(None) == PUBLISHED == REFERENCE
+
+
+PRESET_PARENTS = [  # the preset's header value, the parent expected (under records/), its step
+    ('"aurora_2860"', "published_aurora_2860", 2860), ('"aurora_2890"', "published_aurora_2890", 2890),
+    ("aurora_2930", "published_aurora_2930", 2930),  # an older log's plain text
+    ('"record"', "published_aurora_3175/track3_aurora_3175_n20.txt", 3175),
+    ('"tiny"', "published_aurora_3175/track3_aurora_3175_n20.txt", 3175),
+    (None, "published_aurora_3175/track3_aurora_3175_n20.txt", 3175)]  # no preset line
+
+
+@pytest.mark.parametrize("preset, parent, steps", PRESET_PARENTS)
+def test_diff_compares_with_the_parent_of_the_runs_preset(tmp_path, preset, parent, steps):
+    run = write_ours(tmp_path / "a.txt", {0: [3.30, 3.285, 3.275], 1: [3.30, 3.284, 3.276]},
+                     hp=dict(preset=preset) if preset else {})
+    d = diff_records(run)
+    assert d["b"] == os.path.join(ROOT, "records", parent) and d["compare"]["steps_b"] == steps
+    assert f"records/{parent.split('/')[0]}/" in d["b_label"]
+    proc = cli("diff", run)
+    assert proc.returncode == 0, proc.stderr
+    named = f"preset {preset.strip(chr(34))}" if preset else "no preset line"
+    assert f"A's parent record ({named}): the published record" in proc.stdout
+    assert f"B n={20 if steps == 3175 else 16} step {steps}" in proc.stdout
+
+
+def test_diff_baseline_overrides_the_preset(tmp_path):
+    run = write_ours(tmp_path / "a.txt", {0: [3.30, 3.285, 3.275], 1: [3.30, 3.284, 3.276]},
+                     hp=dict(preset='"aurora_2860"'))
+    for args in ([PUBLISHED_DIRS[2930]], ["--baseline", PUBLISHED_DIRS[2930]]):
+        out = cli("diff", run, *args, "--json").stdout
+        data = json.loads(out)
+        assert data["b"] == PUBLISHED_DIRS[2930] and data["compare"]["steps_b"] == 2930
+        assert "parent record" not in data["b_label"] and "#30" in data["b_label"]
+    other = write_ours(tmp_path / "b.txt", {2: [3.30, 3.285, 3.275]})
+    assert json.loads(cli("diff", run, other, "--json").stdout)["b_label"] is None
+    proc = cli("diff", run, other, "--baseline", other)
+    assert proc.returncode == 2 and "not both" in proc.stderr
+
+
+def test_submit_default_parent_by_preset_and_baseline_override(tmp_path):
+    record = make_submission(tmp_path / "rec", hp=dict(preset='"aurora_2860"'))
+    r = submit(record, "p2860", out=str(tmp_path / "o1"), date="2026-12-01")
+    assert (r["comparison"]["n_b"], r["comparison"]["steps_b"]) == (16, 2860)
+    readme = open(os.path.join(r["out"], "README.md")).read()
+    assert ("- Parent record: the published record, modded-nanoGPT optimization track #42 (" in readme
+            and "records/published_aurora_2860/), the default parent of preset aurora_2860." in readme)
+    assert "| parent | 16 | 2860 | 3.278939 |" in readme
+    proc = cli("submit", record, "--name", "p2930", "--out", tmp_path / "o2", "--baseline",
+               PUBLISHED_DIRS[2930], "--date", "2026-12-01")
+    assert proc.returncode == 0, proc.stderr
+    readme = (tmp_path / "o2" / "README.md").read_text()
+    assert "track #30 (" in readme and "default parent" not in readme
+    assert "| parent | 16 | 2930 | 3.278444 |" in readme

@@ -1,9 +1,10 @@
 """Two records side by side. The `compare` command is the pairwise test (tools/stats.py's
 compare()); print_compare() is its text. The `diff` command (diff_records(), print_diff()) shows
-what differs between two logs or records: hyperparameters (run-specific ones apart, see
-tools/configs.py), a unified diff of the code parts, the mean val loss at common steps
-(mean_curve(): over the complete trials, else the incomplete ones, so that a killed run can still
-be compared) and the same pairwise test when either side has more than one trial.
+what differs between two logs or records (B by default: A's parent record, tools/parents.py):
+hyperparameters (run-specific ones apart, see tools/configs.py), a unified diff of the code parts,
+the mean val loss at common steps (mean_curve(): over the complete trials, else the incomplete
+ones, so that a killed run can still be compared) and the same pairwise test when either side has
+more than one trial.
 """
 import difflib
 import os
@@ -12,6 +13,7 @@ import numpy as np
 
 from tools.configs import config_difference, inconsistencies, run_specific
 from tools.logs import RecordsError, read_record
+from tools.parents import parent_of, published_label
 from tools.stats import PASS_MARGIN, compare, pair_targets
 from tools.trials import loss_at, screen
 
@@ -43,12 +45,21 @@ def mean_curve(runs):
     return steps, means, len(counted), note
 
 
-def diff_records(a, b, target=None, metric="val_loss"):
-    """What differs between A and B (log files or record folders): hyperparameters (header
-    `name: value` lines of each side's first log; seed, trials and data_dir apart as run-specific),
-    a unified diff of the code parts, the mean val loss at common steps side by side, and the
-    pairwise test (compare()) when either side has more than one trial."""
-    logs_a, logs_b = read_record(a, metric), read_record(b, metric)
+def diff_records(a, b=None, target=None, metric="val_loss"):
+    """What differs between A and B (log files or record folders; B None: A's parent record, the
+    published record of A's preset): hyperparameters (header `name: value` lines of each side's
+    first log; seed, trials and data_dir apart as run-specific), a unified diff of the code parts,
+    the mean val loss at common steps side by side, and the pairwise test (compare()) when either
+    side has more than one trial. b_label says what B is when it is a published record."""
+    logs_a = read_record(a, metric)
+    by_preset = b is None
+    if by_preset:
+        b, preset = parent_of(logs_a)
+    logs_b = read_record(b, metric)
+    b_label = published_label(b)
+    if b_label and by_preset:
+        b_label = (f"A's parent record ({f'preset {preset}' if preset else 'no preset line'}): "
+                   f"{b_label}")
     target, target_warning = pair_targets(logs_a, logs_b, target)
     runs_a = [t for log in logs_a for t in log["trials"]]
     runs_b = [t for log in logs_b for t in log["trials"]]
@@ -56,7 +67,7 @@ def diff_records(a, b, target=None, metric="val_loss"):
     skip = run_specific(logs_a[0], logs_b[0])
     config = [k for k in sorted(set(hp_a) | set(hp_b)) if k not in skip]
     code_a, code_b = logs_a[0]["code"], logs_b[0]["code"]
-    result = dict(a=os.fspath(a), b=os.fspath(b), metric=metric, target=target,
+    result = dict(a=os.fspath(a), b=os.fspath(b), b_label=b_label, metric=metric, target=target,
                   target_warning=target_warning,
                   logs_a=len(logs_a), logs_b=len(logs_b),
                   has_hyperparameters_a=bool(hp_a), has_hyperparameters_b=bool(hp_b),
@@ -92,6 +103,8 @@ def print_diff(d):
     for side in ("a", "b"):
         note = f"  ({d['note_' + side]})" if d["note_" + side] else ""
         print(f"{side.upper()}: {d[side]}  ({d['logs_' + side]} log(s), n={d['n_' + side]}){note}")
+        if side == "b" and d["b_label"]:
+            print(f"  {d['b_label']}")
         for problem in d["inconsistent_" + side]:
             print(f"  warning: {side.upper()}'s logs do not share one configuration: {problem}")
     print("\nhyperparameters (first log of each side):")

@@ -7,7 +7,7 @@ Usage (from the repository root or anywhere else):
     python tools/records.py summary RECORD_DIR --write     # also (re)write RECORD_DIR/summary.json
     python tools/records.py compare A B [--png FILE] [--band minmax|std] [--target] [--metric] [--json]
     python tools/records.py plot PATH... --png FILE [--label NAME ...] [--band minmax|std]
-    python tools/records.py diff A B [--target] [--metric] [--json]
+    python tools/records.py diff A [B | --baseline B] [--target] [--metric] [--json]
     python tools/records.py submit RECORD_DIR --name NAME [--baseline LOG_OR_DIR] [--out DIR]
                                    [--description TEXT] [--contributors TEXT] [--date YYYY-MM-DD]
 
@@ -19,8 +19,11 @@ record (`--pool` even across configurations), `compare`, `plot` and `diff` take 
 losses at common steps, and the pairwise test. `submit` writes an upstream-style result folder
 (default records/track_3_optimization/results/<YYYYMMDD>_<NAME>/): the logs, the script they ran,
 a README (claim, per-seed table, comparison with the parent record, hardware, command) and two
-figures; it prints the leaderboard row. The parent record (--baseline) defaults to the published
-one, records/published_aurora_3175/track3_aurora_3175_n20.txt.
+figures; it prints the leaderboard row. The parent record (`diff`'s B, `submit`'s --baseline)
+defaults to the published record that the run's preset starts from (its log header's `preset:`
+line; tools/parents.py's PARENTS): aurora_2930, aurora_2890 and aurora_2860 have the published
+records of those step counts (records/published_aurora_<steps>/), any other preset, or none, the
+3175-step record (records/published_aurora_3175/track3_aurora_3175_n20.txt).
 
 Log format. A log is the training script's source (the "code part"), a line of '=' characters
 (>= 50; ours have 100), header lines (ours: environment, then one `name: value` line per
@@ -72,6 +75,7 @@ with a docstring that says how its parts fit:
     tools/compare.py   the compare command's text, and diff (diff_records)
     tools/plots.py     figures (plot_records, plot_submission)
     tools/submit.py    an upstream-style result folder (submit)
+    tools/parents.py   the default parent record of a run, by preset (PARENTS, parent_of)
 The names used from Python (read_log, parse_log, load_runs, screen, summarize, compare,
 pass_chance, write_summary, plot_records, diff_records, submit, RecordsError, ...) can also be
 imported from here. train_gpt.py rewrites summary.json after every run (write_summary, through
@@ -96,14 +100,15 @@ from tools.logs import RecordsError, load_record, load_runs, parse_log, read_log
 from tools.plots import plot_records  # noqa: E402
 from tools.stats import (claimed, compare, pair_targets, pass_chance, pass_probability,  # noqa: E402
                          resolve_target, summarize, trials_needed)
-from tools.submit import PUBLISHED, flag_arguments, print_submission, submit  # noqa: E402
+from tools.parents import PARENTS, PUBLISHED, parent_of  # noqa: E402
+from tools.submit import flag_arguments, print_submission, submit  # noqa: E402
 from tools.summary import json_safe, print_summary, summary_of, write_summary  # noqa: E402
 from tools.trials import copies, screen  # noqa: E402
 
-__all__ = ["PUBLISHED", "RecordsError", "claimed", "compare", "copies", "diff_records",
-           "flag_arguments", "load_record", "load_runs", "main", "parse_log", "pass_chance",
-           "pass_probability", "plot_records", "read_log", "screen", "script_facts", "submit",
-           "summarize", "summary_of", "trials_needed", "write_summary"]
+__all__ = ["PARENTS", "PUBLISHED", "RecordsError", "claimed", "compare", "copies", "diff_records",
+           "flag_arguments", "load_record", "load_runs", "main", "parent_of", "parse_log",
+           "pass_chance", "pass_probability", "plot_records", "read_log", "screen", "script_facts",
+           "submit", "summarize", "summary_of", "trials_needed", "write_summary"]
 
 
 def main(argv=None):
@@ -137,14 +142,16 @@ def main(argv=None):
     p.add_argument("--band", choices=["minmax", "std"], default="minmax")
     p = sub.add_parser("diff", parents=[common], help="what differs between two logs or records")
     p.add_argument("a", metavar="A", help="a log file or a directory of logs")
-    p.add_argument("b", metavar="B", help="a log file or a directory of logs")
+    p.add_argument("b", metavar="B", nargs="?", help="a log file or a directory of logs (default: "
+                   "A's parent record, the published record of A's preset)")
+    p.add_argument("--baseline", metavar="LOG_OR_DIR", help="B, named as submit names it")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p = sub.add_parser("submit", parents=[common], help="write an upstream-style result folder")
     p.add_argument("record_dir", metavar="RECORD_DIR", help="the record's directory of logs")
     p.add_argument("--name", required=True, help="result name: <YYYYMMDD>_<name>/, "
                    "train_gpt_simple_<name>.py")
     p.add_argument("--baseline", metavar="LOG_OR_DIR", help="the parent record (default: the "
-                   "published one, records/published_aurora_3175/)")
+                   "published record of the logs' preset, records/published_aurora_<steps>/)")
     p.add_argument("--out", metavar="DIR", help="result folder (default: records/"
                    "track_3_optimization/results/<YYYYMMDD>_<name>/); must not exist or be empty")
     p.add_argument("--description", help="leaderboard description (default: from the logs)")
@@ -194,7 +201,9 @@ def main(argv=None):
                          args.band)
             print(f"wrote {args.png}")
         elif args.command == "diff":
-            d = diff_records(args.a, args.b, args.target, args.metric or "val_loss")
+            if args.b and args.baseline:
+                raise RecordsError("diff: give B or --baseline, not both")
+            d = diff_records(args.a, args.b or args.baseline, args.target, args.metric or "val_loss")
             if args.json:
                 print(json.dumps(json_safe(d)))
             else:

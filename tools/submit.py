@@ -1,11 +1,11 @@
 """The `submit` command: an upstream-style result folder for a record that passes.
 
 submit() checks that the record's logs share one configuration and code part and that a step
-passes, compares the record with its parent (the published record by default: PUBLISHED) with the
-pairwise test, and writes the folder atomically (built beside it, then renamed): the logs, the
-script that ran (the code part), a README (submission_readme(): claim, per-seed table, pass
-chance, comparison with the parent, configuration, hardware, the command that reproduces it) and
-two figures (tools/plots.py). reproduce() rebuilds that command from the log's header: the flags
+passes, compares the record with its parent (by default the published record its preset starts
+from: tools/parents.py) with the pairwise test, and writes the folder atomically (built beside
+it, then renamed): the logs, the script that ran (the code part), a README (submission_readme():
+claim, per-seed table, pass chance, comparison with the parent, configuration, hardware, the
+command that reproduces it) and two figures (tools/plots.py). reproduce() rebuilds that command from the log's header: the flags
 that differ from the trainer's defaults and preset (read by tools/configs.py's script_facts(),
 turned into arguments by flag_arguments()) and the seeds (seed_arguments()).
 """
@@ -19,17 +19,13 @@ import tempfile
 
 from tools.configs import config_difference, config_of, inconsistencies, run_specific, script_facts
 from tools.logs import RecordsError, header_value, read_record
+from tools.parents import PARENTS, parent_of, published_label
 from tools.plots import plot_submission
 from tools.stats import PASS_MARGIN, compare, passes, resolve_target, summarize
 from tools.summary import needed, percent, relative_sources, seed_text, write_public
 from tools.trials import loss_at, screen
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The parent record by default: an in-repo copy of the published record's output (never a path
-# outside the repository, so that every checkout gives the same answer).
-PUBLISHED = os.path.join(ROOT, "records", "published_aurora_3175", "track3_aurora_3175_n20.txt")
-PUBLISHED_LABEL = ("the published record, modded-nanoGPT optimization track #17 (Tilde Research's "
-                   "Aurora, 3175 steps, 20 seeds, 8xH100)")
 UPSTREAM_RESULTS = "records/track_3_optimization/results"  # where results live upstream
 RESULTS_DIR = os.path.join(ROOT, *UPSTREAM_RESULTS.split("/"))  # the same path here
 
@@ -272,11 +268,12 @@ def submission_readme(ctx):
 def submit(record_dir, name, baseline=None, out=None, target=None, metric="val_loss",
            description=None, contributors=None, date=None):
     """Write an upstream-style result folder for the record in record_dir and return
-    dict(out, files, row, summary, comparison). Refuses (RecordsError) when the logs do not share
-    one configuration (hyperparameter lines; seed, trials, data_dir and the trainer's PER_RUN
-    names aside) and code part, when they
-    hold no code, when no step passes, or when `out` exists and is not empty (never overwrites).
-    The folder is built beside `out` and renamed into place, so a failure leaves nothing behind."""
+    dict(out, files, row, summary, comparison). The parent record is `baseline` (a log or a
+    folder), by default the published record of the logs' preset (tools/parents.py). Refuses
+    (RecordsError) when the logs do not share one configuration (hyperparameter lines; seed,
+    trials, data_dir and the trainer's PER_RUN names aside) and code part, when they hold no code,
+    when no step passes, or when `out` exists and is not empty (never overwrites). The folder is
+    built beside `out` and renamed into place, so a failure leaves nothing behind."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name or ""):
         raise RecordsError(f"--name must be a plain name (letters, digits, _ . -), got {name!r}")
     if date is None:
@@ -308,7 +305,9 @@ def submit(record_dir, name, baseline=None, out=None, target=None, metric="val_l
         raise RecordsError(f"{record_dir}: no validated step passes (last common step "
                            f"{s['final_step']}: mean {s['mean']:.6f}, margin {s['margin']:.5f} < "
                            f"{PASS_MARGIN}, n={s['n']}): nothing to submit")
-    baseline = baseline or PUBLISHED
+    by_preset = baseline is None
+    if by_preset:
+        baseline, preset = parent_of(logs)
     baseline_logs = read_record(baseline, metric)
     comparison = compare(runs, [t for log in baseline_logs for t in log["trials"]], target)
     hp, baseline_hp = logs[0]["hyperparameters"], baseline_logs[0]["hyperparameters"]
@@ -331,8 +330,9 @@ def submit(record_dir, name, baseline=None, out=None, target=None, metric="val_l
     row = (f"| ? | {s['step']} | {s['mean']:.4f} (n={s['n']})✓ | {cell(description)} | "
            f"{date:%Y-%m-%d} | [log](/{UPSTREAM_RESULTS}/{folder}/{log_names[0]}) | "
            f"{cell(contributors or '?')} |")
-    same = os.path.abspath(baseline) == os.path.abspath(PUBLISHED) or \
-        os.path.abspath(baseline) == os.path.dirname(PUBLISHED)
+    published = published_label(baseline)
+    if published and by_preset:
+        published += f", the default parent of preset {preset}" if preset in PARENTS else ""
     hardware = []
     for log in logs:
         for line in log["environment"]:
@@ -341,8 +341,7 @@ def submit(record_dir, name, baseline=None, out=None, target=None, metric="val_l
     counted = screen(runs)["counted"]
     ctx = dict(summary=s, comparison=comparison, name=name, target=target, description=description,
                row=row, logs=logs, log_names=log_names, counted=counted, hardware=hardware,
-               baseline_label=(PUBLISHED_LABEL + " (in-repo copy of its output: "
-                               "records/published_aurora_3175/)") if same else f"`{baseline}`",
+               baseline_label=published or f"`{baseline}`",
                baseline_hp=baseline_hp, baseline_code=baseline_logs[0]["code"], hp_diff=hp_diff,
                skip=skip,
                code_added=sum(line.startswith("+") for line in code_lines),
@@ -361,7 +360,7 @@ def submit(record_dir, name, baseline=None, out=None, target=None, metric="val_l
         script = f"train_gpt_simple_{name}.py"
         write_public(os.path.join(tmp, script), logs[0]["code"])
         write_public(os.path.join(tmp, "README.md"), submission_readme(ctx))
-        parent_label = "parent (published)" if same else "parent"
+        parent_label = "parent (published)" if published else "parent"
         plot_submission({name: runs, parent_label: [t for log in baseline_logs for t in log["trials"]]},
                         os.path.join(tmp, "figure.png"), os.path.join(tmp, "zoomed_figure.png"), target)
         for png in ("figure.png", "zoomed_figure.png"):

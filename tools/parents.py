@@ -1,0 +1,68 @@
+"""The parent record of a run: the published record that its preset starts from.
+
+A log of our trainer names its preset in its header (`preset: "aurora_2860"`). PARENTS maps each
+preset that reproduces a published Aurora record to the in-repo copy of that record's output
+(records/published_aurora_<steps>/: the output parts of upstream's logs, without their code);
+every other preset (record, tiny, small, ...), and a log without a preset line (upstream's, older
+ones of ours), gets the record's parent, the published 3175-step record. `diff A` (no B) and
+`submit` (no --baseline) compare with parent_of(A's logs); a B or --baseline given overrides it.
+"""
+import os
+from collections import namedtuple
+
+from tools.logs import header_value
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PUBLISHED_DIR = os.path.join(ROOT, "records")
+
+# path: under records/ (a log, or a folder of logs); label: what the record is, for READMEs and diffs
+Parent = namedtuple("Parent", "path label")
+DEFAULT_PRESET = "record"
+PARENTS = {
+    "record": Parent("published_aurora_3175/track3_aurora_3175_n20.txt",
+                     "modded-nanoGPT optimization track #17 (Tilde Research's Aurora, 3175 steps, "
+                     "20 seeds, 8xH100)"),
+    "aurora_2930": Parent("published_aurora_2930",
+                          "modded-nanoGPT optimization track #30 (Aurora on the wide mlp.proj "
+                          "matrices, Contra-Muon ramp to step 2500; 2930 steps, 16 seeds, 8xH200)"),
+    "aurora_2890": Parent("published_aurora_2890",
+                          "modded-nanoGPT optimization track #40 (#30 wrapped in EMA-Nesterov; "
+                          "2890 steps, 16 seeds, 8xA100)"),
+    "aurora_2860": Parent("published_aurora_2860",
+                          "modded-nanoGPT optimization track #42 (#40 with zero-init biases and "
+                          "reference interpolation; 2860 steps, 16 seeds, 8xL40S)"),
+}
+
+
+def parent_path(preset):
+    """The absolute path of a preset's parent record (the record's for a preset not in PARENTS)."""
+    return os.path.join(PUBLISHED_DIR, PARENTS.get(preset, PARENTS[DEFAULT_PRESET]).path)
+
+
+PUBLISHED = parent_path(DEFAULT_PRESET)  # the record's parent: the published 3175-step record
+
+
+def preset_of(logs):
+    """The preset named in the first log's header (our trainer writes it as JSON), or None."""
+    value = logs[0]["hyperparameters"].get("preset") if logs else None
+    value = header_value(value) if value is not None else None
+    return value if isinstance(value, str) else None
+
+
+def parent_of(logs):
+    """(path, preset) of the default parent record of a run whose logs are `logs`."""
+    preset = preset_of(logs)
+    return parent_path(preset), preset
+
+
+def published_label(path):
+    """'the published record, <label> (in-repo copy of its output: records/<dir>/)' when `path`
+    is one of the in-repo copies in PARENTS (the log or its folder), else None."""
+    where = os.path.abspath(path)
+    for parent in PARENTS.values():
+        full = os.path.join(PUBLISHED_DIR, parent.path)
+        folder = full if os.path.isdir(full) else os.path.dirname(full)
+        if where in (full, folder):
+            return (f"the published record, {parent.label} (in-repo copy of its output: "
+                    f"records/{os.path.relpath(folder, PUBLISHED_DIR)}/)")
+    return None
