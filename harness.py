@@ -1,8 +1,9 @@
 """The run harness of train_gpt.py: everything around training that a speedrunner does not change.
 
 It keeps the record folder (and its lock), the log (code part, environment header), the seeds of
-the trials, checkpoints (--save-every, --resume) and the record's summary. train_gpt.py calls it
-at a few named points, and nothing else of it:
+the trials, checkpoints (--save-every, --resume) and the record's summary. A run holds a lock on
+its log while it runs: meanwhile its seeds stay its own and its checkpoint cannot be resumed.
+train_gpt.py calls it at a few named points, and nothing else of it:
 
     parse_flags(...)                  the command line, one flag per hyperparameter
     Clock, TrainLosses                the training clock and the train losses, read a step late
@@ -16,7 +17,7 @@ at a few named points, and nothing else of it:
     harness.trial_ended(val_loss)     a trial's final validation loss
     harness.run_ended()               every trial done: final losses, summary
     harness.stopped(error, run)       a NaN or a signal stopped training: the log says so
-    harness.close()
+    harness.close()                   closes the log: its lock is released
 
 `run` is train_gpt.py's Run (model, optimizers, train_loader, clock, probe, jsonl, trial, step) and
 its settle() (log the pending train losses, check the updates): what a checkpoint saves and
@@ -25,10 +26,12 @@ append, seed, trials, save_every, resume), rule and preset (the default run name
 (whether a .jsonl file goes beside the log); the header lists them all.
 """
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import fcntl
 import glob
+import hashlib
 import json
 import os
 import pickle
@@ -135,15 +138,18 @@ def record_config(hp):
     return {k: json.dumps(v) for k, v in dataclasses.asdict(hp).items() if k not in PER_RUN}
 
 
+def header_lines(log_path):
+    """The `name: value` lines of an existing log's header (between its first two '=' lines)."""
+    with open(log_path, errors="replace") as f:
+        sections = f.read().split("\n" + SEPARATOR + "\n")
+    header = sections[1] if len(sections) > 2 else ""
+    return dict(line.split(": ", 1) for line in header.splitlines() if ": " in line)
+
+
 def header_config(log_path, fields):
     """The `name: value` lines of an existing log's header for the hyperparameters `fields`."""
-    with open(log_path, errors="replace") as f:
-        text = f.read()
-    sections = text.split("\n" + SEPARATOR + "\n")
-    header = sections[1] if len(sections) > 2 else ""
     fields = set(fields) - set(PER_RUN)
-    return {k: v for k, v in (line.split(": ", 1) for line in header.splitlines() if ": " in line)
-            if k in fields}
+    return {k: v for k, v in header_lines(log_path).items() if k in fields}
 
 
 def config_problem(path):
@@ -179,12 +185,58 @@ def read_config(path):
 SEED_LINE = re.compile(r"^trial:\d+ seed:(\S+)", re.M)
 
 
+def complete_seeds(text):
+    """Seeds (as logged: strings) of the trials of a log's text that reached their final
+    validation (`step:N/N val_loss`, not marked `lost:`), as the records toolkit counts them."""
+    starts = list(SEED_LINE.finditer(text)) + [None]
+    return {m.group(1) for m, end in zip(starts, starts[1:])
+            if re.search(r"^step:(\d+)/\1 val_loss:", text[m.end():end.start() if end else None], re.M)}
+
+
+def log_in_use(path):
+    """Is the log at `path` held by a running run? Each run holds a lock (flock) on its log from
+    its creation (or its resume's claim) until it exits, even by kill -9. Ask under records_lock:
+    runs take their log's lock only under it."""
+    try:
+        with open(path, "rb") as f:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released when f closes
+        return False
+    except BlockingIOError:
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def lock_holder(path):
+    """' (process P)', P holding the lock on `path` as /proc/locks (Linux) shows it, or ''."""
+    try:
+        inode = str(os.stat(path).st_ino)
+        with open("/proc/locks") as f:
+            for fields in map(str.split, f):
+                if "FLOCK" in fields and fields[-3].rsplit(":", 1)[-1] == inode:
+                    return f" (process {int(fields[-4])})"
+    except (OSError, ValueError, IndexError):
+        pass
+    return ""
+
+
 def seeds_in(record_dir):
-    """Seeds (as logged: strings) of every trial already in a record folder."""
+    """Seeds (as logged: strings) a new run of a record folder may not take: those of every
+    complete trial, and every seed of a run still going (its log in use) or that a checkpoint
+    beside its log can resume (its header's seed and trials). A seed of a run that died without
+    finishing its trial or leaving a checkpoint is free again."""
     seeds = set()
     for log in glob.glob(os.path.join(glob.escape(record_dir), "*.txt")):
         with open(log, errors="replace") as f:
-            seeds |= set(SEED_LINE.findall(f.read().split(SEPARATOR, 1)[-1]))
+            output = f.read().split(SEPARATOR, 1)[-1]
+        seeds |= complete_seeds(output)
+        if log_in_use(log) or os.path.exists(os.path.splitext(log)[0] + ".ckpt"):
+            header = header_lines(log)
+            try:
+                first, trials = json.loads(header["seed"]), json.loads(header["trials"])
+                seeds |= {str(first + t) for t in range(trials)}
+            except (KeyError, TypeError, ValueError):  # a header cut short: the seeds it logged
+                seeds |= set(SEED_LINE.findall(output))
     return seeds
 
 
@@ -215,61 +267,99 @@ def usable_records_dir(path):
         raise ValueError(f"cannot use --records-dir {path}: {e.strerror or e}") from None
 
 
-def open_record(hp):
-    """Find or create the record folder and open a new <uuid>.txt in it, under a lock so that two
-    runs started together cannot both create or join a folder with different configurations.
-    Refuses (ValueError/FileExistsError) without writing anything; never touches an older log.
-    Without --seed (hp.seed None) the seed is drawn here, from the OS entropy. Returns (folder,
-    log path, open log file, hp with the seed actually used)."""
+@contextlib.contextmanager
+def records_lock(records_dir):
+    """The lock (flock on its .lock file) of a records folder: a run creates or joins a record
+    folder in it, chooses its seeds, writes its log's header and claims its log only under it."""
+    try:
+        lock = open(os.path.join(records_dir, ".lock"), "a")
+    except OSError as e:
+        raise ValueError(f"cannot open the lock of the records folder {records_dir}: "
+                         f"{e.strerror or e}") from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+# A record folder's name: <date>_<run name>.
+RECORD_FOLDER = re.compile(r"(\d{4}-\d{2}-\d{2})_(.+)")
+
+
+def open_record(hp, start_log):
+    """Find or create the record folder and open a new <uuid>.txt in it, under the records
+    folder's lock so that two runs started together cannot both create or join a folder with
+    different configurations, nor take the same seeds: start_log(log file, hp) writes the log's
+    code part and header (its seeds) before the lock is released, and the run holds its log's
+    lock (log_in_use) until it exits. Refuses (ValueError/FileExistsError) without writing
+    anything; never touches an older log. Without --seed (hp.seed None) the seed is drawn here,
+    from the OS entropy. Returns (folder, log path, open log file, hp with the seed used)."""
     drawn = hp.seed is None
     if drawn:
         hp = dataclasses.replace(hp, seed=draw_seed())
     run_name = hp.run_name or f"{hp.rule}_{hp.preset}"
     usable_records_dir(hp.records_dir)
-    with open(os.path.join(hp.records_dir, ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with records_lock(hp.records_dir):
         today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
         record_dir = os.path.join(hp.records_dir, f"{today}_{run_name}")
-        earlier = sorted(glob.glob(os.path.join(glob.escape(hp.records_dir), f"*_{glob.escape(run_name)}")))
+        earlier = sorted(name for name in os.listdir(hp.records_dir)
+                         if (m := RECORD_FOLDER.fullmatch(name)) and m.group(2) == run_name
+                         and os.path.isdir(os.path.join(hp.records_dir, name)))
         if hp.append and earlier and not os.path.exists(record_dir):
-            record_dir = earlier[-1]  # --append after midnight joins the run's latest folder
+            record_dir = os.path.join(hp.records_dir, earlier[-1])  # --append after midnight joins the latest
         logs = sorted(glob.glob(os.path.join(glob.escape(record_dir), "*.txt")))
         if logs and not hp.append:
             raise FileExistsError(f"{record_dir} already holds {len(logs)} log(s). Pass --append to "
                                   "add this run to that record (same configuration, more seeds), "
                                   "or choose another --run-name")
-        config_path = os.path.join(record_dir, "config.json")
+        config_path, new = os.path.join(record_dir, "config.json"), record_config(hp)
         if logs:
             if os.path.lexists(config_path):
                 old = {k: json.dumps(v) for k, v in read_config(config_path).items()}
             else:  # never take the configuration from the newcomer
                 old = header_config(logs[0], [f.name for f in dataclasses.fields(hp)])
-            new = record_config(hp)
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            diff = config_diff(old, new)
             if diff:
                 raise ValueError(f"--append: this run's configuration differs from the record in "
-                                 f"{record_dir}: " + ", ".join(f"{k} {old.get(k)} -> {new.get(k)}"
-                                                                for k in diff) + "; use another --run-name")
+                                 f"{record_dir}: {diff}; use another --run-name")
             hp = choose_seeds(hp, seeds_in(record_dir), drawn)
+        elif os.path.lexists(config_path):  # its logs were deleted: the record has no run left
+            old, why = config_problem(config_path)
+            diff = why or config_diff({k: json.dumps(v) for k, v in old.items()}, new)
+            if diff:
+                print(f"note: {config_path} held another configuration ({diff}) but {record_dir} "
+                      "holds no log: it now holds this run's", file=sys.stderr)
         os.makedirs(record_dir, exist_ok=True)
-        if not os.path.exists(config_path):
-            with open(config_path, "w") as f:
-                json.dump({k: json.loads(v) for k, v in record_config(hp).items()}, f, indent=2)
-            os.chmod(config_path, 0o644)
+        if not (logs and os.path.lexists(config_path)):
+            try:
+                write_atomic(config_path, lambda f: f.write(json.dumps(
+                    {k: json.loads(v) for k, v in new.items()}, indent=2).encode()))
+                os.chmod(config_path, 0o644)
+            except OSError as e:
+                raise ValueError(f"cannot write {config_path}: {e.strerror or e}") from None
         log_path = os.path.join(record_dir, f"{uuid.uuid4()}.txt")
-        return record_dir, log_path, open(log_path, "x"), hp  # "x": fail rather than overwrite
+        log = open(log_path, "x")  # "x": fail rather than overwrite
+        fcntl.flock(log, fcntl.LOCK_EX)  # held until the run exits: its seeds are taken meanwhile
+        start_log(log, hp)
+        return record_dir, log_path, log, hp
+
+
+def config_diff(old, new):
+    """'name old -> new, ...' for the configuration values (as the log prints them) that differ."""
+    return ", ".join(f"{k} {old.get(k)} -> {new.get(k)}"
+                     for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
 
 
 def choose_seeds(hp, taken, drawn):
-    """A trial seed already in the folder (`taken`: as logged) is refused when it was given with
-    --seed; a drawn one is drawn again."""
+    """A trial seed already taken in the folder (`taken`: as logged; see seeds_in) is refused when
+    it was given with --seed; a drawn one is drawn again."""
     while True:
         clash = sorted(s for s in trial_seeds(hp) if str(s) in taken)
         if not clash:
             return hp
         if not drawn:
-            raise ValueError(f"--append: seed(s) {clash} already in this record; choose another "
-                             "--seed, or leave it out to draw one")
+            raise ValueError(f"--append: seed(s) {clash} already in this record (a complete trial's, "
+                             "or taken by a run still going or by a checkpoint that can resume it); "
+                             "choose another --seed, or leave it out to draw one")
         hp = dataclasses.replace(hp, seed=draw_seed())
 
 
@@ -407,9 +497,10 @@ class StopRequest:
 # log, written atomically by rank 0; a resumed run continues bit for bit, with any world size that
 # splits the batch (Aurora's momentum is gathered from the ranks that hold it: no per-rank files).
 
-CHECKPOINT_FORMAT = "train_gpt.py checkpoint 1"
+CHECKPOINT_FORMAT = "train_gpt.py checkpoint 2"  # 2: the sha256 of the log (and jsonl) it continues
 CHECKPOINT_KEYS = ("config", "code", "trial", "seed", "step", "finals", "world_size", "torch", "model",
-                   "adam", "aurora", "loader", "rng", "clock", "fc_init", "log", "log_bytes", "jsonl_bytes")
+                   "adam", "aurora", "loader", "rng", "clock", "fc_init", "log", "log_bytes", "log_sha256",
+                   "jsonl_bytes", "jsonl_sha256")
 # Lines of an interrupted run's log that stay as they are when a resumed run marks the lines it
 # wrote after the checkpoint: they say what happened to it (or were marked by an earlier resume);
 # everything else is redone.
@@ -450,6 +541,11 @@ def load_checkpoint(path):
     todo = ("resume from an intact copy of the checkpoint, or start the run again without --resume "
             "(a run killed while writing a checkpoint keeps the previous one whole: <uuid>.ckpt, not "
             "<uuid>.ckpt.tmp)")
+    if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(glob.escape(path), "*.ckpt")))
+        raise CheckpointError(f"--resume {path}: a folder; --resume takes a checkpoint file, "
+                              "<record folder>/<uuid>.ckpt" + (f" ({path} holds {', '.join(found)})"
+                                                              if found else ""))
     if not os.path.isfile(path):
         raise CheckpointError(f"--resume {path}: no such file")
     try:
@@ -467,6 +563,11 @@ def load_checkpoint(path):
         raise CheckpointError(f"{what}: {type(e).__name__}: {detail}; {todo}") from None
     missing = ([k for k in CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else
                list(CHECKPOINT_KEYS))
+    if isinstance(ckpt, dict) and str(ckpt.get("format")).startswith("train_gpt.py checkpoint ") and \
+            ckpt["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"--resume {path}: a checkpoint of another version of train_gpt.py "
+                              f"({ckpt['format']!r}, this one reads {CHECKPOINT_FORMAT!r}); resume it "
+                              "with the code that wrote it (its log's code part runs on its own)")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or missing:
         raise CheckpointError(f"{what}: it lacks {', '.join(missing) or 'the format mark'}; {todo}")
     return ckpt
@@ -509,41 +610,70 @@ def check_resume(ckpt, hp, ctx, train_files, code):
     return hp
 
 
+def file_digest(path, size):
+    """The sha256 (hex) of the first `size` bytes of the file at `path`."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(size)).hexdigest()
+
+
 def reopen_record(ckpt_path, ckpt):
-    """The log (and diagnostics file) of the checkpoint's run, reopened to append: found beside
-    the checkpoint (a record folder copied or moved), else where the run wrote it. The lines the
-    interrupted run wrote after the checkpoint were about steps this run redoes: each gets `lost: `
-    in front (kept, but no longer read as steps or trials by the records toolkit), except its
-    event lines (EVENT_LINE); the diagnostics file is cut back to the checkpoint. Checks
-    everything before it writes. Returns (folder, log path, log, diagnostics file, lost lines)."""
-    name = os.path.basename(ckpt["log"])
-    beside = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), name)
-    log_path = beside if os.path.exists(beside) else ckpt["log"]
+    """The log (and diagnostics file) of the checkpoint's run, reopened to append: those beside
+    the checkpoint (a record folder may be copied or moved, as a whole), holding what they held
+    when it was written (their sha256 up to there). The resumed run claims the log (holds its
+    lock, see log_in_use): a checkpoint whose log is in use is being resumed, or still written, by
+    a run going on, and is refused. The lines the interrupted run wrote after the checkpoint were
+    about steps this run redoes: each gets `lost: ` in front (kept, but no longer read as steps or
+    trials by the records toolkit), except its event lines (EVENT_LINE); the diagnostics file is
+    cut back to the checkpoint. Checks everything before it writes. Returns (folder, log path,
+    log, diagnostics file, lost lines)."""
+    record_dir = os.path.dirname(os.path.abspath(ckpt_path))
+    log_path = os.path.join(record_dir, os.path.basename(ckpt["log"]))
     jsonl_path = os.path.splitext(log_path)[0] + ".jsonl"
-    for path, size in ((log_path, ckpt["log_bytes"]), (jsonl_path, ckpt["jsonl_bytes"])):
-        if size is None:
-            continue
-        if not os.path.exists(path):
-            raise CheckpointError(f"--resume {ckpt_path}: its run's {os.path.basename(path)} is "
-                                  f"neither beside it nor in {os.path.dirname(ckpt['log'])}; a "
-                                  "resumed run continues it: keep the record folder together")
-        if os.path.getsize(path) < size:
-            raise CheckpointError(f"--resume {ckpt_path}: {path} holds {os.path.getsize(path):,} "
-                                  f"bytes, fewer than the {size:,} it had when the checkpoint was "
-                                  "written: not the file of this checkpoint's run")
-    with open(log_path, "rb") as f:
-        text = f.read()
-    tail = text[ckpt["log_bytes"]:].decode(errors="replace").splitlines()
-    marked = [line if EVENT_LINE.match(line) else "lost: " + line for line in tail]
-    lost = sum(not EVENT_LINE.match(line) for line in tail)
-    if tail:
-        head = text[:ckpt["log_bytes"]]
-        write_atomic(log_path, lambda f: f.write(head + "".join(m + "\n" for m in marked).encode()))
+    with records_lock(os.path.dirname(record_dir)):
+        if log_in_use(log_path):
+            raise CheckpointError(f"--resume {ckpt_path}: the checkpoint is being resumed, or its run "
+                                  f"still goes on, in another process{lock_holder(log_path)}: it holds "
+                                  f"{log_path}. Let that run finish (or stop it) rather than run it twice")
+        for path, size, digest in ((log_path, ckpt["log_bytes"], ckpt["log_sha256"]),
+                                   (jsonl_path, ckpt["jsonl_bytes"], ckpt["jsonl_sha256"])):
+            if size is not None:
+                check_continued(ckpt_path, path, size, digest)
+        with open(log_path, "rb") as f:
+            text = f.read()
+        tail = text[ckpt["log_bytes"]:].decode(errors="replace").splitlines()
+        marked = [line if EVENT_LINE.match(line) else "lost: " + line for line in tail]
+        lost = sum(not EVENT_LINE.match(line) for line in tail)
+        if tail:
+            head = text[:ckpt["log_bytes"]]
+            write_atomic(log_path, lambda f: f.write(head + "".join(m + "\n" for m in marked).encode()))
+        log = open(log_path, "a")
+        fcntl.flock(log, fcntl.LOCK_EX)  # the claim, held until this run exits
     jsonl = None
     if ckpt["jsonl_bytes"] is not None:
         os.truncate(jsonl_path, ckpt["jsonl_bytes"])
         jsonl = open(jsonl_path, "a")
-    return os.path.dirname(log_path), log_path, open(log_path, "a"), jsonl, lost
+    return record_dir, log_path, log, jsonl, lost
+
+
+def check_continued(ckpt_path, path, size, digest):
+    """CheckpointError unless the file at `path` (the log or diagnostics file beside the
+    checkpoint) starts with what it held when the checkpoint was written: `size` bytes of sha256
+    `digest`."""
+    name, folder = os.path.basename(path), os.path.dirname(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"--resume {ckpt_path}: its run's {name} is not beside it in {folder}; "
+                              "a resumed run continues the files beside its checkpoint: keep the record "
+                              "folder together (put the file back, or resume the checkpoint where it is)")
+    held = os.path.getsize(path)
+    if held < size:
+        raise CheckpointError(f"--resume {ckpt_path}: {path} holds {held:,} bytes, fewer than the "
+                              f"{size:,} it had when the checkpoint was written: not the file of this "
+                              "checkpoint's run, or cut short")
+    if file_digest(path, size) != digest:
+        raise CheckpointError(f"--resume {ckpt_path}: the first {size:,} bytes of {path} differ from "
+                              "what it held when the checkpoint was written (edited since?): a resumed "
+                              "run continues it from there. Restore that file as it was, or start the "
+                              "run again without --resume")
 
 
 def resumed_line(hp, ctx, ckpt, lost):
@@ -589,10 +719,13 @@ class Harness:
                     log(resumed_line(hp, ctx, self.resume, lost))
                 else:
                     drawn = hp.seed is None
-                    self.record_dir, log_path, log.file, hp = open_record(hp)
-                    log.file.write(code + SEPARATOR + "\n")
-                    for line in environment_lines(hp, ctx, setup, drawn) + [SEPARATOR, f"log: {log_path}"]:
-                        log(line)
+
+                    def start_log(f, hp):  # under the records folder's lock: the header's seeds are taken
+                        log.file = f
+                        f.write(code + SEPARATOR + "\n")
+                        for line in environment_lines(hp, ctx, setup, drawn) + [SEPARATOR, f"log: {f.name}"]:
+                            log(line)
+                    self.record_dir, log_path, log.file, hp = open_record(hp, start_log)
                     if hp.diagnostics:  # one JSON object per (step, layer), next to the log
                         self.jsonl = open(os.path.splitext(log_path)[0] + ".jsonl", "x")
                         log(f"diagnostics file: {self.jsonl.name}")
@@ -660,8 +793,9 @@ class Harness:
         self.finals.append(val_loss)
 
     def run_ended(self):
-        """Every trial done: the final losses, no checkpoint left, the record's summary."""
-        self.stop.defer = False
+        """Every trial done: the final losses, no checkpoint left, the record's summary. The run is
+        complete: a signal now is noted, not raised (the log must not say `interrupted:`)."""
+        self.stop.defer = True
         if self.ctx.rank == 0:
             self.log(f"final val losses: {' '.join(f'{v:.5f}' for v in self.finals)}")
             self.remove_checkpoint()
@@ -727,13 +861,16 @@ class Harness:
                            last_val_step=run.clock.last_val_step),
                 fc_init=run.probe.fc_init if hp.diagnostics else None,
                 # how far the log and the diagnostics file were written: a resumed run redoes the rest
-                log=os.path.abspath(log.file.name), log_bytes=os.fstat(log.file.fileno()).st_size,
-                jsonl_bytes=os.fstat(self.jsonl.fileno()).st_size if self.jsonl else None)
+                log=os.path.abspath(log.file.name))
+            for name, f in (("log", log.file), ("jsonl", self.jsonl)):  # and what they held then
+                size = os.fstat(f.fileno()).st_size if f else None
+                state.update({f"{name}_bytes": size, f"{name}_sha256": file_digest(f.name, size) if f else None})
             try:
                 write_atomic(self.checkpoint, lambda f: torch.save(state, f))
                 log(f"checkpoint: step {run.step} of trial {run.trial} saved to {self.checkpoint} "
                     f"({os.path.getsize(self.checkpoint) / 1e6:.1f} MB in {time.perf_counter() - started:.2f}s)")
-            except OSError as e:
+            except (OSError, RuntimeError) as e:  # torch.save reports a failed write (a full disk)
+                # as a RuntimeError; write_atomic removed the partial temporary file
                 log(f"checkpoint not written: step {run.step} of trial {run.trial}: {e}; training goes "
                     "on, the previous checkpoint (if any) is whole", error=True)
         run.clock.start()

@@ -280,6 +280,7 @@ def resume_in_process(args, data_dir, tmp_path, ckpt):
     ("garbage", "not a whole checkpoint of train_gpt.py"),
     ("another torch file", "it lacks config, code"),
     ("missing", "no such file"),
+    ("a folder", "a folder; --resume takes a checkpoint file"),
 ])
 def test_a_damaged_checkpoint_is_refused_and_nothing_is_written(data_dir, tmp_path, folder, capsys, damage, message):
     log, ckpt, before = folder
@@ -292,13 +293,15 @@ def test_a_damaged_checkpoint_is_refused_and_nothing_is_written(data_dir, tmp_pa
         open(ckpt, "wb").write(b"not a checkpoint\n" * 100)
     elif damage == "another torch file":
         torch.save({"weights": torch.zeros(3)}, ckpt)
+    elif damage == "a folder":
+        ckpt = os.path.dirname(ckpt)
     else:
         os.remove(ckpt)
     before = snapshot(os.path.dirname(log))
     assert resume_in_process([], data_dir, tmp_path, ckpt) == 2
     err = capsys.readouterr().err
     assert f"error: --resume {ckpt}: " in err and message in err, err
-    if damage != "missing":
+    if damage not in ("missing", "a folder"):
         assert "resume from an intact copy" in err
     assert snapshot(os.path.dirname(log)) == before and not os.path.exists(tmp_path / "r")
 
@@ -337,6 +340,45 @@ def test_a_checkpoint_without_its_log_is_refused(data_dir, tmp_path, folder, cap
     assert resume_in_process([], data_dir, tmp_path, ckpt) == 2
     assert "keep the record folder together" in capsys.readouterr().err
     assert snapshot(os.path.dirname(log)) == before and not os.path.exists(tmp_path / "r")
+
+
+
+def test_a_checkpoint_being_resumed_is_not_resumed_again(data_dir, tmp_path, folder, capsys):
+    log, ckpt, _ = folder
+    _, _, first, _, _ = harness.reopen_record(ckpt, harness.load_checkpoint(ckpt))  # a resume going on
+    try:
+        before = snapshot(os.path.dirname(log))
+        assert resume_in_process([], data_dir, tmp_path, ckpt) == 2
+        err = capsys.readouterr().err
+        assert f"--resume {ckpt}: the checkpoint is being resumed, or its run still goes on, in another " \
+               f"process (process {os.getpid()}): it holds {log}" in err, err
+        assert snapshot(os.path.dirname(log)) == before
+    finally:
+        first.close()  # that run ends (or dies): the checkpoint can be resumed again
+    assert "\nresumed: " not in open(log).read()
+
+
+def test_a_copied_checkpoint_resumes_only_the_log_beside_it(data_dir, tmp_path, killed_run, folder, capsys):
+    log, ckpt, _ = folder  # a copy of killed_run's folder, whose checkpoint names the original's log
+    original = snapshot(killed_run)
+    os.rename(log, tmp_path / "moved.txt")
+    before = snapshot(os.path.dirname(log))
+    assert resume_in_process([], data_dir, tmp_path, ckpt) == 2
+    err = capsys.readouterr().err
+    assert f"its run's {os.path.basename(log)} is not beside it in {os.path.dirname(log)}" in err, err
+    assert snapshot(os.path.dirname(log)) == before and snapshot(killed_run) == original
+
+
+def test_a_log_edited_before_the_checkpoint_is_refused(data_dir, tmp_path, folder, capsys):
+    log, ckpt, _ = folder
+    text = open(log, "rb").read()
+    open(log, "wb").write(b"# a note\n" + text)  # one line more at the top: the size alone would pass
+    before = snapshot(os.path.dirname(log))
+    assert resume_in_process([], data_dir, tmp_path, ckpt) == 2
+    err = capsys.readouterr().err
+    assert f"the first {harness.load_checkpoint(ckpt)['log_bytes']:,} bytes of {log} differ from what it " \
+           "held when the checkpoint was written" in err, err
+    assert snapshot(os.path.dirname(log)) == before
 
 
 def test_a_write_that_dies_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):

@@ -568,7 +568,7 @@ def test_two_runs_started_together_cannot_join_one_folder_with_different_configu
     def start(steps):
         hp = tiny_hp(records_dir=str(tmp_path), run_name="race", append=True, train_steps=steps)
         try:
-            _, _, log, hp = harness.open_record(hp)
+            _, _, log, hp = harness.open_record(hp, lambda log, hp: None)
             log.write(f"trial:0 seed:{hp.seed}\n")  # a log now exists: the folder is taken
             log.close()
             outcomes[steps] = ("ok", None)
@@ -586,6 +586,115 @@ def test_two_runs_started_together_cannot_join_one_folder_with_different_configu
     config = json.load(open(glob.glob(str(tmp_path / "*_race" / "config.json"))[0]))
     assert config["train_steps"] == winner
     assert "differs" in outcomes[21 - winner][1] and "train_steps" in outcomes[21 - winner][1]
+
+
+
+# --- record folders at the harness level: seeds taken by runs going on, folder names, config.json ---
+
+def join(records_dir, run_name="seeds", **overrides):
+    """harness.open_record as a run calls it, with a header that names its seeds: (log path, the
+    open log (its lock held: a run going on; close it to end the run), hp)."""
+    hp = tiny_hp(**{"records_dir": str(records_dir), "run_name": run_name, "append": True, **overrides})
+
+    def header(f, hp):
+        f.write(f"code\n{SEPARATOR}\nseed: {hp.seed}\ntrials: {hp.trials}\n{SEPARATOR}\n")
+        f.flush()
+    _, path, log, hp = harness.open_record(hp, header)
+    return path, log, hp
+
+
+def test_runs_that_overlap_never_take_the_same_seeds(tmp_path, monkeypatch):
+    draws = [6, 8, 8, 9]  # what the OS entropy gives, in order
+    monkeypatch.setattr(harness, "draw_seed", lambda: draws.pop(0))
+    _, a, _ = join(tmp_path, seed=5, trials=3)  # going on: seeds 5, 6, 7 are its own, logged or not
+    for seed, trials, clash in ((5, 1, [5]), (7, 1, [7]), (3, 3, [5])):
+        with pytest.raises(ValueError, match=rf"seed\(s\) \{clash}\ already in this record"):
+            join(tmp_path, seed=seed, trials=trials)
+    _, c, hp = join(tmp_path)  # drawn: 6 is taken, so 8
+    assert hp.seed == 8
+    _, d, hp = join(tmp_path)  # 8 is c's (going on, nothing logged yet), so 9
+    assert hp.seed == 9
+    # a is killed during its trial 1: its complete trial 0's seed stays taken, 6 and 7 are free again
+    a.write("trial:0 seed:5\nstep:2/2 val_loss:4.0\ntrial:1 seed:6\nstep:1/2 train_loss:4.0\n")
+    a.close()
+    with pytest.raises(ValueError, match=r"seed\(s\) \[5\] already"):
+        join(tmp_path, seed=5)
+    _, again, hp = join(tmp_path, seed=6, trials=2)
+    assert hp.seed == 6
+    # a run killed with a checkpoint beside its log: its seeds wait for the resume
+    path, e, _ = join(tmp_path, seed=20, trials=2)
+    e.close()
+    open(os.path.splitext(path)[0] + ".ckpt", "w").close()
+    with pytest.raises(ValueError, match=r"seed\(s\) \[21\] already"):
+        join(tmp_path, seed=21)
+    os.remove(os.path.splitext(path)[0] + ".ckpt")  # no resume coming: they are free
+    for log in (c, d, again, join(tmp_path, seed=21)[1]):
+        log.close()
+
+
+def test_append_joins_only_a_folder_named_date_and_run_name(tmp_path):
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    for folder in ("2026-11-23_tiny_example", "track_3_optimization", "2026-11-23_examples"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "other.txt").write_text("not this run's record\n")
+    for name in ("example", "optimization"):
+        path, log, _ = join(tmp_path, run_name=name, seed=1)
+        log.close()
+        assert os.path.dirname(path) == str(tmp_path / f"{today}_{name}")
+    (tmp_path / "2026-11-22_example").mkdir()  # a folder of its own, before midnight: joined
+    os.rename(tmp_path / f"{today}_example", tmp_path / "2026-11-21_example")
+    path, log, _ = join(tmp_path, run_name="example", seed=2)
+    log.close()
+    assert os.path.dirname(path) == str(tmp_path / "2026-11-22_example")
+
+
+def test_a_config_json_left_without_logs_is_replaced_and_one_configuration_stays(tmp_path, capsys):
+    path, log, _ = join(tmp_path, seed=1, train_steps=10)
+    log.close()
+    os.remove(path)  # its logs deleted, config.json left
+    config = os.path.join(os.path.dirname(path), "config.json")
+    _, log, _ = join(tmp_path, seed=1, train_steps=11, append=False)
+    log.close()
+    err = capsys.readouterr().err
+    assert f"note: {config} held another configuration (train_steps 10 -> 11)" in err and "holds no log" in err
+    assert json.load(open(config))["train_steps"] == 11
+    with pytest.raises(ValueError, match="differs from the record .*train_steps 11 -> 10"):
+        join(tmp_path, seed=2, train_steps=10)
+
+
+def test_a_signal_during_the_final_summary_leaves_the_run_complete(monkeypatch):
+    ctx = train_gpt.Context(rank=0, world=1, device=torch.device("cpu"), micro=1, accum=1)
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        h = harness.Harness(tiny_hp(), ctx, harness.Logger(0))
+        monkeypatch.setattr(harness, "refresh_summary", lambda *a: os.kill(os.getpid(), signal.SIGTERM))
+        h.run_ended()  # no Interrupted: the log gets no `interrupted:` line, the exit status is 0
+        assert h.stop.signum == signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, handlers[0])
+        signal.signal(signal.SIGINT, handlers[1])
+
+
+def test_a_full_disk_during_a_checkpoint_write_is_logged_and_training_goes_on(data_dir, tmp_path, monkeypatch):
+    errors = [RuntimeError("[enforce fail at inline_container.cc:595] . PytorchStreamWriter failed writing "
+                           "file data/3: file write failed"),  # what torch.save raises when the disk fills
+              OSError(28, "No space left on device")]
+
+    def full_disk(obj, f):  # in the middle of the write
+        f.write(b"PK\x03\x04 part of a checkpoint")
+        raise errors.pop(0)
+    monkeypatch.setattr(torch, "save", full_disk)
+    args = SMALL + ["--train-steps", "3", "--save-every", "1", "--run-name", "full", "--seed", "1", "--no-diagnostics"]
+    assert run(args, data_dir, tmp_path) == 0
+    record_dir = glob.glob(str(tmp_path / "*_full"))[0]
+    text = open(only_log(record_dir)).read()
+    not_written = re.findall(r"^checkpoint not written: step (\d) of trial 0: (.*); training goes on", text, re.M)
+    assert not_written == [("1", "[enforce fail at inline_container.cc:595] . PytorchStreamWriter failed "
+                                 "writing file data/3: file write failed"),
+                           ("2", "[Errno 28] No space left on device")], text[-2000:]
+    assert "\nstep:3/3 val_loss:" in text and "\nfinal val losses: " in text
+    assert not re.search(r"^(interrupted|failed):", text, re.M)
+    assert not glob.glob(os.path.join(record_dir, "*.ckpt*"))  # no partial file left
 
 
 # --- the harness: what a variant's log shows, the record folder's config.json, --records-dir ---
