@@ -213,6 +213,16 @@ def row_leverage(O):
     return (O if rows >= cols else O.mT).square().sum(dim=-1) * (max(rows, cols) / min(rows, cols))
 
 
+class NonFiniteUpdate(FloatingPointError):
+    """Raised by Aurora.check_finite(): the first step (0-based step() count) whose update was
+    NaN/inf, and the shapes of the matrices it was NaN/inf for."""
+
+    def __init__(self, step, shapes):
+        super().__init__(f"Aurora: non-finite update at step {step} for parameter(s) of shape {shapes}; "
+                         "check the loss and gradients for NaN/inf")
+        self.step, self.shapes = step, shapes
+
+
 class Aurora(torch.optim.Optimizer):
     """Aurora for 2-D weight matrices (use Adam for embeddings, heads, biases and gains).
 
@@ -545,8 +555,7 @@ class Aurora(torch.optim.Optimizer):
         if bad:
             step = min(bad)
             shapes = [tuple(p.shape) for p, s in zip(params, first) if s == step]
-            raise FloatingPointError(f"Aurora: non-finite update at step {step} for parameter(s) of "
-                                     f"shape {shapes}; check the loss and gradients for NaN/inf")
+            raise NonFiniteUpdate(step, shapes)
 
 
 _COMPILED = []

@@ -697,8 +697,9 @@ class Harness:
         self.code = self.record_dir = self.jsonl = self.checkpoint = self.resume = None
         self.train_files, self.finals, self.start = [], [], 0
         self.stop = StopRequest()
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
+        # the handlers before ours come back at close(): a caller of train_gpt.main() (a test, a
+        # notebook) gets its own SIGTERM/SIGINT behaviour back when the run is over
+        self.previous = {s: signal.signal(s, self.stop) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def open(self, hp, code, train_files, setup):
         """Before the first trial, after the data was checked: with --resume, read and check the
@@ -823,6 +824,8 @@ class Harness:
             self.log.file.close()
         if self.jsonl:
             self.jsonl.close()
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
     # checkpoints
 

@@ -18,7 +18,6 @@ import dataclasses
 import glob
 import math
 import os
-import re
 import sys
 
 import numpy as np
@@ -27,7 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from aurora import Aurora, ns_dtype_for
+from aurora import Aurora, NonFiniteUpdate, ns_dtype_for
 from data.shards import DataError, read_shard_tokens, shard_set_problems, shards_needed
 from diagnostics import NeuronHealth
 from harness import Clock, Harness, Interrupted, Logger, TrainLosses, parse_flags, runnable_source
@@ -587,9 +586,8 @@ def check_updates(aurora, before=None):
     consequence, not its cause, and is not raised: the caller reports the loss."""
     try:
         aurora.check_finite()
-    except FloatingPointError as e:
-        first = re.search(r"at step (\d+)", str(e))
-        if before is None or first is None or int(first.group(1)) < before:
+    except NonFiniteUpdate as e:
+        if before is None or e.step < before:
             raise
 
 

@@ -5,8 +5,15 @@ import os
 import socket
 import sys
 
-import pytest
-import torch
+# One OpenMP thread per process, for this process and every process a test starts (set before
+# torch is imported; OMP_NUM_THREADS=N in the environment overrides it). The tests' models are
+# tiny and gain nothing from threads, and on a 2-core machine with anything else running,
+# OpenMP's spin-waiting threads make each step 10-30x slower. Results do not depend on it: every
+# comparison is between runs under the same setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Make the repository root importable (train_gpt, aurora, data.*, tools.*) whatever pytest's cwd.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -416,8 +416,9 @@ def test_non_finite_update_names_the_first_bad_step():
         params[0].grad = torch.randn(8, 4)
         params[1].grad = torch.full((6, 3), float("nan")) if step >= 1 else torch.randn(6, 3)
         opt.step()
-    with pytest.raises(FloatingPointError, match=r"at step 41 for parameter\(s\) of shape \[\(6, 3\)\]"):
+    with pytest.raises(FloatingPointError, match=r"at step 41 for parameter\(s\) of shape \[\(6, 3\)\]") as error:
         opt.check_finite()
+    assert (error.value.step, error.value.shapes) == (41, [(6, 3)])  # what the trainer reads
 
 
 def test_zero_gradient_gives_finite_update():

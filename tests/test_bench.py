@@ -26,8 +26,9 @@ def test_bench_small_on_cpu():
 def test_gpu_ablation_script_smoke_on_cpu(tmp_path):
     """tools/gpu_ablation.sh end to end with the tiny preset, so a GPU session can trust it."""
     import tarfile
-    env = dict(os.environ, PRESET="tiny", VOCAB="1024", SHARD_TOKENS="1000000", PYTEST="0",
-               DATA=str(tmp_path / "data"), CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, PRESET="tiny", VOCAB="1024", SHARD_TOKENS="200000", PYTEST="0",
+               DATA=str(tmp_path / "data"), CUDA_VISIBLE_DEVICES="",
+               TRAIN_FLAGS="--n-layer 1 --d-model 64 --head-dim 16 --val-tokens 4096 --diag-tokens 4096")
     out = tmp_path / "out"
     proc = subprocess.run(["bash", os.path.join(ROOT, "tools", "gpu_ablation.sh"), str(out), "4"],
                           capture_output=True, text=True, timeout=300, env=env)

@@ -26,10 +26,10 @@ from tools import records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # gloo on the CPU
-# The tiny preset, smaller: 2 blocks, 8 steps, a validation every 2 steps on 2 batches of tokens;
-# seed 7 (a resume without --seed takes the checkpoint's).
-UNSEEDED = ["--preset", "tiny", "--n-layer", "2", "--train-steps", "8", "--val-every", "2",
-            "--val-tokens", "8192", "--run-name", "ckpt"]
+# The tiny preset, smaller: 2 blocks of width 64, 8 steps, a validation every 2 steps on 2
+# batches of tokens; seed 7 (a resume without --seed takes the checkpoint's).
+UNSEEDED = ["--preset", "tiny", "--n-layer", "2", "--d-model", "64", "--head-dim", "16", "--train-steps", "8",
+            "--val-every", "2", "--val-tokens", "8192", "--run-name", "ckpt"]
 FLAGS = UNSEEDED + ["--seed", "7"]
 VAL_LINE = re.compile(r"^step:(\d+)/\d+ val_loss:(\S+) train_time:(\S+)s ", re.M)
 PER_MATRIX = ["--no-aurora-batched", "--trials", "2"]  # diagnostics on (the default)
@@ -457,53 +457,60 @@ def test_aurora_state_is_the_same_for_both_paths_and_refuses_a_misfit():
         transposed.load_state_dict(a)
 
 
-def _rank(rank, port, out_dir, batched, rule):
-    """One of 2 gloo ranks: the state of 3 steps, gathered; then one step from a world-1 state."""
+COMBINATIONS = [(batched, rule) for rule in ("aurora", "normuon") for batched in (False, True)]
+
+
+def _rank(rank, port, out_dir):
+    """One of 2 gloo ranks, for each (batched, rule): the state of 3 steps, gathered; then one
+    step from a world-1 state. (One process group for all four: spawning costs seconds.)"""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        _, opt = stepped(batched, rule, 3)
-        gathered = opt.state_dict()  # collective: every rank gets every matrix's state
-        reference = torch.load(os.path.join(out_dir, "reference.pt"))
-        params = [torch.nn.Parameter(w.clone()) for w in reference["weights"]]
-        opt = Aurora(params, lr=0.02, batched=batched, rule=rule, ns_dtype="float32")
-        opt.load_state_dict(reference["state"])
-        held = sorted(i for i, p in enumerate(params) if opt.state[p])
-        for p, g in zip(params, reference["grads"]):
-            p.grad = g.clone()
-        opt.step()
-        torch.save(dict(gathered=gathered, held=held, weights=[p.detach() for p in params],
-                        after=opt.state_dict()), os.path.join(out_dir, f"rank{rank}.pt"))
+        for batched, rule in COMBINATIONS:
+            _, opt = stepped(batched, rule, 3)
+            gathered = opt.state_dict()  # collective: every rank gets every matrix's state
+            reference = torch.load(os.path.join(out_dir, f"reference_{batched}_{rule}.pt"))
+            params = [torch.nn.Parameter(w.clone()) for w in reference["weights"]]
+            opt = Aurora(params, lr=0.02, batched=batched, rule=rule, ns_dtype="float32")
+            opt.load_state_dict(reference["state"])
+            held = sorted(i for i, p in enumerate(params) if opt.state[p])
+            for p, g in zip(params, reference["grads"]):
+                p.grad = g.clone()
+            opt.step()
+            torch.save(dict(gathered=gathered, held=held, weights=[p.detach() for p in params],
+                            after=opt.state_dict()), os.path.join(out_dir, f"rank{rank}_{batched}_{rule}.pt"))
     finally:
         dist.barrier()  # leave together (see test_aurora.py)
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("rule", ["aurora", "normuon"])
-@pytest.mark.parametrize("batched", [False, True])
-def test_aurora_state_with_two_ranks_is_the_one_rank_state(tmp_path, batched, rule):
+def test_aurora_state_with_two_ranks_is_the_one_rank_state(tmp_path):
     """state_dict() gathers each matrix from the rank that updates it; load_state_dict() gives each
-    rank the matrices it updates (owners()): a world-1 state continues on 2 ranks as on 1."""
+    rank the matrices it updates (owners()): a world-1 state continues on 2 ranks as on 1, on both
+    paths, for Aurora and NorMuon."""
     torch.set_num_threads(1)
-    params, opt = stepped(batched, rule, 3)
-    state = opt.state_dict()
-    grads = [torch.randn(p.shape) for p in params]
-    torch.save(dict(state=state, weights=[p.detach().clone() for p in params], grads=grads),
-               tmp_path / "reference.pt")
-    for p, g in zip(params, grads):
-        p.grad = g.clone()
-    opt.step()
-    after = opt.state_dict()
-    mp.spawn(_rank, args=(free_port(), str(tmp_path), batched, rule), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    owners = opt.owners(opt.param_groups[0], 2)
-    for r, got in enumerate(ranks):
-        for which, expected in (("gathered", state), ("after", after)):
-            assert sorted(got[which]["state"]) == sorted(expected["state"])
-            for i, keys in expected["state"].items():
-                for key, value in keys.items():
-                    assert torch.equal(got[which]["state"][i][key], value), (which, i, key)
-        assert got["held"] == [i for i, o in enumerate(owners) if o == r]  # its share only
-        for w, p in zip(got["weights"], params):  # per matrix: the same computation; batched:
-            assert torch.equal(w, p) if not batched else torch.allclose(w, p, rtol=0, atol=1e-6)
+    expected = {}
+    for batched, rule in COMBINATIONS:
+        params, opt = stepped(batched, rule, 3)
+        state = opt.state_dict()
+        grads = [torch.randn(p.shape) for p in params]
+        torch.save(dict(state=state, weights=[p.detach().clone() for p in params], grads=grads),
+                   tmp_path / f"reference_{batched}_{rule}.pt")
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        expected[batched, rule] = params, opt, state, opt.state_dict()
+    mp.spawn(_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    for (batched, rule), (params, opt, state, after) in expected.items():
+        ranks = [torch.load(tmp_path / f"rank{r}_{batched}_{rule}.pt") for r in range(2)]
+        owners = opt.owners(opt.param_groups[0], 2)
+        for r, got in enumerate(ranks):
+            for which, want in (("gathered", state), ("after", after)):
+                assert sorted(got[which]["state"]) == sorted(want["state"])
+                for i, keys in want["state"].items():
+                    for key, value in keys.items():
+                        assert torch.equal(got[which]["state"][i][key], value), (batched, rule, which, i, key)
+            assert got["held"] == [i for i, o in enumerate(owners) if o == r]  # its share only
+            for w, p in zip(got["weights"], params):  # per matrix: the same computation; batched:
+                assert torch.equal(w, p) if not batched else torch.allclose(w, p, rtol=0, atol=1e-6)

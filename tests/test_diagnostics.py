@@ -157,7 +157,8 @@ def test_dead_fraction_matches_a_direct_count_in_every_layer():
 
 
 def test_training_writes_diagnostics_jsonl_and_log_line(data_dir, tmp_path):
-    assert run(["--train-steps", "12", "--run-name", "diag", "--rule", "normuon"], data_dir, tmp_path) == 0
+    assert run(["--train-steps", "12", "--run-name", "diag", "--rule", "normuon", "--d-model", "64", "--head-dim",
+                "16", "--val-tokens", "4096", "--diag-tokens", "4096"], data_dir, tmp_path) == 0
     record_dir = glob.glob(str(tmp_path / "*_diag"))[0]
     log = glob.glob(os.path.join(record_dir, "*.txt"))[0]
     rows = [json.loads(line) for line in open(os.path.splitext(log)[0] + ".jsonl")]
@@ -177,7 +178,8 @@ def test_training_writes_diagnostics_jsonl_and_log_line(data_dir, tmp_path):
 def test_ablation_tool_end_to_end(data_dir, tmp_path):
     from tools import ablate
     out = tmp_path / "abl"
-    ablate.main(["--train-steps", "6", "--data-dir", data_dir, "--out", str(out)])
+    ablate.main(["--train-steps", "6", "--data-dir", data_dir, "--out", str(out), "--n-layer", "2", "--d-model",
+                 "64", "--head-dim", "16", "--val-tokens", "4096", "--diag-tokens", "4096"])  # flags go to every run
     table = (out / "ablation.md").read_text()
     for name in ("muon", "normuon", "aurora"):
         assert f"| {name} | " in table

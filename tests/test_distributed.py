@@ -125,7 +125,7 @@ def test_compiled_model_and_update_train_a_tiny_run_to_the_end(data_dir, tmp_pat
     losses match the eager run's up to rounding (bound 1e-4)."""
     proc = subprocess.run([sys.executable, TRAIN_GPT, *ARGS, "--compile", "on", "--data-dir", data_dir,
                            "--records-dir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600, env=clean_env(OMP_NUM_THREADS="2"))
+                          capture_output=True, text=True, timeout=600, env=clean_env())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     log = the_log(tmp_path)
     assert "compile_used True" in log
@@ -207,7 +207,7 @@ def test_gpu_check_script_smoke_on_cpu(tmp_path):
     """tools/gpu_check.sh end to end on the CPU with the tiny preset (no tests, 4 steps): every
     step runs, and the verdict line has the numbers a GPU node's would have."""
     env = clean_env(PRESET="tiny", VOCAB="1024", SHARD_TOKENS="60000", VAL_TOKENS="4096", PYTEST="0",
-                    DATA=str(tmp_path / "data"), OMP_NUM_THREADS="2")
+                    DATA=str(tmp_path / "data"), TRAIN_FLAGS="--n-layer 1 --d-model 64 --head-dim 16")
     out = tmp_path / "out"
     proc = subprocess.run(["bash", os.path.join(ROOT, "tools", "gpu_check.sh"), str(out), "4"],
                           capture_output=True, text=True, timeout=300, env=env)

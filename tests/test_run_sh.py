@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_SH = os.path.join(ROOT, "run.sh")
 TRAIN_GPT = os.path.join(ROOT, "train_gpt.py")
 LAUNCH = ["-m", "torch.distributed.run"]
+SHAPES = ["--n-layer", "1", "--d-model", "64", "--head-dim", "16", "--val-tokens", "4096"]  # a fast tiny run
 # Variables run.sh (or torchrun) reads; the tests start from none of them.
 SCRUB = ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "RUN_SH_NGPU", "WORLD_SIZE", "RANK",
          "LOCAL_RANK", "CUDA_VISIBLE_DEVICES", "PYTHON")
@@ -105,7 +106,7 @@ def only_log(pattern):
 def test_cpu_smoke_run_from_another_directory(run_sh):
     """`./run.sh` without GPUs: the tiny preset on synthetic shards; relative --records-dir is the
     caller's, not the repository's."""
-    proc = run_sh("--train-steps", "6", "--records-dir", "recs", "--run-name", "runsh")
+    proc = run_sh("--train-steps", "6", "--records-dir", "recs", "--run-name", "runsh", *SHAPES)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "no NVIDIA GPU found" in proc.stdout
     assert "running the tiny preset on the CPU with synthetic shards" in proc.stdout
@@ -115,7 +116,7 @@ def test_cpu_smoke_run_from_another_directory(run_sh):
     # flags checked first with one rank, then the same flags trained; nothing downloaded or launched
     (check,) = dry_runs(proc.calls)
     assert check["argv"][2:] == ["--preset", "tiny", "--train-steps", "6", "--records-dir", "recs",
-                                 "--run-name", "runsh"]
+                                 "--run-name", "runsh", *SHAPES]
     assert check["world_size"] == "1"
     (train,) = trainings(proc.calls)
     assert train["argv"][1:] == check["argv"][2:]
@@ -130,8 +131,8 @@ def test_cpu_relative_data_dir(run_sh):
     """--data-dir=REL (the = form) is read from the caller's directory; no shards are generated."""
     synthetic_main(["--out", str(run_sh.cwd / "syn"), "--train-shards", "1", "--shard-tokens",
                     "10000", "--val-tokens", "5000"])
-    proc = run_sh("--data-dir=syn", "--records-dir=recs", "--train-steps", "2", "--val-tokens",
-                  "4096", "--run-name", "rel", gpus=0)
+    proc = run_sh("--data-dir=syn", "--records-dir=recs", "--train-steps", "2", "--run-name", "rel", *SHAPES,
+                  gpus=0)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "running the tiny preset on the CPU with the shards in --data-dir" in proc.stdout
     assert "step:2/2 val_loss" in only_log(str(run_sh.cwd / "recs" / "*_rel"))

@@ -26,6 +26,7 @@ from train_gpt import GPT, Hyperparameters, build_optimizers
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VAL_LINE = re.compile(r"^step:(\d+)/(\d+) val_loss:(\d+\.\d{5}) train_time:\d+\.\d{3}s step_avg:(nan|\d+\.\d{2})ms$")
 SEPARATOR = "=" * 100
+SUBPROCESS_ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH="")  # a fresh CPU process
 
 
 def run(args, data_dir, records):
@@ -300,46 +301,76 @@ def test_diagnostics_change_nothing_in_training(data_dir, tmp_path, monkeypatch)
 
 # --- end to end ---
 
-def test_tiny_run_writes_a_one_file_log_and_loss_falls(data_dir, tmp_path, capsys):
-    assert run(["--train-steps", "30", "--run-name", "e2e", "--seed", "0"], data_dir, tmp_path) == 0
-    record_dir = glob.glob(str(tmp_path / "*_e2e"))[0]
-    text = open(only_log(record_dir)).read()
+@pytest.fixture(scope="module")
+def logged_run(data_dir, tmp_path_factory):
+    """One run of train_gpt.py in a fresh process, as a user starts it (SMALL, seed 3, diagnostics
+    on), shared by the tests that read its log or folder: (log path, stdout, the flags)."""
+    args = ["--preset", "tiny"] + SMALL + ["--data-dir", data_dir, "--seed", "3", "--run-name", "e2e"]
+    records_dir = tmp_path_factory.mktemp("logged_run")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_gpt.py"), *args, "--records-dir",
+                           str(records_dir)], capture_output=True, text=True, timeout=300, env=SUBPROCESS_ENV)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return only_log(glob.glob(str(records_dir / "*_e2e"))[0]), proc.stdout, args
+
+
+def test_a_run_writes_a_one_file_log_and_loss_falls(logged_run):
+    log, stdout, _ = logged_run
+    text = open(log).read()
     code, header = text.split("\n" + SEPARATOR + "\n", 1)
     assert code + "\n" == train_gpt.runnable_source()
     for module in ("aurora.py", "data/shards.py", "diagnostics.py"):  # inlined, not imported
         assert f"{module} (inlined)" in code
     assert not re.search(r"^from (aurora|data\.shards|diagnostics) import", code, re.M)
-    for expected in ("torch 2.", "world_size 1", "seeds [0]\n", "lr_matrix: 0.0375", "train_steps: 30",
-                     "vocab_size: 1024", 'rule: "aurora"', "trial:0 seed:0",
-                     # the device decides (the tiny preset runs on a GPU when there is one)
-                     f"ns_dtype_used {'bfloat16' if torch.cuda.is_available() else 'float32'}"):
+    for expected in ("torch 2.", "world_size 1", "seeds [3]\n", "lr_matrix: 0.0375", "train_steps: 6",
+                     "vocab_size: 1024", 'rule: "aurora"', "trial:0 seed:3", "ns_dtype_used float32"):
         assert expected in header, expected
     losses = val_losses(header)
-    assert [s for s, _ in losses] == [0, 25, 30]
+    assert [s for s, _ in losses] == [0, 3, 6]
     assert losses[0][1] == pytest.approx(math.log(1024), abs=0.01)  # zero-init head: uniform
-    assert losses[-1][1] < losses[0][1] - 2.0  # it learns the synthetic language
-    assert oct(os.stat(os.path.join(record_dir, "config.json")).st_mode & 0o777) == "0o644"
-    out = capsys.readouterr().out
-    assert "step:30/30 val_loss" in out
+    assert losses[-1][1] < losses[1][1] < losses[0][1] - 0.3  # it learns the synthetic language
+    assert "\ndiagnostics: dead:" in header
+    assert oct(os.stat(os.path.join(os.path.dirname(log), "config.json")).st_mode & 0o777) == "0o644"
+    assert "step:6/6 val_loss" in stdout
 
 
-def test_the_code_part_of_a_log_runs_on_its_own(data_dir, tmp_path):
-    args = ["--preset", "tiny", "--data-dir", data_dir, "--train-steps", "6", "--seed", "3"]
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    first = subprocess.run([sys.executable, os.path.join(ROOT, "train_gpt.py"), *args, "--records-dir",
-                            str(tmp_path / "a")], capture_output=True, text=True, timeout=300, env=env)
-    assert first.returncode == 0, first.stderr[-2000:]
-    log_a = open(only_log(glob.glob(str(tmp_path / "a" / "*"))[0])).read()
+def test_the_code_part_of_a_log_runs_on_its_own(logged_run, tmp_path):
+    """The code part alone (no repository on the path) reruns the run: the same code, the same
+    val losses."""
+    log, _, args = logged_run
+    log_a = open(log).read()
     alone = tmp_path / "alone"
     alone.mkdir()
     (alone / "train.py").write_text(log_a.split("\n" + SEPARATOR + "\n", 1)[0] + "\n")
     second = subprocess.run([sys.executable, "train.py", *args, "--records-dir", str(tmp_path / "b")],
-                            cwd=alone, capture_output=True, text=True, timeout=300,
-                            env=dict(env, PYTHONPATH=""))
+                            cwd=alone, capture_output=True, text=True, timeout=300, env=SUBPROCESS_ENV)
     assert second.returncode == 0, second.stderr[-2000:]
     log_b = open(only_log(glob.glob(str(tmp_path / "b" / "*"))[0])).read()
     assert log_b.split(SEPARATOR, 1)[0] == log_a.split(SEPARATOR, 1)[0]  # byte-identical code
-    assert val_losses(log_b) == val_losses(log_a) and len(val_losses(log_a)) == 2
+    assert val_losses(log_b) == val_losses(log_a) and len(val_losses(log_a)) == 3
+
+
+def test_a_one_constant_variant_diffs_from_the_baseline_in_one_code_line(logged_run, tmp_path):
+    """A speedrunner's change to one constant of train_gpt.py is the one changed line of the code
+    part that `tools/records.py diff` shows between the variant's log and the baseline's."""
+    log_a, _, args = logged_run
+    code = open(log_a).read().split("\n" + SEPARATOR + "\n", 1)[0] + "\n"
+    assert code.count("return self.proj(F.relu(self.fc(x)).square())") == 1
+    variant = tmp_path / "variant"
+    variant.mkdir()
+    (variant / "train_gpt.py").write_text(code.replace("return self.proj(F.relu(self.fc(x)).square())",
+                                                       "return self.proj(F.relu(self.fc(x)).square() * 0.5)"))
+    other = subprocess.run([sys.executable, "train_gpt.py", *args, "--records-dir", str(tmp_path / "b")],
+                           cwd=variant, capture_output=True, text=True, timeout=300, env=SUBPROCESS_ENV)
+    assert other.returncode == 0, other.stderr[-2000:]
+    log_b = only_log(glob.glob(str(tmp_path / "b" / "*"))[0])
+    diff = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "records.py"), "diff", log_a, log_b, "--json"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert diff.returncode == 0, diff.stderr[-2000:]
+    d = json.loads(diff.stdout)
+    changed = [line for line in d["code_diff"][2:] if line[:1] in "+-"]
+    assert changed == ["-        return self.proj(F.relu(self.fc(x)).square())",
+                       "+        return self.proj(F.relu(self.fc(x)).square() * 0.5)"], d["code_diff"]
+    assert d["hyperparameters"] == []  # and nothing else differs in the configuration
 
 
 def test_existing_record_is_never_overwritten_and_seeds_are_never_reused(data_dir, tmp_path, capsys, monkeypatch):
@@ -476,21 +507,28 @@ def test_gpu_presets_refuse_to_start_on_a_cpu(tmp_path, capsys, monkeypatch):
     assert "world size 3 cannot split" in capsys.readouterr().err
 
 
-def test_sigterm_writes_an_interrupted_line(data_dir, tmp_path):
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_gpt.py"), "--preset", "tiny",
-                             "--data-dir", data_dir, "--records-dir", str(tmp_path), "--train-steps", "50",
-                             "--run-name", "killed", "--no-diagnostics"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
-    deadline = time.time() + 120
-    for line in proc.stdout:
-        if line.startswith("step:3/50") or time.time() > deadline:
-            break
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+def test_sigterm_writes_an_interrupted_line(data_dir, tmp_path, monkeypatch):
+    """SIGTERM without --save-every: training stops at once, the log says where, the exit status
+    is 130, and a caller of main() gets its own handler back."""
+    train_step = train_gpt.train_step
+
+    def sigterm_during_step_4(run_, optimizers, step):
+        if step == 3:  # 0-based: the step after validation 3
+            os.kill(os.getpid(), signal.SIGTERM)  # as `kill <pid>` does, in the middle of a step
+        return train_step(run_, optimizers, step)
+
+    monkeypatch.setattr(train_gpt, "train_step", sigterm_during_step_4)
+    mine = lambda *_: None  # noqa: E731
+    signal.signal(signal.SIGTERM, mine)
+    try:
+        assert run(SMALL + ["--run-name", "killed", "--no-diagnostics"], data_dir, tmp_path) == 130
+        restored = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert restored is mine
     text = open(only_log(glob.glob(str(tmp_path / "*_killed"))[0])).read()
-    assert re.search(r"^interrupted: SIGTERM at step \d+, trial 0 \(seed \d+\)$", text, re.M), text[-500:]
+    assert re.search(r"^interrupted: SIGTERM at step 3, trial 0 \(seed \d+\)$", text, re.M), text[-500:]
+    assert "step:3/6 val_loss" in text and "step:4/6 train_loss" not in text  # step 4 never ended
 
 
 def _rank_with_its_own_generator(rank, runs):
@@ -698,38 +736,6 @@ def test_a_full_disk_during_a_checkpoint_write_is_logged_and_training_goes_on(da
 
 
 # --- the harness: what a variant's log shows, the record folder's config.json, --records-dir ---
-
-TINIEST = ["--preset", "tiny", "--n-layer", "1", "--d-model", "64", "--head-dim", "16", "--train-steps", "4",
-           "--val-every", "2", "--val-every-late", "2", "--seed", "0", "--no-diagnostics"]
-
-
-def test_a_one_constant_variant_diffs_from_the_baseline_in_one_code_line(data_dir, tmp_path):
-    """A speedrunner's change to one constant of train_gpt.py is the one changed line of the code
-    part that `tools/records.py diff` shows between the variant's log and the baseline's."""
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH="")
-    base = subprocess.run([sys.executable, os.path.join(ROOT, "train_gpt.py"), *TINIEST, "--data-dir", data_dir,
-                           "--records-dir", str(tmp_path / "a")], capture_output=True, text=True, timeout=300, env=env)
-    assert base.returncode == 0, base.stderr[-2000:]
-    log_a = only_log(glob.glob(str(tmp_path / "a" / "*"))[0])
-    code = open(log_a).read().split("\n" + SEPARATOR + "\n", 1)[0] + "\n"
-    assert code.count("return self.proj(F.relu(self.fc(x)).square())") == 1
-    variant = tmp_path / "variant"
-    variant.mkdir()
-    (variant / "train_gpt.py").write_text(code.replace("return self.proj(F.relu(self.fc(x)).square())",
-                                                       "return self.proj(F.relu(self.fc(x)).square() * 0.5)"))
-    other = subprocess.run([sys.executable, "train_gpt.py", *TINIEST, "--data-dir", data_dir, "--records-dir",
-                            str(tmp_path / "b")], cwd=variant, capture_output=True, text=True, timeout=300, env=env)
-    assert other.returncode == 0, other.stderr[-2000:]
-    log_b = only_log(glob.glob(str(tmp_path / "b" / "*"))[0])
-    diff = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "records.py"), "diff", log_a, log_b, "--json"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert diff.returncode == 0, diff.stderr[-2000:]
-    d = json.loads(diff.stdout)
-    changed = [line for line in d["code_diff"][2:] if line[:1] in "+-"]
-    assert changed == ["-        return self.proj(F.relu(self.fc(x)).square())",
-                       "+        return self.proj(F.relu(self.fc(x)).square() * 0.5)"], d["code_diff"]
-    assert d["hyperparameters"] == []  # and nothing else differs in the configuration
-
 
 @pytest.mark.parametrize("damage, why", [("corrupt", "not valid JSON"), ("empty", "is empty"),
                                          ("directory", "a directory"), ("list", "not a JSON object (a list)")])

@@ -3,6 +3,7 @@
     python tools/ablate.py                          # tiny preset on the CPU (a few minutes)
     python tools/ablate.py --variants               # + the tall-only/cans12 variant and MuonEq
     python tools/ablate.py --preset small           # the 124M model, quarter batch (one GPU)
+    python tools/ablate.py --n-layer 2 --val-every 5  # any other flag goes to every run
 
 Runs train_gpt.py once per optimizer into records/<date>_ablation_<preset>/ (one record
 directory per optimizer inside), then writes there `ablation.md` (the command and a table of final
@@ -88,7 +89,8 @@ def main(argv=None):
     ap.add_argument("--data-dir", help="shard folder (default: the preset's)")
     ap.add_argument("--variants", action="store_true", help="also aurora_tall_cans12 and muoneq")
     ap.add_argument("--out", help="output folder (default records/<date>_ablation_<preset>)")
-    args = ap.parse_args(argv)
+    # every other flag is train_gpt.py's, passed to each run (train_gpt.py checks it)
+    args, extra = ap.parse_known_args(argv)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     out = args.out or os.path.join(ROOT, "records", f"{date}_ablation_{args.preset}")
     if os.path.exists(out) and os.listdir(out):
@@ -98,6 +100,7 @@ def main(argv=None):
     common = ["--preset", args.preset, "--seed", str(args.seed), "--records-dir", out]
     common += ["--train-steps", str(args.train_steps)] if args.train_steps else []
     common += ["--data-dir", args.data_dir] if args.data_dir else []
+    common += extra
     results = {}
     for i, (name, flags) in enumerate(runs.items()):
         print(f"[{i + 1}/{len(runs)}] {name}: train_gpt.py {' '.join(flags)}", flush=True)

@@ -6,7 +6,8 @@
 # Leaves OUT_DIR/ablation.tar.gz (record directories, ablation.md, PNGs), OUT_DIR/ablate.txt and
 # OUT_DIR/pytest.txt. Exits non-zero if the ablation or the tests failed (after both have finished
 # and written their outputs). Environment overrides (used by tests/test_bench.py for a CPU smoke run):
-#   PRESET (small), VOCAB (50257), SHARD_TOKENS (20000000), DATA (shard folder), PYTEST (1; 0 skips).
+#   PRESET (small), VOCAB (50257), SHARD_TOKENS (20000000), DATA (shard folder), PYTEST (1; 0 skips),
+#   TRAIN_FLAGS (more train_gpt.py flags for every run, e.g. smaller shapes; default none).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: tools/gpu_ablation.sh OUT_DIR [STEPS]}
@@ -15,6 +16,7 @@ PRESET=${PRESET:-small}
 VOCAB=${VOCAB:-50257}
 SHARD_TOKENS=${SHARD_TOKENS:-20000000}
 DATA=${DATA:-/tmp/synthetic${VOCAB}_${PRESET}}
+TRAIN_FLAGS=${TRAIN_FLAGS:-}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if [[ ${PYTEST:-1} != 0 ]]; then
@@ -38,7 +40,7 @@ if [[ ! -f $DATA/fineweb_val_000000.bin ]]; then
   fi
 fi
 ABL=$(mktemp -d)/ablation_$PRESET
-python3 tools/ablate.py --preset "$PRESET" --train-steps "$STEPS" --data-dir "$DATA" --out "$ABL" \
+python3 tools/ablate.py --preset "$PRESET" --train-steps "$STEPS" --data-dir "$DATA" --out "$ABL" $TRAIN_FLAGS \
   2>&1 | tee "$OUT/ablate.txt"
 STATUS=${PIPESTATUS[0]}
 [[ $STATUS == 0 ]] || echo "gpu_ablation: ablation failed (exit $STATUS): see $OUT/ablate.txt" >&2

@@ -12,7 +12,8 @@
 # Environment overrides (tests/test_distributed.py uses them for a CPU smoke run):
 #   PRESET (record), VOCAB (50257), SHARD_TOKENS (12000000), TRAIN_SHARDS (2), VAL_TOKENS
 #   (524288: one record batch), DATA (shard folder), PYTEST (1; 0 skips both test runs),
-#   BUDGET (600: seconds; each step's timeout is what is left of it).
+#   BUDGET (600: seconds; each step's timeout is what is left of it), TRAIN_FLAGS (more
+#   train_gpt.py flags for both runs, e.g. smaller shapes; default none).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: tools/gpu_check.sh OUT_DIR [STEPS]}
@@ -24,6 +25,7 @@ TRAIN_SHARDS=${TRAIN_SHARDS:-2}
 VAL_TOKENS=${VAL_TOKENS:-524288}
 DATA=${DATA:-/tmp/synthetic${VOCAB}}
 BUDGET=${BUDGET:-600}
+TRAIN_FLAGS=${TRAIN_FLAGS:-}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 left() { echo $(( BUDGET - SECONDS > 10 ? BUDGET - SECONDS : 10 )); }  # seconds left, at least 10
@@ -79,7 +81,7 @@ fi
 # 3. the record preset, STEPS steps, compiled (auto: on with CUDA), validated at 0 and STEPS
 RUN_START=$SECONDS
 timeout "$(left)" python3 train_gpt.py --preset "$PRESET" --data-dir "$DATA" --train-steps "$STEPS" \
-  --val-tokens "$VAL_TOKENS" --records-dir "$OUT/records" --run-name gpu_check_$PRESET \
+  --val-tokens "$VAL_TOKENS" --records-dir "$OUT/records" --run-name gpu_check_$PRESET $TRAIN_FLAGS \
   >"$OUT/record_run.txt" 2>&1
 STATUS=$?
 RUN_WALL=$(( SECONDS - RUN_START ))
@@ -89,7 +91,7 @@ check "record-preset run" "$STATUS" "$OUT/record_run.txt"
 # 4. torchrun with one rank: the NCCL process group and Aurora's all-gather at world size 1
 timeout "$(left)" python3 -m torch.distributed.run --standalone --nproc_per_node=1 train_gpt.py \
   --preset "$PRESET" --data-dir "$DATA" --train-steps 3 --val-tokens "$VAL_TOKENS" --no-diagnostics \
-  --records-dir "$OUT/records" --run-name gpu_check_torchrun >"$OUT/torchrun.txt" 2>&1
+  --records-dir "$OUT/records" --run-name gpu_check_torchrun $TRAIN_FLAGS >"$OUT/torchrun.txt" 2>&1
 STATUS=$?
 echo "exit $STATUS" >>"$OUT/torchrun.txt"
 check "torchrun run" "$STATUS" "$OUT/torchrun.txt"
