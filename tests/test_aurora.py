@@ -538,12 +538,13 @@ def test_batched_momentum_state_is_per_matrix():
         assert_equal(opt.state[q]["momentum"], torch.full((8, 4), 0.05).lerp(torch.ones(8, 4), 0.05))
 
 
-def _worker(rank, world, port, out_dir, batched):
+def _worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.save(run_steps(batched), os.path.join(out_dir, f"rank{rank}.pt"))
+    try:  # both paths in one process group (a spawn costs seconds)
+        for batched in (False, True):
+            torch.save(run_steps(batched), os.path.join(out_dir, f"rank{rank}_{batched}.pt"))
     finally:
         # Leave together: a gloo rank still tearing down when its peer exits can abort
         # ("terminate called without an active exception"; 3 of 100 runs without this barrier,
@@ -552,24 +553,24 @@ def _worker(rank, world, port, out_dir, batched):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("batched", [False, True])
-def test_two_gloo_ranks_match_single_process(tmp_path, batched, one_thread):
-    reference, reference_momenta = run_steps(batched)
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), batched), nprocs=2, join=True)
-    owned = []
-    for rank in range(2):
-        got, momenta = torch.load(tmp_path / f"rank{rank}.pt")
-        difference = largest_difference(got, reference)
-        print(f"batched={batched} rank {rank}: largest weight difference to one process {difference:.2e}")
-        if batched:  # a rank stacks only its own matrices: a stack of 1 instead of 2 rounds
-            assert difference < 1e-7  # differently (measured 7.5e-9)
-        else:  # the same computation, one matrix at a time: measured 0.0
-            for a, b in zip(got, reference):
-                assert_equal(a, b)
-        for i, m in momenta.items():  # momentum lives on the owning rank only
-            assert_equal(m, reference_momenta[i])
-        owned += list(momenta)
-    assert sorted(owned) == list(range(len(SHAPES)))  # every matrix on exactly one rank
+def test_two_gloo_ranks_match_single_process(tmp_path, one_thread):
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for batched in (False, True):
+        reference, reference_momenta = run_steps(batched)
+        owned = []
+        for rank in range(2):
+            got, momenta = torch.load(tmp_path / f"rank{rank}_{batched}.pt")
+            difference = largest_difference(got, reference)
+            print(f"batched={batched} rank {rank}: largest weight difference to one process {difference:.2e}")
+            if batched:  # a rank stacks only its own matrices: a stack of 1 instead of 2 rounds
+                assert difference < 1e-7  # differently (measured 7.5e-9)
+            else:  # the same computation, one matrix at a time: measured 0.0
+                for x, y in zip(got, reference):
+                    assert_equal(x, y)
+            for i, m in momenta.items():  # momentum lives on the owning rank only
+                assert_equal(m, reference_momenta[i])
+            owned += list(momenta)
+        assert sorted(owned) == list(range(len(SHAPES)))  # every matrix on exactly one rank
 
 
 @pytest.mark.parametrize("shape", [(96, 32), (32, 96)])

@@ -24,7 +24,8 @@ def test_bench_small_on_cpu():
 
 
 def test_gpu_ablation_script_smoke_on_cpu(tmp_path):
-    """tools/gpu_ablation.sh end to end with the tiny preset, so a GPU session can trust it."""
+    """tools/gpu_ablation.sh end to end with the tiny preset (smallest shapes), so a GPU session can
+    trust it; it runs tools/ablate.py end to end (a run per optimizer, table, figures)."""
     import tarfile
     env = dict(os.environ, PRESET="tiny", VOCAB="1024", SHARD_TOKENS="200000", PYTEST="0",
                DATA=str(tmp_path / "data"), CUDA_VISIBLE_DEVICES="",
@@ -38,5 +39,8 @@ def test_gpu_ablation_script_smoke_on_cpu(tmp_path):
         assert re.search(rf"^\| {name} \| \d+\.\d{{5}} \|", table, re.M), table
     with tarfile.open(out / "ablation.tar.gz") as tar:
         names = tar.getnames()
-    assert "ablation_tiny/ablation.md" in names and "ablation_tiny/dead.png" in names
+        for png in ("val_loss.png", "dead.png"):
+            assert tar.extractfile(f"ablation_tiny/{png}").read()[:4] == b"\x89PNG", png
+        table_md = tar.extractfile("ablation_tiny/ablation.md").read().decode()
+    assert all(f"| {name} | " in table_md for name in ("muon", "normuon", "aurora")), table_md
     assert sum(n.endswith(".jsonl") for n in names) == 3

@@ -175,15 +175,12 @@ def test_training_writes_diagnostics_jsonl_and_log_line(data_dir, tmp_path):
     assert "\ndiagnostics: dead:" in text
 
 
-def test_ablation_tool_end_to_end(data_dir, tmp_path):
+def test_ablation_tool_refuses_a_folder_that_is_not_empty(tmp_path):
+    """(tools/ablate.py end to end, with its table and figures: tests/test_bench.py's smoke run of
+    tools/gpu_ablation.sh.)"""
     from tools import ablate
-    out = tmp_path / "abl"
-    ablate.main(["--train-steps", "6", "--data-dir", data_dir, "--out", str(out), "--n-layer", "2", "--d-model",
-                 "64", "--head-dim", "16", "--val-tokens", "4096", "--diag-tokens", "4096"])  # flags go to every run
-    table = (out / "ablation.md").read_text()
-    for name in ("muon", "normuon", "aurora"):
-        assert f"| {name} | " in table
-    for png in ("val_loss.png", "dead.png"):
-        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "abl").mkdir()
+    (tmp_path / "abl" / "ablation.md").write_text("an earlier ablation")
     with pytest.raises(SystemExit, match="not empty"):
-        ablate.main(["--out", str(out)])
+        ablate.main(["--out", str(tmp_path / "abl")])
+    assert os.listdir(tmp_path / "abl") == ["ablation.md"]
