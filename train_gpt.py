@@ -292,7 +292,7 @@ def check_lineage(hp, bad):
         bad("ref_capture", f"must be <= --ref-start ({hp.ref_start}): the reference comes first")
     if any(not isinstance(s, int) or s < 0 for s in hp.val_extra):
         bad("val_extra", "must be steps (integers >= 0)")
-    if uses_lineage_rule(dataclasses.asdict(hp)) and (
+    if uses_lineage_rule({**dataclasses.asdict(hp), "soap": hp.soap != "none"}) and (
             hp.aurora_batched or hp.rule == "normuon" or hp.ns_iteration != "quintic12"):
         raise ValueError("the lineage's matrix rule (--norm-estimate, --contra-fade, --soap, --radial-brake, "
                          "--radius-pin, --lineage-rounding) runs per matrix with --rule aurora or muon and "

@@ -326,6 +326,9 @@ def test_a_preset_scales_its_steps_with_the_run_and_flags_switch_techniques_off(
     assert (off.ema_nesterov, off.radius_pin, off.soap, off.ref_gamma) == (0.0, False, "none", -0.075)
     assert parse_args(["--preset", "aurora_2930", "--train-steps", "100", "--contra-fade", "7"])[0].contra_fade == 7
     assert Hyperparameters().preset == "record" and train_gpt.preset_overrides("record", {}) == {}
+    parse_args(["--preset", "tiny", "--aurora-batched", "--rule", "normuon"])  # the record's rule: no lineage
+    with pytest.raises(SystemExit):  # the lineage's rule runs per matrix
+        parse_args(["--preset", "aurora_2930", "--aurora-batched"])
 
 
 # --- (c) a tiny run of each preset, and its log's code part on its own ---
