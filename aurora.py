@@ -14,7 +14,7 @@ Public API (names as in the Aurora reference code):
     aurora_polar(G, ...)          leverage-uniform polar factor
     aurora_direction(...)         steps 1-5 of the record's per-matrix rule (what it compiles)
     aurora_update(...)            the whole per-matrix rule: direction, then the u/w floor
-    lineage_direction(...)        the later records' variant of steps 3-5 (spec/aurora-lineage.md)
+    lineage_direction(...)        the later records' direction (steps 3-8 of spec/aurora-lineage.md)
     Aurora(params, lr, ...)       torch.optim.Optimizer; works with or without torch.distributed
 
 The whole algorithm is `polar`, `aurora_polar` and `aurora_direction` below; `Aurora` only holds
