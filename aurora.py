@@ -14,14 +14,20 @@ Public API (names as in the Aurora reference code):
     aurora_polar(G, ...)          leverage-uniform polar factor
     aurora_direction(...)         steps 1-5 of the record's per-matrix rule (what it compiles)
     aurora_update(...)            the whole per-matrix rule: direction, then the u/w floor
+    lineage_direction(...)        the later records' direction (steps 3-8 of spec/aurora-lineage.md)
     Aurora(params, lr, ...)       torch.optim.Optimizer; works with or without torch.distributed
 
 The whole algorithm is `polar`, `aurora_polar` and `aurora_direction` below; `Aurora` only holds
-the momentum buffers and shares the matrices among ranks.
+the momentum buffers and shares the matrices among ranks. The lineage's rule (results #30, #40,
+#42: SOAP-preconditioned momentum, Schatten-4 norms, a fading Contra-Muon, a radial brake and a
+radius pin) reuses those pieces; it follows `aurora_update`.
 """
+import functools
 
 import torch
 import torch.distributed as dist
+
+from soap import SoapPreconditioner, schatten4
 
 
 # The record's Newton-Schulz coefficients: X <- a X + (b A + c A A) X with A = X X^T, i.e. every
@@ -30,12 +36,14 @@ NS_COEFFICIENTS, NS_STEPS = (2, -1.5, 0.5), 12
 
 
 @torch.no_grad()
-def polar(G: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def polar(G: torch.Tensor, dtype: torch.dtype = torch.bfloat16, norm: str = "frobenius") -> torch.Tensor:
     """Polar factor of G (batched over leading dims) by 12 simple-quintic Newton-Schulz steps,
     written with the record's operations in the record's order (bit for bit the same rounding).
 
     The record runs it in bfloat16 (the tensor-core dtype); on a CPU without native bfloat16 a
     bf16 matmul is ~100x slower than float32, so the optimizer passes dtype=float32 there.
+    norm="schatten4" scales the input by its Schatten-4 norm instead of the Frobenius norm (the
+    lineage's choice: a tighter bound on the spectral norm, so small singular values start larger).
     Returns G's shape, in `dtype`.
     """
     a, b, c = NS_COEFFICIENTS
@@ -43,7 +51,10 @@ def polar(G: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     tall = G.size(-2) > G.size(-1)
     if tall:  # iterate on the wide side so X X^T is the small Gram matrix
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # all singular values now <= 1
+    if norm == "frobenius":
+        X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # all singular values now <= 1
+    else:
+        X = X / schatten4(X, 1e-7).to(X.dtype)
     for _ in range(NS_STEPS):
         A = X @ X.mT
         B = b * A + c * A @ A  # (c * A) @ A, as the record evaluates it
@@ -147,8 +158,12 @@ def orthogonalize(u, hp=RECORD, row_v=None):
     NorMuon's per-row second-moment normalization (row_v, one value per row, updated in place).
     Returns the Newton-Schulz output dtype as it is (bfloat16 in the record)."""
     polar_fn, dtype = POLARS[hp["ns_iteration"]], ns_dtype_for(hp["ns_dtype"], u.device)
+    if hp.get("norm_estimate") == "schatten4":  # the lineage's (quintic12 only)
+        polar_fn = functools.partial(polar, norm="schatten4")
     rows, cols = u.size(-2), u.size(-1)
-    if hp["rule"] == "aurora" and (hp["aurora_on"] == "nonsquare" or rows > cols):
+    # aurora_polar is plain polar on a square matrix: "nonsquare" may send every matrix there
+    on = {"nonsquare": True, "tall": rows > cols, "wide_only": rows < cols}[hp["aurora_on"]]
+    if hp["rule"] == "aurora" and on:
         return aurora_polar(u, hp["pp_iterations"], hp["pp_beta"], polar_fn=polar_fn, dtype=dtype)
     O = polar_fn(u, dtype=dtype)
     if hp["rule"] == "normuon":
@@ -205,6 +220,84 @@ def aurora_update(grad, momentum, weight, hp=RECORD, row_v=None):
     return apply_uw_floor(aurora_direction(grad, momentum, hp, row_v), weight, hp["uw_floor"])
 
 
+# --- the lineage's rule (results #30, #40, #42; spec/aurora-lineage.md) ----------------------------
+
+# The lineage's hyperparameters beyond RECORD's, at their off values (the record's rule).
+LINEAGE_OFF = dict(norm_estimate="record", contra_fade=0, radial_brake=1.0, radius_pin=False,
+                   lineage_rounding="none")
+
+
+def uses_lineage_rule(hp):
+    """Whether any of the lineage's changes to the per-matrix rule is on (SOAP counts too)."""
+    return any(hp.get(k, v) != v for k, v in LINEAGE_OFF.items()) or bool(hp.get("soap"))
+
+
+def contra_strength(step, fade):
+    """Contra-Muon's strength multiplier at `step`: 1, falling linearly to 0 at step `fade`
+    (fade 0: always 1, as in the record)."""
+    return 1.0 if not fade else 1.0 - min(1.0, max(0.0, step / fade))
+
+
+@torch.no_grad()
+def lineage_direction(u, hp, step):
+    """Steps 3-8 of the lineage's per-matrix rule on the (SOAP-preconditioned) look-ahead u
+    (float32), eagerly, in the published operations' order. With norm_estimate="schatten4" the
+    contra direction, the Newton-Schulz input and both renormalizations use the Schatten-4 norm,
+    and the polar input is first rounded to the Newton-Schulz dtype (as the lineage's polar takes
+    it); "record" keeps the record's power iteration and Frobenius norms. lineage_rounding repeats
+    the rounding of code the scripts left switched off: "2930" (#30, #40) a second renormalization
+    after Contra-Muon, "2860" (#42) not; both a scale by rsqrt(1e-10) and back to the same norm
+    (NorMuon-lite with beta2 = 1, whose second moment stays 0). Returns the float32 direction."""
+    s4 = hp["norm_estimate"] == "schatten4"
+    if s4:
+        contra_direction = u / schatten4(u, 1e-10).to(u.dtype)
+        O = orthogonalize(u.to(ns_dtype_for(hp["ns_dtype"], u.device)), hp)
+    else:
+        contra_direction = unit_spectral(u)
+        O = orthogonalize(u, hp)
+    strength = hp["contra"] / 2 * contra_strength(step, hp["contra_fade"])
+    if s4:  # the scripts renormalize even once the strength has faded to 0
+        norm = schatten4(O, 1e-10)
+        U = O - strength * contra_direction
+        U = U * norm / schatten4(U, 1e-10)
+        if hp["lineage_rounding"] == "2930":
+            U = U * norm / schatten4(U, 1e-10)
+    elif strength:
+        norm = frobenius(O)
+        U = O - strength * contra_direction
+        U = U * norm / torch.clamp(frobenius(U), min=1e-10)
+    else:
+        U = O.float()
+    U *= max(1, u.size(-2) / u.size(-1)) ** 0.5
+    if hp["lineage_rounding"] != "none":
+        before = schatten4(U, 1e-10)
+        U = U * torch.zeros((), device=U.device).clamp_min(1e-10).rsqrt()
+        U = U * (before / schatten4(U, 1e-10))
+    return U
+
+
+@torch.no_grad()
+def radial_brake(U, weight, outward):
+    """Scale the radial part of U (its projection on the weight) by `outward` when the step
+    -lr U moves the weight away from the origin, leaving the tangential part: a matrix's norm
+    then grows more slowly than Aurora's fixed-size updates would make it."""
+    u, w = U.float(), weight.float()
+    k = (u * w).sum() / (w * w).sum().clamp_min(1e-12)
+    radial = k * w
+    scale = torch.where(k < 0, u.new_tensor(outward), u.new_tensor(1.0))
+    return (u - radial + scale * radial).to(U.dtype)
+
+
+@torch.no_grad()
+def pinned_step(weight, U, lr):
+    """weight -= lr U, then rescale the weight to the norm the radial part alone would give it
+    (to first order): the tangential part's finite-step growth of the norm is taken back."""
+    before = weight.float().norm().clamp_min(1e-8)
+    target = (before + -lr * (U.float() * weight.float()).sum() / before).clamp_min(1e-8)
+    weight.add_(U, alpha=-lr)
+    weight.mul_((target / weight.float().norm().clamp_min(1e-8)).to(weight.dtype))
+
+
 def row_leverage(O):
     """Row leverage ||O_i||^2 / (n/m) of an orthogonalized matrix (or stack) in its tall
     orientation (m x n, m >= n): 1 everywhere is uniform. Diagnostics."""
@@ -246,6 +339,11 @@ class Aurora(torch.optim.Optimizer):
     each shape with one collective, overlapped with the next shape's compute. compile="auto"
     wraps steps 1-5 in torch.compile for CUDA matrices, as the record does.
 
+    norm_estimate, contra_fade, radial_brake, radius_pin, lineage_rounding and soap ({matrix:
+    SoapPreconditioner options}, e.g. blend/floor for attn.v) switch on the lineage's rule
+    (`_apply_lineage`, spec/aurora-lineage.md): per matrix and eager, as its scripts run it;
+    p.grad then keeps the raw gradient. SOAP's state is not in state_dict() (no checkpoints yet).
+
     step() never waits for the GPU (no host synchronization): it only notes, on the device, the
     first step at which each matrix's update was not finite. check_finite() reads those notes
     (a host sync, and a collective under torch.distributed) and raises FloatingPointError naming
@@ -255,7 +353,9 @@ class Aurora(torch.optim.Optimizer):
 
     def __init__(self, params, lr, momentum=0.95, nesterov=True, pp_iterations=2, pp_beta=0.5,
                  contra=0.4, uw_floor=0.35, weight_decay=0.0, rule="aurora", aurora_on="nonsquare",
-                 ns_iteration="quintic12", ns_dtype="auto", batched=False, compile="auto"):
+                 ns_iteration="quintic12", ns_dtype="auto", batched=False, compile="auto",
+                 norm_estimate="record", contra_fade=0, radial_brake=1.0, radius_pin=False,
+                 lineage_rounding="none", soap=None, soap_beta2=0.9, soap_every=10):
         if not lr > 0:
             raise ValueError(f"Aurora: lr must be > 0, got {lr}")
         if not 0 < momentum < 1:
@@ -268,7 +368,9 @@ class Aurora(torch.optim.Optimizer):
             raise ValueError("Aurora: contra, uw_floor and weight_decay must be >= 0, got "
                              f"{contra}, {uw_floor}, {weight_decay}")
         for name, value, allowed in (("rule", rule, ("aurora", "muon", "normuon")),
-                                     ("aurora_on", aurora_on, ("nonsquare", "tall")),
+                                     ("aurora_on", aurora_on, ("nonsquare", "tall", "wide_only")),
+                                     ("norm_estimate", norm_estimate, ("record", "schatten4")),
+                                     ("lineage_rounding", lineage_rounding, ("none", "2930", "2860")),
                                      ("ns_iteration", ns_iteration, tuple(POLARS)),
                                      ("ns_dtype", ns_dtype, ("auto", "bfloat16", "float32")),
                                      ("compile", compile, ("auto", True, False))):
@@ -276,9 +378,17 @@ class Aurora(torch.optim.Optimizer):
                 raise ValueError(f"Aurora: {name} must be one of {allowed}, got {value!r}")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, pp_iterations=int(pp_iterations),
                         pp_beta=pp_beta, contra=contra, uw_floor=uw_floor, weight_decay=weight_decay,
-                        rule=rule, aurora_on=aurora_on, ns_iteration=ns_iteration, ns_dtype=ns_dtype)
+                        rule=rule, aurora_on=aurora_on, ns_iteration=ns_iteration, ns_dtype=ns_dtype,
+                        norm_estimate=norm_estimate, contra_fade=contra_fade, radial_brake=radial_brake,
+                        radius_pin=radius_pin, lineage_rounding=lineage_rounding)
         super().__init__(params, defaults)
         self.batched, self.compile = batched, compile
+        # SOAP: {matrix: SoapPreconditioner keyword arguments} for the matrices it preconditions
+        self.soap, self.soap_beta2, self.soap_every = soap or {}, soap_beta2, soap_every
+        self.lineage = uses_lineage_rule({**defaults, "soap": self.soap})
+        if self.lineage and (batched or rule == "normuon" or ns_iteration != "quintic12"):
+            raise ValueError("Aurora: the lineage's rule runs per matrix, with rule aurora or muon and "
+                             "the quintic12 iteration (no batched path, NorMuon or cans12)")
         self._compiled = None
         self.step_index = 0
         self._step_flags = []  # (finite flags, matrices) of the running step
@@ -353,6 +463,37 @@ class Aurora(torch.optim.Optimizer):
             weights.mul_(1 - group["lr"] * group["weight_decay"])
         weights.add_(U.to(weights.dtype), alpha=-group["lr"])
 
+    def _apply_lineage(self, group, p):
+        """The lineage's rule on one matrix, eagerly as the scripts run it (spec/aurora-lineage.md):
+        momentum and look-ahead (p.grad keeps the raw gradient, which SOAP reads after the
+        update), SOAP, lineage_direction, radial brake, u/w floor, the step (radius-pinned)."""
+        hp = {k: group[k] for k in (*RECORD, *LINEAGE_OFF)}
+        grad, momentum, mu, lr = p.grad, self._buffer(p, "momentum", p.shape), hp["momentum"], group["lr"]
+        momentum.lerp_(grad, 1 - mu)
+        u = grad.lerp(momentum, mu) if hp["nesterov"] else momentum
+        soap = None
+        if p in self.soap:
+            soap = self.state[p].get("soap")
+            if soap is None:
+                soap = self.state[p]["soap"] = SoapPreconditioner(
+                    p.shape, p.device, self.soap_beta2, self.soap_every, **self.soap[p])
+            u = soap.precondition(u)
+        if self._keep:
+            self._kept[p] = (u, hp, None)
+        U = lineage_direction(u, hp, self.step_index)
+        if hp["radial_brake"] != 1:
+            U = radial_brake(U, p, hp["radial_brake"])
+        U = apply_uw_floor(U, p, hp["uw_floor"])
+        self._step_flags.append((torch.isfinite(U).all().reshape(1), [p]))
+        if group["weight_decay"]:
+            p.mul_(1 - lr * group["weight_decay"])
+        if hp["radius_pin"]:
+            pinned_step(p, U, lr)
+        else:
+            p.add_(U.to(p.dtype), alpha=-lr)
+        if soap is not None:
+            soap.observe(grad)
+
     def _buffer(self, p, key, shape):
         state = self.state[p]
         if key not in state:
@@ -365,8 +506,11 @@ class Aurora(torch.optim.Optimizer):
             round_ = params[base:base + world]
             if rank < len(round_):
                 p = round_[rank]
-                row_v = self._buffer(p, "row_v", (p.size(0), 1)) if group["rule"] == "normuon" else None
-                self._apply(group, [p], p.grad, self._buffer(p, "momentum", p.shape), p.data, row_v)
+                if self.lineage:
+                    self._apply_lineage(group, p)
+                else:
+                    row_v = self._buffer(p, "row_v", (p.size(0), 1)) if group["rule"] == "normuon" else None
+                    self._apply(group, [p], p.grad, self._buffer(p, "momentum", p.shape), p.data, row_v)
             if gather:  # under a process group always, as the record (world size 1 too)
                 self._gather_round(round_, rank, world)
 

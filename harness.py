@@ -57,7 +57,8 @@ SEPARATOR = "=" * 100
 def parse_flags(cls, presets, choices, check, argv=None):
     """(an instance of the dataclass `cls`, dry_run) from the command line: one flag per field
     (--train-steps sets train_steps; help from the field's metadata), the chosen preset's
-    overrides under the flags, then check(hp) (a ValueError exits with status 2 and its message)."""
+    overrides under the flags, then check(hp) (a ValueError exits with status 2 and its message).
+    `presets` is a dict of overrides by name, or a function (name, flags) -> overrides."""
     ap = argparse.ArgumentParser(allow_abbrev=False,  # run.sh must see the same flag names
                                  description="Train GPT with Aurora (default: the 3175-step record). "
                                  "Defaults are the record's (or the chosen preset's).")
@@ -68,6 +69,8 @@ def parse_flags(cls, presets, choices, check, argv=None):
         kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default {f.default})")
         if f.type is bool:
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif f.type is tuple and not f.default:  # a list of steps
+            ap.add_argument(flag, type=int, nargs="*", **kw)
         elif f.type is tuple:
             ap.add_argument(flag, type=float, nargs=len(f.default), **kw)
         else:
@@ -75,8 +78,9 @@ def parse_flags(cls, presets, choices, check, argv=None):
     args = vars(ap.parse_args(argv))
     dry_run = args.pop("dry_run")
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
-    hp = cls(**{**presets.get(args.get("preset", "record"), {}), **args})
+    preset = args.get("preset", "record")
     try:
+        hp = cls(**{**(presets(preset, args) if callable(presets) else presets.get(preset, {})), **args})
         check(hp)
     except ValueError as e:
         ap.error(str(e))
@@ -99,7 +103,7 @@ class Logger:
 
 # --- the code part of a log -------------------------------------------------------------------
 
-LOCAL_IMPORT = re.compile(r"^from (aurora|data\.shards|diagnostics|harness) import .*$", re.M)
+LOCAL_IMPORT = re.compile(r"^from (aurora|data\.shards|diagnostics|harness|soap) import .*$", re.M)
 
 
 def runnable_source(script=None):

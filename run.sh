@@ -5,7 +5,8 @@
 #   Multi-node: set NNODES, NODE_RANK (0..NNODES-1), MASTER_ADDR and optionally MASTER_PORT
 #   (default 29500) on every node.
 #   Without GPUs (or with CUDA_VISIBLE_DEVICES= set empty): train on the CPU; the `tiny` preset
-#   on synthetic shards unless you pass --preset (record/small on a CPU also need --allow-cpu).
+#   on synthetic shards unless you pass --preset (record/small on a CPU also need --allow-cpu);
+#   a + list with tiny (--preset aurora_2860+tiny) trains on the synthetic shards too.
 #
 # Before any download, data generation or launch, the flags are checked by
 # `train_gpt.py --dry-run` with WORLD_SIZE set to the number of ranks the real run will have.
@@ -89,6 +90,8 @@ else
   WORLD=$((NGPU * NNODES))
 fi
 PRESET=$(preset_of "$@")
+TINY=0  # the tiny preset, alone or in a + list (aurora_2860+tiny): synthetic shards
+[[ "+$PRESET+" == *+tiny+* ]] && TINY=1
 
 # ---- check the flags and the configuration: nothing is downloaded, generated or launched yet ----
 rc=0
@@ -101,7 +104,7 @@ fi
 
 # ---- data ----------------------------------------------------------------------------------------
 if ! has_flag --data-dir "$@"; then
-  if [[ $PRESET == tiny ]]; then
+  if (( TINY )); then
     # written again when meta.json (written last) is missing or a shard no longer matches it
     "$PYTHON" "$HERE/data/synthetic.py" --out "$HERE/data/synthetic" --if-needed
   else
@@ -113,7 +116,7 @@ fi
 # ---- train ----------------------------------------------------------------------------------------
 if (( NGPU == 0 )); then
   if has_flag --data-dir "$@"; then data="the shards in --data-dir"
-  elif [[ $PRESET == tiny ]]; then data="synthetic shards from data/synthetic/"
+  elif (( TINY )); then data="synthetic shards from data/synthetic/"
   else data="FineWeb shards from data/fineweb10B/"; fi
   echo "run.sh: running the $PRESET preset on the CPU with $data."
   exec "$PYTHON" "$HERE/train_gpt.py" "$@"
