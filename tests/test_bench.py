@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_bench_small_on_cpu():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py"), "--size", "small",
-                           "--device", "cpu", "--iters", "2", "--warmup", "1", "--train"],
+                           "--device", "cpu", "--iters", "1", "--warmup", "0", "--train"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout

@@ -20,7 +20,7 @@ TRAIN_FLAGS=${TRAIN_FLAGS:-}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if [[ ${PYTEST:-1} != 0 ]]; then
-  python3 -m pytest -q -rs tests/ >"$OUT/pytest.txt" 2>&1 &  # -rs lists the skipped tests and why
+  python3 -m pytest -q -rs -n 4 --dist loadfile tests/ >"$OUT/pytest.txt" 2>&1 &  # -rs: the skipped tests and why
   TESTS=$!
 fi
 wait_for_tests() {  # the tests' exit status (0 when they were not run)

@@ -53,7 +53,7 @@ tests_summary() {  # "N passed ..." of a pytest output, or "not run"
 
 # 1. the CPU suite in the background, with CUDA hidden (the command CI runs), whole budget
 if [[ ${PYTEST:-1} != 0 ]]; then
-  CUDA_VISIBLE_DEVICES= timeout "$(left)" python3 -m pytest -q -rs tests/ --ignore=tests/test_cuda.py \
+  CUDA_VISIBLE_DEVICES= timeout "$(left)" python3 -m pytest -q -rs -n 4 --dist loadfile tests/ --ignore=tests/test_cuda.py \
     -p no:cacheprovider >"$OUT/pytest_cpu.txt" 2>&1 &
   CPU_TESTS=$!
 fi
