@@ -1245,6 +1245,9 @@ def test_parent_table():
         s = summarize(load_runs(parent_path(preset)))
         assert s["step"] == (3175 if preset == "record" else int(preset.split("_")[1]))
     assert parent_path("record") == parent_path("tiny") == parent_path(None) == PUBLISHED == REFERENCE
+    # a preset list (train_gpt.py applies them in order): its first preset that has a parent
+    assert parent_path("aurora_2860+small") == parent_path("tiny+aurora_2860") == parent_path("aurora_2860")
+    assert parent_path("small+tiny") == PUBLISHED
 
 
 PRESET_PARENTS = [  # the preset's header value, the parent expected (under records/), its step

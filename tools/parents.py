@@ -35,8 +35,10 @@ PARENTS = {
 
 
 def parent_path(preset):
-    """The absolute path of a preset's parent record (the record's for a preset not in PARENTS)."""
-    return os.path.join(PUBLISHED_DIR, PARENTS.get(preset, PARENTS[DEFAULT_PRESET]).path)
+    """The absolute path of a preset's parent record: for a list of presets (`aurora_2860+small`)
+    the first one's in PARENTS; the record's for presets not in PARENTS."""
+    named = [p for p in (preset or "").split("+") if p in PARENTS]
+    return os.path.join(PUBLISHED_DIR, PARENTS[named[0] if named else DEFAULT_PRESET].path)
 
 
 PUBLISHED = parent_path(DEFAULT_PRESET)  # the record's parent: the published 3175-step record
