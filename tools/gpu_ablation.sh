@@ -20,7 +20,8 @@ TRAIN_FLAGS=${TRAIN_FLAGS:-}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if [[ ${PYTEST:-1} != 0 ]]; then
-  python3 -m pytest -q -rs -n 4 --dist loadfile tests/ >"$OUT/pytest.txt" 2>&1 &  # -rs: the skipped tests and why
+  PARALLEL=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4 --dist loadfile")  # with pytest-xdist
+  python3 -m pytest -q -rs $PARALLEL tests/ >"$OUT/pytest.txt" 2>&1 &  # -rs: the skipped tests and why
   TESTS=$!
 fi
 wait_for_tests() {  # the tests' exit status (0 when they were not run)

@@ -51,9 +51,11 @@ tests_summary() {  # "N passed ..." of a pytest output, or "not run"
   [[ -f $1 ]] && grep -E '^=* ?[0-9]+ (passed|failed)|[0-9]+ passed' "$1" | tail -n 1 | sed 's/=//g; s/^ *//; s/ in [0-9.]*s.*//' || echo "not run"
 }
 
-# 1. the CPU suite in the background, with CUDA hidden (the command CI runs), whole budget
+# 1. the CPU suite in the background, with CUDA hidden (the tests CI runs), whole budget
 if [[ ${PYTEST:-1} != 0 ]]; then
-  CUDA_VISIBLE_DEVICES= timeout "$(left)" python3 -m pytest -q -rs -n 4 --dist loadfile tests/ --ignore=tests/test_cuda.py \
+  # test files in parallel when pytest-xdist is installed (requirements.txt has it)
+  PARALLEL=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4 --dist loadfile")
+  CUDA_VISIBLE_DEVICES= timeout "$(left)" python3 -m pytest -q -rs $PARALLEL tests/ --ignore=tests/test_cuda.py \
     -p no:cacheprovider >"$OUT/pytest_cpu.txt" 2>&1 &
   CPU_TESTS=$!
 fi
