@@ -31,6 +31,18 @@ def data_dir(tmp_path_factory):
     return str(out)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread (as in the gloo workers and the subprocesses), restored afterwards:
+    runs compared with each other round alike, and small matrices gain nothing from threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def matrix(m, n, seed, cond=10.0, skew_rows=False):
     """A random float32 m x n matrix with singular values spread over [1/cond, 1] (well-posed for
     Newton-Schulz); skew_rows makes some rows much larger than others, like a real gradient."""
@@ -56,16 +68,16 @@ def rel_diff(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def reference_polar(G, dtype):
+def reference_polar(G, dtype, scale=None):
     """The spec's polar(G), written out here independently of aurora.py: 12 simple-quintic
-    Newton-Schulz steps in `dtype` on the wide orientation, X = G / (||G||_F + 1e-7), then
-    A = X X^T, B = -1.5 A + 0.5 A A, X = 2 X + B X (0.5 A A evaluated as (0.5 A) A, the order the
-    record's `c * A @ A` has)."""
+    Newton-Schulz steps in `dtype` on the wide orientation, X = G / (||G||_F + 1e-7) (or
+    X / scale(X): the lineage's Schatten-4 estimate), then A = X X^T, B = -1.5 A + 0.5 A A,
+    X = 2 X + B X (0.5 A A evaluated as (0.5 A) A, the order the record's `c * A @ A` has)."""
     X = G.to(dtype)
     tall = G.shape[0] > G.shape[1]
     if tall:
         X = X.T
-    X = X / (X.norm() + 1e-7)
+    X = X / (X.norm() + 1e-7) if scale is None else X / scale(X)
     for _ in range(12):
         A = X @ X.T
         B = -1.5 * A + (0.5 * A) @ A

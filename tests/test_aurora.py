@@ -31,17 +31,6 @@ def assert_equal(got, expected):
     assert torch.equal(got, expected), f"max difference {(got.double() - expected.double()).abs().max():.3g}"
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread (as in the gloo workers), restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 # --- polar and aurora_polar ---
 
 @pytest.mark.parametrize("dtype", DTYPES)

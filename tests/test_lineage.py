@@ -18,6 +18,7 @@ import train_gpt
 from aurora import Aurora, contra_strength
 from train_gpt import (GPT, EMANesterov, Hyperparameters, is_val_step, lr_at, momentum_at, parse_args,
                        reference_interpolation)
+from conftest import reference_polar
 from test_train import SEPARATOR, only_log, val_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,14 +26,9 @@ PRESETS = ("aurora_2930", "aurora_2890", "aurora_2860")
 ROUNDING = dict(aurora_2930="2930", aurora_2890="2930", aurora_2860="2860")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matrices: one thread is ~80x faster than two on a loaded 2-core machine (and the
-    subprocess below runs with one too, so that both runs round alike)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One thread (tests/conftest.py): small matrices gain nothing from threads, and the subprocess
+# below runs with one too, so that both runs round alike.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_equal(a, b):
@@ -50,17 +46,9 @@ def s4(X, eps):
 
 
 def spec_polar(X, dtype):
-    """The lineage's plain polar of X (already in dtype): wide side, over its S4 norm, 12 quintic
-    steps ((0.5 A) A, as the record evaluates c * A @ A)."""
-    tall = X.shape[0] > X.shape[1]
-    if tall:
-        X = X.T
-    X = X / s4(X, 1e-7).to(dtype)
-    for _ in range(12):
-        A = X @ X.T
-        B = -1.5 * A + (0.5 * A) @ A
-        X = 2 * X + B @ X
-    return X.T if tall else X
+    """The lineage's plain polar of X (already in dtype): the record's written out
+    (conftest.reference_polar), the input scaled by its S4 norm instead of its Frobenius norm."""
+    return reference_polar(X, dtype, scale=lambda Y: s4(Y, 1e-7).to(dtype))
 
 
 def spec_orthogonalize(u, dtype):
