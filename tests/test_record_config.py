@@ -1,7 +1,9 @@
-"""The record's configuration, as literals: every value of train_gpt.py's defaults that makes the
-default run the published Aurora record's computation is written out here by hand (from the
-record's script), so that changing a default fails a test. Nothing is read from outside the
-repository."""
+"""The record's configuration, as literals: every default of train_gpt.py's Hyperparameters is
+written out here by hand (the record's values from the record's script; the lineage's switches
+off, or at the record's value), so that changing a default fails a test. Nothing is read from
+outside the repository."""
+import dataclasses
+import os
 import re
 
 import pytest
@@ -10,6 +12,8 @@ import torch
 import train_gpt
 from aurora import ns_dtype_for
 from train_gpt import GPT, Context, Hyperparameters, build_optimizers, is_val_step, lr_multiplier
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RECORD = dict(
     # data: 8 x 64 sequences of 1024 tokens per step; 20 such batches of validation tokens
@@ -27,6 +31,23 @@ RECORD = dict(
     ns_dtype="auto", aurora_batched=False,
     # run: no seed given (each trial's seed is drawn), one trial, compiled on CUDA, no checkpoints
     preset="record", seed=None, trials=1, compile="auto", save_every=0,
+    # where data and records are (inside the repository), and the rest of a run's settings
+    data_dir=os.path.join(ROOT, "data", "fineweb10B"), records_dir=os.path.join(ROOT, "records"),
+    run_name=None, append=False, allow_cpu=False, resume=None, val_loss_target=3.28,
+    # neuron-health diagnostics at validation steps (they change no training arithmetic)
+    diagnostics=True, diag_tokens=65536, dead_threshold=0.001, starved_threshold=0.1,
+    frozen_threshold=0.1,
+    # the lineage's switches (spec/aurora-lineage.md), off or at the record's value; the values they
+    # use when switched on stay as they are, so a changed default shows here too
+    norm_in_fp32=False, cudnn_attention=True, init="record", zero_biases=True, fc_depth_scale=0.0,
+    gain_split=0.0, val_first=True, val_extra=(), lr_schedule="linear", schedule_steps=None,
+    lr_power=1.2, power_c=(4.976805410800738e-05, 5.184172302917436e-07, 1.6589351369335795e-06,
+                           3.3169534699576625e-06),
+    momentum_warmup=0, momentum_cooldown=0, momentum_min=0.85, momentum_horizon=None,
+    norm_estimate="record", contra_fade=0, soap="none", soap_beta2=0.9, soap_every=10,
+    soap_v_blend=0.95, soap_v_floor=0.55, radial_brake=1.0, radius_pin=False, lineage_rounding="none",
+    ema_nesterov=0.0, ema_nesterov_beta=0.99, ema_nesterov_start=300, ema_nesterov_stop=1950,
+    ref_gamma=0.0, ref_capture=2375, ref_start=2850,
 )
 # The Aurora group's values, as the record's Muon(..., lr=0.0375, weight_decay=0, pp_iterations=2,
 # pp_beta=0.5) and its defaults (momentum 0.95, Nesterov, contra 0.4, floor 0.35) carry them.
@@ -38,6 +59,8 @@ CUDA = Context(rank=0, world=8, device=torch.device("cuda", 0), micro=64, accum=
 
 def test_the_defaults_are_the_records_values():
     hp = Hyperparameters()
+    # every field is here: a new one needs its record value written out above
+    assert sorted(f.name for f in dataclasses.fields(hp)) == sorted(RECORD)
     assert {k: getattr(hp, k) for k in RECORD} == RECORD
     assert train_gpt.PRESETS["record"] == {}
     from_flags, _ = train_gpt.parse_args([])  # the command line's default is the same
