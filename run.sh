@@ -5,7 +5,8 @@
 #   Multi-node: set NNODES, NODE_RANK (0..NNODES-1), MASTER_ADDR and optionally MASTER_PORT
 #   (default 29500) on every node.
 #   Without GPUs (or with CUDA_VISIBLE_DEVICES= set empty): train on the CPU; the `tiny` preset
-#   on synthetic shards unless you pass --preset (record/small on a CPU also need --allow-cpu);
+#   on synthetic shards unless you pass --preset (record, small and aurora_* on a CPU also need
+#   --allow-cpu, unless combined with tiny);
 #   a + list with tiny (--preset aurora_2860+tiny) trains on the synthetic shards too.
 #
 # Before any download, data generation or launch, the flags are checked by

@@ -156,7 +156,8 @@ class Hyperparameters:
                              "and logged (rerun a trial with --seed <its seed> --trials 1)")
     trials: int = hparam(1, "independent trials in this process, each re-initialized")
     compile: str = hparam("auto", "torch.compile the model and Aurora's per-matrix step: auto (on with CUDA), on, off")
-    allow_cpu: bool = hparam(False, "let the record or small preset run without CUDA (slow: hours to days)")
+    allow_cpu: bool = hparam(False, "let the record, small or aurora_* presets run without CUDA (slow: hours "
+                                       "to days); a preset combined with +tiny needs no flag")
     run_name: str = hparam(None, "record folder records/<date>_<run_name>/ (default <rule>_<preset>)")
     records_dir: str = hparam(os.path.join(ROOT, "records"), "parent of the record folders")
     append: bool = hparam(False, "add this run to an existing record folder of the same configuration")

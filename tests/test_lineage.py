@@ -1,7 +1,8 @@
 """The Aurora lineage presets (aurora_2930, aurora_2890, aurora_2860): each preset's optimizer,
 schedules, initialization, EMA-Nesterov and reference interpolation against the published rule
 written out here from spec/aurora-lineage.md (not calling aurora.py, soap.py or train_gpt.py's
-code), bit for bit; and a tiny run of each preset, whose log's code part runs on its own."""
+code), bit for bit; and a tiny run of each preset, with the aurora_2860 run's log's code part run
+on its own."""
 import glob
 import math
 import os
