@@ -342,7 +342,7 @@ class Aurora(torch.optim.Optimizer):
     norm_estimate, contra_fade, radial_brake, radius_pin, lineage_rounding and soap ({matrix:
     SoapPreconditioner options}, e.g. blend/floor for attn.v) switch on the lineage's rule
     (`_apply_lineage`, spec/aurora-lineage.md): per matrix and eager, as its scripts run it;
-    p.grad then keeps the raw gradient. SOAP's state is not in state_dict() (no checkpoints yet).
+    p.grad then keeps the raw gradient; SOAP's statistics are in state_dict() with the momentum.
 
     step() never waits for the GPU (no host synchronization): it only notes, on the device, the
     first step at which each matrix's update was not finite. check_finite() reads those notes
@@ -475,8 +475,7 @@ class Aurora(torch.optim.Optimizer):
         if p in self.soap:
             soap = self.state[p].get("soap")
             if soap is None:
-                soap = self.state[p]["soap"] = SoapPreconditioner(
-                    p.shape, p.device, self.soap_beta2, self.soap_every, **self.soap[p])
+                soap = self.state[p]["soap"] = self._soap_for(p)
             u = soap.precondition(u)
         if self._keep:
             self._kept[p] = (u, hp, None)
@@ -493,6 +492,9 @@ class Aurora(torch.optim.Optimizer):
             p.add_(U.to(p.dtype), alpha=-lr)
         if soap is not None:
             soap.observe(grad)
+
+    def _soap_for(self, p):
+        return SoapPreconditioner(p.shape, p.device, self.soap_beta2, self.soap_every, **self.soap[p])
 
     def _buffer(self, p, key, shape):
         state = self.state[p]
@@ -601,34 +603,51 @@ class Aurora(torch.optim.Optimizer):
             owner = {p: j % world for j, p in enumerate(self._record_order(params))}
         return [owner[p] for p in params]
 
-    STATE_KEYS = ("momentum", "row_v")  # per matrix; the batched path's *_stack keys hold views
+    STATE_KEYS = ("momentum", "row_v") + tuple(f"soap_{k}" for k in SoapPreconditioner.STATE)
+
+    @staticmethod
+    def _state_shape(p, key):
+        """(shape, dtype) of a matrix's saved state `key`: momentum; NorMuon's row_v; SOAP's second
+        moment, Gram matrices and bases (L, QL: rows x rows; R, QR: columns x columns), count."""
+        m, n = p.shape
+        shapes = dict(momentum=(m, n), row_v=(m, 1), soap_exp_avg_sq=(m, n), soap_L=(m, m), soap_QL=(m, m),
+                      soap_R=(n, n), soap_QR=(n, n), soap_count=())
+        return shapes[key], torch.int64 if key == "soap_count" else torch.float32
+
+    def _held_state(self, p):
+        """This rank's state of matrix p, by STATE_KEYS name (empty if it has not stepped it)."""
+        state = self.state[p]
+        held = {key: state[key] for key in ("momentum", "row_v") if key in state}
+        if "soap" in state:
+            held.update({f"soap_{k}": v for k, v in state["soap"].state().items()})
+        return held
 
     @torch.no_grad()
     def state_dict(self):
-        """Every matrix's state (momentum; NorMuon's row_v) as float32 CPU copies, in torch's format
-        (state by parameter index, then the groups' hyperparameters), the same whatever the world
-        size or path: checkpoints resume with another world size. Under torch.distributed a rank
-        holds only the matrices it updates, so this is a collective: every rank calls it, and every
-        rank gets the whole state."""
+        """Every matrix's state (momentum; NorMuon's row_v; SOAP's statistics) as CPU copies, in
+        torch's format (state by parameter index, then the groups' hyperparameters), the same
+        whatever the world size or path: checkpoints resume with another world size. Under
+        torch.distributed a rank holds only the matrices it updates, so this is a collective:
+        every rank calls it, and every rank gets the whole state."""
         distributed = dist.is_available() and dist.is_initialized()
         rank = dist.get_rank() if distributed else 0
         params = [p for group in self.param_groups for p in group["params"]]
+        held = [self._held_state(p) for p in params]
         # who holds what: rank + 1 where this rank has the state, 0 elsewhere; summed over ranks
-        holder = torch.tensor([[rank + 1 if key in self.state[p] else 0 for key in self.STATE_KEYS]
-                               for p in params], dtype=torch.int64)
+        holder = torch.tensor([[rank + 1 if key in mine else 0 for key in self.STATE_KEYS] for mine in held],
+                              dtype=torch.int64)
         if distributed:
             holder = holder.to(_collective_device())
             dist.all_reduce(holder)
         state = {}
-        for i, (p, held) in enumerate(zip(params, holder.tolist())):
-            for key, h in zip(self.STATE_KEYS, held):
+        for i, (p, mine, holders) in enumerate(zip(params, held, holder.tolist())):
+            for key, h in zip(self.STATE_KEYS, holders):
                 if not h:
                     continue  # not stepped yet: no state, as in a fresh optimizer
-                shape = p.shape if key == "momentum" else (p.size(0), 1)
-                buf = (self.state[p][key] if h == rank + 1 else
-                       torch.empty(shape, dtype=torch.float32, device=p.device))
-                if distributed:
-                    buf = buf.to(_collective_device())
+                shape, dtype = self._state_shape(p, key)
+                buf = mine[key] if h == rank + 1 else torch.empty(shape, dtype=dtype, device=p.device)
+                if distributed:  # contiguous: a collective sends the storage as it lies (QR's Q is
+                    buf = buf.to(_collective_device()).contiguous()  # column-major)
                     dist.broadcast(buf, h - 1)
                 state.setdefault(i, {})[key] = buf.to("cpu", copy=True)  # a copy, never a view
         groups, start = [], 0
@@ -656,13 +675,22 @@ class Aurora(torch.optim.Optimizer):
         for group, saved in zip(self.param_groups, saved_groups):
             group.update({k: v for k, v in saved.items() if k != "params"})
             for p, owner in zip(group["params"], self.owners(group, world)):
-                for key, value in state_dict["state"].get(i, {}).items():
-                    shape = tuple(p.shape) if key == "momentum" else (p.size(0), 1)
-                    if key not in self.STATE_KEYS or tuple(value.shape) != shape:
+                state = state_dict["state"].get(i, {})
+                for key, value in state.items():
+                    if key not in self.STATE_KEYS or tuple(value.shape) != self._state_shape(p, key)[0]:
                         raise ValueError(f"Aurora.load_state_dict: matrix {i} ({tuple(p.shape)}) "
                                          f"has saved {key!r} of shape {tuple(value.shape)}")
-                    if owner == rank:
-                        self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+                if (p in self.soap) != ("soap_L" in state) and "momentum" in state:
+                    raise ValueError(f"Aurora.load_state_dict: matrix {i} ({tuple(p.shape)}) has "
+                                     f"{'no ' if p in self.soap else ''}saved SOAP state, and this optimizer "
+                                     f"{'runs' if p in self.soap else 'does not run'} SOAP on it")
+                if owner == rank:
+                    for key in ("momentum", "row_v"):
+                        if key in state:
+                            self.state[p][key] = state[key].to(device=p.device, dtype=torch.float32, copy=True)
+                    if "soap_L" in state:
+                        soap = self.state[p]["soap"] = self._soap_for(p)
+                        soap.load({k[len("soap_"):]: v for k, v in state.items() if k.startswith("soap_")})
                 i += 1
 
     def _note_finite(self):

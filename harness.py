@@ -760,7 +760,8 @@ class Harness:
         """The step `run`'s trial starts at: 0, or, resuming, the checkpoint's, with the trial's
         state put back where the checkpoint left it: weights, optimizer states (each rank keeps
         its share of Aurora's), data position, random generators (the next trial's initialization
-        draws from them), clock, diagnostics' initial rows."""
+        draws from them), clock, diagnostics' initial rows, the lineage's EMA-Nesterov state and
+        reference weights."""
         ckpt, self.resume = self.resume, None  # (the checkpoint's memory goes with the trial)
         if ckpt is None:
             self.start = 0
@@ -778,6 +779,10 @@ class Harness:
             clock["total"], clock["last_val_time"], clock["last_val_step"])
         if run.probe.enabled and run.ctx.rank == 0:
             run.probe.fc_init = [t.to(run.ctx.device) for t in ckpt["fc_init"]]
+        if run.ema:
+            run.ema.load(ckpt["ema"])
+        if ckpt["reference"] is not None:
+            run.reference = [t.to(run.ctx.device) for t in ckpt["reference"]]
         run.step = aurora.step_index = self.start = ckpt["step"]  # Aurora names a non-finite update by its step
         return self.start
 
@@ -867,6 +872,8 @@ class Harness:
                 clock=dict(total=run.clock.total, last_val_time=run.clock.last_val_time,
                            last_val_step=run.clock.last_val_step),
                 fc_init=run.probe.fc_init if hp.diagnostics else None,
+                ema=run.ema.state() if run.ema else None,  # the lineage's EMA-Nesterov, its reference
+                reference=None if run.reference is None else [t.cpu() for t in run.reference],
                 # how far the log and the diagnostics file were written: a resumed run redoes the rest
                 log=os.path.abspath(log.file.name))
             for name, f in (("log", log.file), ("jsonl", self.jsonl)):  # and what they held then

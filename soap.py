@@ -85,6 +85,21 @@ class SoapPreconditioner:
             self.QR, self.exp_avg_sq = self._refresh(self.R, self.QR, self.exp_avg_sq, 1)
         self.count += 1
 
+    STATE = ("exp_avg_sq", "L", "R", "QL", "QR", "count")
+
+    def state(self):
+        """The statistics a checkpoint must hold to continue bit for bit: {name: tensor} (the bases
+        once a gradient was seen; the count, which times the refreshes, as an int64 scalar)."""
+        held = {k: getattr(self, k) for k in self.STATE[:-1] if getattr(self, k) is not None}
+        return {**held, "count": torch.tensor(self.count, dtype=torch.int64)}
+
+    def load(self, state):
+        """The inverse of state(), onto this preconditioner's device."""
+        to = dict(device=self.L.device, dtype=torch.float32, copy=True)
+        self.exp_avg_sq, self.L, self.R = (state[k].to(**to) for k in ("exp_avg_sq", "L", "R"))
+        self.QL, self.QR = (state[k].to(**to) if k in state else None for k in ("QL", "QR"))
+        self.count = int(state["count"])
+
     @staticmethod
     def _refresh(A, Q, exp_avg_sq, dim):
         """One QR power step towards A's eigenbasis, after sorting Q's columns (and the matching

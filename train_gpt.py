@@ -297,9 +297,6 @@ def check_lineage(hp, bad):
         raise ValueError("the lineage's matrix rule (--norm-estimate, --contra-fade, --soap, --radial-brake, "
                          "--radius-pin, --lineage-rounding) runs per matrix with --rule aurora or muon and "
                          "--ns-iteration quintic12: drop --aurora-batched, normuon or cans12")
-    if (hp.save_every or hp.resume) and (hp.soap != "none" or hp.ema_nesterov or hp.ref_gamma):
-        raise ValueError("checkpoints (--save-every, --resume) do not hold SOAP's, EMA-Nesterov's or the "
-                         "reference's state yet: run --soap, --ema-nesterov and --ref-gamma without them")
 
 
 def check_hardware(hp, cuda):
@@ -650,6 +647,16 @@ class EMANesterov:
         for p, prev, d in zip(self.params, self.prev, self.ema):
             d.lerp_(p - prev, 1 - self.beta)
             prev.copy_(p)
+
+    def state(self):
+        """For a checkpoint: the EMA and the weights it measures the next displacement from (not
+        always the weights at a checkpoint: the reference interpolation's add and subtract round)."""
+        return dict(prev=[t.cpu() for t in self.prev], ema=[t.cpu() for t in self.ema])
+
+    def load(self, state):
+        for mine, saved in ((self.prev, state["prev"]), (self.ema, state["ema"])):
+            for t, s in zip(mine, saved, strict=True):
+                t.copy_(s)
 
 
 def is_val_step(step, hp):

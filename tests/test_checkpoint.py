@@ -248,6 +248,40 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_with_a_checkpoint(data_dir, 
     assert_one_trial_per_seed(log, 1)
 
 
+# The aurora_2860 preset at the smallest sizes, 14 steps, its state all in play around step 11: SOAP
+# refreshes its bases every 4 steps (at step 12, after the resume), EMA-Nesterov's look-ahead runs
+# to the end, the reference is captured after step 8 and interpolated at the step-14 validation.
+LINEAGE = ["--preset", "aurora_2860+tiny", "--n-layer", "1", "--d-model", "64", "--head-dim", "16",
+           "--train-steps", "14", "--val-every", "2", "--val-every-late", "2", "--val-tokens", "4096",
+           "--seed", "0", "--no-diagnostics", "--soap-every", "4", "--ema-nesterov-stop", "14",
+           "--ref-capture", "8", "--run-name", "ckpt"]
+
+
+def test_a_lineage_run_stopped_by_sigterm_resumes_as_the_uninterrupted_run(data_dir, tmp_path, monkeypatch):
+    """SOAP's statistics, EMA-Nesterov's state and the reference weights come back from the
+    checkpoint: every val loss after the resume is the uninterrupted run's."""
+    def run(args, name):
+        return train_gpt.main(LINEAGE + args + ["--data-dir", data_dir, "--records-dir", str(tmp_path / name)])
+
+    assert run([], "whole") == 0
+    expected = open(the_log(tmp_path / "whole")).read()
+    train_step = train_gpt.train_step
+
+    def sigterm_during_step_11(run_, optimizers, step):
+        if step == 10:
+            os.kill(os.getpid(), signal.SIGTERM)  # deferred: the checkpoint of step 11, then the stop
+        return train_step(run_, optimizers, step)
+
+    monkeypatch.setattr(train_gpt, "train_step", sigterm_during_step_11)
+    assert run(["--save-every", "100"], "run") == 130
+    monkeypatch.undo()
+    log = the_log(tmp_path / "run")
+    assert "checkpoint: step 11 of trial 0 saved to" in open(log).read()
+    assert run(["--save-every", "100", "--resume", checkpoint_of(log)], "run") == 0
+    resumed = val_lines(open(log).read())
+    assert [s for s, _ in resumed] == list(range(2, 15, 2)) and resumed == val_lines(expected)
+
+
 # --- refused before anything is written ---
 
 @pytest.fixture(scope="module")
@@ -401,10 +435,20 @@ def test_a_write_that_dies_leaves_the_previous_checkpoint_whole(tmp_path, monkey
 
 # --- Aurora's state: one form for every world size and path ---
 
+def optimizer(params, batched, rule, lr=0.02):
+    """Aurora on the 4 matrices; rule "soap": the lineage's rule with SOAP on two of them (one with
+    attn.v's options), its bases refreshed every 3rd step."""
+    if rule == "soap":
+        soap = {params[0]: {}, params[3]: dict(blend=0.95, floor=0.55, renorm="scale")}
+        return Aurora(params, lr=lr, ns_dtype="float32", soap=soap, soap_every=3)
+    return Aurora(params, lr=lr, batched=batched, rule=rule, ns_dtype="float32")
+
+
 def stepped(batched, rule, steps, state=None):
+    """optimizer() after `steps` steps of seeded gradients."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(*shape)) for shape in ((24, 8), (8, 8), (24, 8), (8, 24))]
-    opt = Aurora(params, lr=0.02, batched=batched, rule=rule, ns_dtype="float32")
+    opt = optimizer(params, batched, rule)
     if state is not None:
         opt.load_state_dict(state)
     grads = torch.Generator().manual_seed(1)
@@ -415,14 +459,22 @@ def stepped(batched, rule, steps, state=None):
     return params, opt
 
 
-@pytest.mark.parametrize("rule", ["aurora", "normuon"])
-@pytest.mark.parametrize("batched", [False, True])
+COMBINATIONS = [(batched, rule) for rule in ("aurora", "normuon") for batched in (False, True)] + [(False, "soap")]
+SOAP_KEYS = {"soap_exp_avg_sq", "soap_L", "soap_R", "soap_QL", "soap_QR", "soap_count"}
+
+
+@pytest.mark.parametrize("batched, rule", COMBINATIONS)
 def test_aurora_state_dict_round_trip_continues_bit_for_bit(batched, rule):
+    """3 steps, then the 4th from the saved state equals the 4th of the original (for SOAP the
+    4th step refreshes the bases: its count must come back too)."""
     params, opt = stepped(batched, rule, 3)
     state = opt.state_dict()
     keys = {"momentum", "row_v"} if rule == "normuon" else {"momentum"}
-    assert sorted(state["state"]) == [0, 1, 2, 3] and all(set(s) == keys for s in state["state"].values())
-    assert all(t.device.type == "cpu" and t.dtype == torch.float32 for s in state["state"].values() for t in s.values())
+    assert sorted(state["state"]) == [0, 1, 2, 3]
+    assert [set(s) for s in state["state"].values()] == (
+        [keys | SOAP_KEYS, keys, keys, keys | SOAP_KEYS] if rule == "soap" else [keys] * 4)
+    assert all(t.device.type == "cpu" and t.dtype == (torch.int64 if k == "soap_count" else torch.float32)
+               for s in state["state"].values() for k, t in s.items())
     for p, s in zip(params, state["state"].values()):
         assert torch.equal(s["momentum"], opt.state[p]["momentum"])
         assert s["momentum"].untyped_storage().data_ptr() != opt.state[p]["momentum"].untyped_storage().data_ptr()
@@ -433,7 +485,9 @@ def test_aurora_state_dict_round_trip_continues_bit_for_bit(batched, rule):
         p.grad = torch.ones_like(p)
     opt.step()
     fresh = [torch.nn.Parameter(a) for a in ahead]
-    other = Aurora(fresh, lr=0.5, batched=batched, rule=rule, ns_dtype="float32")
+    if rule == "soap":
+        assert int(state["state"][0]["soap_count"]) == 3
+    other = optimizer(fresh, batched, rule, lr=0.5)
     other.load_state_dict(state)
     assert other.param_groups[0]["lr"] == 0.02  # the saved hyperparameters
     for p in fresh:
@@ -459,9 +513,6 @@ def test_aurora_state_is_the_same_for_both_paths_and_refuses_a_misfit():
         transposed.load_state_dict(a)
 
 
-COMBINATIONS = [(batched, rule) for rule in ("aurora", "normuon") for batched in (False, True)]
-
-
 def _rank(rank, port, out_dir):
     """One of 2 gloo ranks, for each (batched, rule): the state of 3 steps, gathered; then one
     step from a world-1 state. (One process group for all four: spawning costs seconds.)"""
@@ -474,7 +525,7 @@ def _rank(rank, port, out_dir):
             gathered = opt.state_dict()  # collective: every rank gets every matrix's state
             reference = torch.load(os.path.join(out_dir, f"reference_{batched}_{rule}.pt"))
             params = [torch.nn.Parameter(w.clone()) for w in reference["weights"]]
-            opt = Aurora(params, lr=0.02, batched=batched, rule=rule, ns_dtype="float32")
+            opt = optimizer(params, batched, rule)
             opt.load_state_dict(reference["state"])
             held = sorted(i for i, p in enumerate(params) if opt.state[p])
             for p, g in zip(params, reference["grads"]):
@@ -490,7 +541,7 @@ def _rank(rank, port, out_dir):
 def test_aurora_state_with_two_ranks_is_the_one_rank_state(tmp_path):
     """state_dict() gathers each matrix from the rank that updates it; load_state_dict() gives each
     rank the matrices it updates (owners()): a world-1 state continues on 2 ranks as on 1, on both
-    paths, for Aurora and NorMuon."""
+    paths, for Aurora and NorMuon, and for the lineage's rule with SOAP."""
     torch.set_num_threads(1)
     expected = {}
     for batched, rule in COMBINATIONS:
