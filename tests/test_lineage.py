@@ -1,8 +1,7 @@
 """The Aurora lineage presets (aurora_2930, aurora_2890, aurora_2860): each preset's optimizer,
 schedules, initialization, EMA-Nesterov and reference interpolation against the published rule
 written out here from spec/aurora-lineage.md (not calling aurora.py, soap.py or train_gpt.py's
-code), bit for bit; and a tiny run of each preset, with the aurora_2860 run's log's code part run
-on its own."""
+code), bit for bit; and a tiny run of each preset, whose log's code part runs on its own."""
 import glob
 import math
 import os
@@ -328,9 +327,10 @@ TINY = ["--n-layer", "1", "--d-model", "64", "--head-dim", "16", "--train-steps"
 
 def test_a_tiny_run_of_each_preset_trains_and_its_code_part_runs_alone(data_dir, tmp_path):
     """4 steps of each preset at tiny sizes (its step counts scaled: EMA-Nesterov on for steps
-    0-2, the reference captured after step 3 and interpolated at the step-4 validation); then the
-    2860 log's code part, run as a script of its own, reproduces that run's validation losses."""
-    logs = {}
+    0-2, the reference captured after step 3 and interpolated at the step-4 validation); then each
+    log's code part, run as a script of its own (one process runs the three), reproduces its run's
+    code part and validation losses."""
+    logs, runs = {}, []
     for preset in PRESETS:
         args = ["--preset", preset + "+tiny", "--data-dir", data_dir, *TINY]
         assert train_gpt.main(args + ["--records-dir", str(tmp_path / preset)]) == 0
@@ -338,14 +338,23 @@ def test_a_tiny_run_of_each_preset_trains_and_its_code_part_runs_alone(data_dir,
         losses = val_losses(logs[preset])
         assert [s for s, _ in losses] == [2, 4] and all(math.isfinite(v) for _, v in losses)
         assert losses[-1][1] < math.log(1024)  # it learns
-    alone = tmp_path / "alone"
-    alone.mkdir()
-    (alone / "train.py").write_text(logs["aurora_2860"].split("\n" + SEPARATOR + "\n", 1)[0] + "\n")
-    args = ["--preset", "aurora_2860+tiny", "--data-dir", data_dir, *TINY, "--records-dir", str(tmp_path / "b")]
+        alone = tmp_path / "alone" / preset
+        alone.mkdir(parents=True)
+        (alone / f"train_{preset}.py").write_text(logs[preset].split("\n" + SEPARATOR + "\n", 1)[0] + "\n")
+        runs.append((str(alone / f"train_{preset}.py"), args + ["--records-dir", str(tmp_path / "b" / preset)]))
+    driver = ("import runpy, sys\n"  # each code part run as __main__, as `python train.py` would, in turn
+              f"sys.path[:] = [p for p in sys.path if p and p != {ROOT!r}]\n"  # nothing of the repository
+              f"for script, args in {runs!r}:\n"
+              "    sys.argv = [script, *args]\n"
+              "    try:\n"
+              "        runpy.run_path(script, run_name='__main__')\n"
+              "    except SystemExit as e:\n"
+              "        assert e.code == 0, (script, e.code)\n")
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH="", OMP_NUM_THREADS="1")
-    second = subprocess.run([sys.executable, "train.py", *args], cwd=alone, capture_output=True, text=True,
-                            timeout=300, env=env)
-    assert second.returncode == 0, second.stderr[-2000:]
-    log_b = open(only_log(glob.glob(str(tmp_path / "b" / "*"))[0])).read()
-    assert log_b.split(SEPARATOR, 1)[0] == logs["aurora_2860"].split(SEPARATOR, 1)[0]
-    assert val_losses(log_b) == val_losses(logs["aurora_2860"])
+    alone = subprocess.run([sys.executable, "-c", driver], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300, env=env)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    for preset in PRESETS:
+        log_b = open(only_log(glob.glob(str(tmp_path / "b" / preset / "*"))[0])).read()
+        assert log_b.split(SEPARATOR, 1)[0] == logs[preset].split(SEPARATOR, 1)[0]
+        assert val_losses(log_b) == val_losses(logs[preset]), preset
