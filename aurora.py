@@ -41,7 +41,8 @@ def polar(G: torch.Tensor, dtype: torch.dtype = torch.bfloat16, norm: str = "fro
     written with the record's operations in the record's order (bit for bit the same rounding).
 
     The record runs it in bfloat16 (the tensor-core dtype); on a CPU without native bfloat16 a
-    bf16 matmul is ~100x slower than float32, so the optimizer passes dtype=float32 there.
+    bf16 matmul is hundreds of times slower than float32, so the optimizer passes dtype=float32
+    there.
     norm="schatten4" scales the input by its Schatten-4 norm instead of the Frobenius norm (the
     lineage's choice: a tighter bound on the spectral norm, so small singular values start larger).
     Returns G's shape, in `dtype`.
@@ -90,7 +91,7 @@ POLARS = {"quintic12": polar, "cans12": polar_cans12}
 
 def ns_dtype_for(setting, device):
     """Newton-Schulz dtype: "auto" is the record's bfloat16 on CUDA and float32 elsewhere (a CPU
-    without native bf16 runs bf16 matmuls ~100x slower); "bfloat16"/"float32" force one."""
+    without native bf16 runs bf16 matmuls hundreds of times slower); "bfloat16"/"float32" force one."""
     if setting == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[setting]

@@ -4,7 +4,7 @@ and the optimizer's variants (NorMuon, aurora_on=tall, cans12) and its leverage 
 Tolerances: 0 (torch.equal / atol=rtol=0) where both sides run the same floating-point operations;
 otherwise about 10x the difference measured on the development machine, noted beside each bound.
 Every bfloat16 Newton-Schulz here runs on small matrices: on a CPU without native bfloat16 a bf16
-matmul is ~100x slower than float32 (check with ONEDNN_MAX_CPU_ISA=AVX2)."""
+matmul is hundreds of times slower than float32 (check with ONEDNN_MAX_CPU_ISA=AVX2)."""
 import os
 
 import pytest
