@@ -2,6 +2,7 @@
 (pytest puts tests/ on sys.path); `data_dir` is a fixture available to every test module."""
 import math
 import os
+import signal
 import socket
 import sys
 
@@ -141,3 +142,16 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def sigterm_during(monkeypatch, step):
+    """SIGTERM to this process in the middle of training step `step` (1-based), as `kill <pid>`
+    sends it: with --save-every the stop waits for the step's end (checkpoint, then stop)."""
+    import train_gpt
+    train_step = train_gpt.train_step
+
+    def sends_sigterm(run_, optimizers, index):
+        if index + 1 == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_step(run_, optimizers, index)
+    monkeypatch.setattr(train_gpt, "train_step", sends_sigterm)

@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 
 import harness
 import train_gpt
-from conftest import free_port
+from conftest import free_port, sigterm_during
 from aurora import Aurora
 from tools import records
 
@@ -42,12 +42,15 @@ def command(args, nproc):
     return launcher + [os.path.join(ROOT, "train_gpt.py")] + args
 
 
-def train(args, data_dir, records_dir, nproc=1, flags=FLAGS):
-    """A whole run (or a resumed one) in a subprocess, which must succeed."""
-    proc = subprocess.run(command(flags + ["--data-dir", data_dir, "--records-dir", str(records_dir)]
-                                  + args, nproc), env=ENV, capture_output=True, text=True, timeout=300)
+def train(args, data_dir, records_dir, nproc=1):
+    """A whole run (or a resumed one), which must succeed: gloo ranks in subprocesses, one process
+    here (a process start costs seconds)."""
+    args = FLAGS + ["--data-dir", data_dir, "--records-dir", str(records_dir)] + args
+    if nproc == 1:
+        assert train_gpt.main(args) == 0
+        return
+    proc = subprocess.run(command(args, nproc), env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 def the_log(records_dir):
@@ -207,22 +210,21 @@ def test_two_ranks_killed_resume_with_two_ranks_and_with_one(data_dir, tmp_path,
         assert_one_trial_per_seed(resumed_log, 1)
 
 
-def test_sigterm_saves_a_checkpoint_then_exits_and_resume_finishes_the_run(data_dir, tmp_path, uninterrupted):
+def test_sigterm_saves_a_checkpoint_then_exits_and_resume_finishes_the_run(data_dir, tmp_path, uninterrupted,
+                                                                           monkeypatch, capsys):
     expected = uninterrupted(BATCHED)
     records_dir = tmp_path / "run"
-    proc = start(BATCHED + ["--save-every", "100"], data_dir, records_dir)  # only SIGTERM saves
-    wait_for(records_dir, "step:3/8 train_loss", proc)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 130
+    args = BATCHED + ["--data-dir", data_dir, "--records-dir", str(records_dir)]
+    sigterm_during(monkeypatch, 3)
+    assert train_gpt.main(FLAGS + args + ["--save-every", "100"]) == 130  # only SIGTERM saves
+    monkeypatch.undo()
     log = the_log(records_dir)
     text = open(log).read()
-    stopped = re.search(r"^interrupted: SIGTERM at step (\d+), trial 0 \(seed 7\)$", text, re.M)
-    assert stopped, text[-2000:]
-    step = int(stopped.group(1))
-    assert f"checkpoint: step {step} of trial 0 saved to {checkpoint_of(log)}" in text
-    assert f"continue with the same flags and --resume {checkpoint_of(log)}" in open(tmp_path / "run.out").read()
+    assert re.search(r"^interrupted: SIGTERM at step 3, trial 0 \(seed 7\)$", text, re.M), text[-2000:]
+    assert f"checkpoint: step 3 of trial 0 saved to {checkpoint_of(log)}" in text
+    assert f"continue with the same flags and --resume {checkpoint_of(log)}" in capsys.readouterr().err
     # --save-every 0: no more checkpoints; no --seed: the checkpoint's
-    train(BATCHED + ["--resume", checkpoint_of(log)], data_dir, records_dir, flags=UNSEEDED)
+    assert train_gpt.main(UNSEEDED + args + ["--resume", checkpoint_of(log)]) == 0
     text = open(log).read()
     assert val_lines(text) == val_lines(expected)
     assert not re.search(r"^lost: ", text, re.M)  # nothing after the checkpoint to redo
@@ -265,14 +267,7 @@ def test_a_lineage_run_stopped_by_sigterm_resumes_as_the_uninterrupted_run(data_
 
     assert run([], "whole") == 0
     expected = open(the_log(tmp_path / "whole")).read()
-    train_step = train_gpt.train_step
-
-    def sigterm_during_step_11(run_, optimizers, step):
-        if step == 10:
-            os.kill(os.getpid(), signal.SIGTERM)  # deferred: the checkpoint of step 11, then the stop
-        return train_step(run_, optimizers, step)
-
-    monkeypatch.setattr(train_gpt, "train_step", sigterm_during_step_11)
+    sigterm_during(monkeypatch, 11)  # the checkpoint of step 11, then the stop
     assert run(["--save-every", "100"], "run") == 130
     monkeypatch.undo()
     log = the_log(tmp_path / "run")

@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import harness
 import train_gpt
-from conftest import free_port
+from conftest import free_port, sigterm_during
 from data.shards import write_shard
 from train_gpt import GPT, Hyperparameters, build_optimizers
 
@@ -510,14 +510,7 @@ def test_gpu_presets_refuse_to_start_on_a_cpu(tmp_path, capsys, monkeypatch):
 def test_sigterm_writes_an_interrupted_line(data_dir, tmp_path, monkeypatch):
     """SIGTERM without --save-every: training stops at once, the log says where, the exit status
     is 130, and a caller of main() gets its own handler back."""
-    train_step = train_gpt.train_step
-
-    def sigterm_during_step_4(run_, optimizers, step):
-        if step == 3:  # 0-based: the step after validation 3
-            os.kill(os.getpid(), signal.SIGTERM)  # as `kill <pid>` does, in the middle of a step
-        return train_step(run_, optimizers, step)
-
-    monkeypatch.setattr(train_gpt, "train_step", sigterm_during_step_4)
+    sigterm_during(monkeypatch, 4)  # the step after validation 3
     mine = lambda *_: None  # noqa: E731
     signal.signal(signal.SIGTERM, mine)
     try:
