@@ -604,6 +604,7 @@ class Aurora(torch.optim.Optimizer):
             owner = {p: j % world for j, p in enumerate(self._record_order(params))}
         return [owner[p] for p in params]
 
+    # per matrix (the batched path's *_stack keys hold views of momentum and row_v)
     STATE_KEYS = ("momentum", "row_v") + tuple(f"soap_{k}" for k in SoapPreconditioner.STATE)
 
     @staticmethod

@@ -506,6 +506,11 @@ def test_aurora_state_is_the_same_for_both_paths_and_refuses_a_misfit():
     transposed = Aurora([torch.nn.Parameter(torch.randn(*s)) for s in ((8, 24), (8, 8), (24, 8), (8, 24))], lr=0.02)
     with pytest.raises(ValueError, match=r"matrix 0 \(\(8, 24\)\) has saved 'momentum' of shape \(24, 8\)"):
         transposed.load_state_dict(a)
+    soap_params, soap = stepped(False, "soap", 1)
+    with pytest.raises(ValueError, match=r"matrix 0 \(\(24, 8\)\) has saved SOAP state, and this optimizer does not"):
+        optimizer(soap_params, False, "aurora").load_state_dict(soap.state_dict())
+    with pytest.raises(ValueError, match=r"matrix 0 \(\(24, 8\)\) has no saved SOAP state, and this optimizer runs"):
+        optimizer(soap_params, False, "soap").load_state_dict(a)
 
 
 def _rank(rank, port, out_dir):
