@@ -1,8 +1,9 @@
 """Checkpoints (--save-every) and resuming (--resume): a run killed after a checkpoint and resumed
 is the uninterrupted run bit for bit (every val loss, the diagnostics), with 1 process and with 2
-gloo ranks (resumed with 2 ranks and with 1), on the per-matrix and the batched Aurora paths; its
-log stays one trial for the records toolkit; a bad checkpoint or another configuration or code is
-refused before anything is written; Aurora's state does not depend on the world size."""
+gloo ranks (resumed with 2 ranks and with 1), on the per-matrix and the batched Aurora paths, and
+for a lineage preset (SOAP, EMA-Nesterov, the reference); its log stays one trial for the records
+toolkit; a bad checkpoint or another configuration or code is refused before anything is written;
+Aurora's state (SOAP's included) does not depend on the world size."""
 import glob
 import json
 import os
