@@ -2,9 +2,6 @@
 whole run (inductor's C++ kernels), and Dynamo's compilations at the record's matrix shapes against
 its recompile limit. (A file of their own: compiling from an empty inductor cache is the suite's
 longest single wait, and the test runner can then schedule it beside the gloo runs.)"""
-import glob
-import os
-import re
 import subprocess
 import sys
 
@@ -14,20 +11,12 @@ import torch
 import aurora
 import train_gpt
 from aurora import Aurora
+from test_distributed import TRAIN_GPT, clean_env, the_log, val_losses
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VAL_LINE = re.compile(r"^step:(\d+)/\d+ val_loss:(\d+\.\d{5}) ", re.M)
 # One block of width 64: a tall, a wide and square matrices (Aurora's three compiled graphs); 2
 # steps, validated at 0, 1 and 2 (the model's training and validation graphs); diagnostics on.
 ARGS = ["--preset", "tiny", "--n-layer", "1", "--d-model", "64", "--head-dim", "16", "--train-steps", "2",
         "--val-every", "1", "--val-every-late", "1", "--val-tokens", "4096", "--seed", "3"]
-
-
-def val_losses(records_dir):
-    logs = glob.glob(os.path.join(str(records_dir), "*", "*.txt"))
-    assert len(logs) == 1, logs
-    text = open(logs[0]).read()
-    return text, [(int(s), float(v)) for s, v in VAL_LINE.findall(text)]
 
 
 def test_compiled_model_and_update_train_a_tiny_run_to_the_end(data_dir, tmp_path):
@@ -35,19 +24,17 @@ def test_compiled_model_and_update_train_a_tiny_run_to_the_end(data_dir, tmp_pat
     graphs) and Aurora's per-matrix update (tall, wide and square graphs) compiled, a whole run,
     in a fresh process as on a GPU node. The compiled arithmetic is fused and reordered: the val
     losses match the eager run's (here, in this process) up to rounding (bound 1e-4)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_gpt.py"), *ARGS, "--compile", "on",
-                           "--data-dir", data_dir, "--records-dir", str(tmp_path / "compiled")],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run([sys.executable, TRAIN_GPT, *ARGS, "--compile", "on", "--data-dir", data_dir,
+                           "--records-dir", str(tmp_path / "compiled")],
+                          capture_output=True, text=True, timeout=600, env=clean_env())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert train_gpt.main(ARGS + ["--data-dir", data_dir, "--records-dir", str(tmp_path / "eager")]) == 0
-    log, got = val_losses(tmp_path / "compiled")
-    eager_log, expected = val_losses(tmp_path / "eager")
+    log, eager_log = the_log(tmp_path / "compiled"), the_log(tmp_path / "eager")
+    got, expected = val_losses(log), val_losses(eager_log)
     assert "compile_used True" in log and "compile_used False" in eager_log
     assert [s for s, _ in got] == [s for s, _ in expected] == [0, 1, 2]
     for (_, a), (_, b) in zip(got, expected):
-        assert abs(a - b) <= 1e-4, (got, expected)
+        assert abs(float(a) - float(b)) <= 1e-4, (got, expected)
 
 
 RECORD_SHAPES = [(3072, 768)] * 12 + [(768, 3072)] * 12 + [(768, 768)] * 48  # the 72 block matrices
