@@ -18,7 +18,7 @@ import train_gpt
 from aurora import Aurora, contra_strength
 from train_gpt import (GPT, EMANesterov, Hyperparameters, is_val_step, lr_at, momentum_at, parse_args,
                        reference_interpolation)
-from conftest import reference_polar
+from conftest import GRADIENT_SCALES, reference_polar, training_gradient
 from test_train import SEPARATOR, only_log, val_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,10 +151,14 @@ MATRICES = (("fc", (64, 16), "mlp"), ("proj", (16, 64), "mlp"), ("v", (16, 16), 
 
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_matrix_rule_is_the_published_one(preset, dtype):
+@pytest.mark.parametrize("scale", list(GRADIENT_SCALES))
+def test_the_matrix_rule_is_the_published_one(preset, dtype, scale):
     """Our Aurora with the preset's settings (every=3 and fade=4 so that 6 steps see a QR refresh
     and the Contra-Muon strength reach 0) against spec_step, 6 steps with a changing lr and
-    momentum: max abs diff 0 in float32 and in bfloat16 Newton-Schulz."""
+    momentum: max abs diff 0 in float32 and in bfloat16 Newton-Schulz. Gradients of order 1, and
+    at the scales where SOAP's, the norms' and the floors' epsilons act (conftest's
+    GRADIENT_SCALES): there step 0's gradients are zero, as behind a zero-initialized *proj*
+    weight, and later ones training_gradient()s."""
     hp, _ = parse_args(["--preset", preset, "--ns-dtype", "float32" if dtype == torch.float32 else "bfloat16"])
     g = torch.Generator().manual_seed(0)
     weights = [torch.randn(shape, generator=g) * (0 if name == "proj" else 0.1) for name, shape, _ in MATRICES]
@@ -171,7 +175,9 @@ def test_the_matrix_rule_is_the_published_one(preset, dtype):
     for step in range(6):
         lr, mu = 0.0375 * (1 - step / 10), 0.85 + step / 100
         opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"] = lr, mu
-        grads = [torch.randn(shape, generator=g) for _, shape, _ in MATRICES]
+        grads = [torch.randn(shape, generator=g) if scale == "unit" else
+                 training_gradient(shape, 10 * step + i, GRADIENT_SCALES[scale] * (step > 0))
+                 for i, (_, shape, _) in enumerate(MATRICES)]
         for p, G in zip(params, grads):
             p.grad = G.clone()
         opt.step()
