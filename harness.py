@@ -1,31 +1,36 @@
 """The run harness of train_gpt.py: everything around training that a speedrunner does not change.
 
 It keeps the record folder (and its lock), the log (code part, environment header), the seeds of
-the trials, checkpoints (--save-every, --resume) and the record's summary. A run holds a lock on
-its log while it runs: meanwhile its seeds stay its own and its checkpoint cannot be resumed.
-train_gpt.py calls it at a few named points, and nothing else of it:
+the trials, checkpoints (--save-every, --resume), the neuron-health diagnostics (diagnostics.py),
+the checks of the flags and the data, and the record's summary. A run holds a lock on its log while
+it runs: meanwhile its seeds stay its own and its checkpoint cannot be resumed.
 
-    parse_flags(...)                  the command line, one flag per hyperparameter
-    Clock, TrainLosses                the training clock and the train losses, read a step late
-    runnable_source()                 the log's code part: the trainer with its modules inlined
-    Harness(hp, ctx, log)             installs the SIGTERM/SIGINT handler
-    harness.open(hp, code, ...)       before the first trial: opens (or, resuming, reopens) the log
+train_gpt.py imports it when it lies beside it (plugins.py), and it is not part of a log's code
+part: the code part runs alone with train_gpt.py's plain Driver. Its flags (Hyperparameters below)
+join the trainer's. train_gpt.py calls:
+
+    check_hyperparameters(hp, ...)    after parsing the flags (a ValueError: exit status 2)
+    check_setup(hp, gpu_presets)      before setup (and --dry-run): the GPU presets need CUDA
+    runnable_source(script, unused)   the log's code part: the trainer with its modules inlined
+    Harness(hp, ctx, log)             the run's Driver: installs the SIGTERM/SIGINT handler
+    harness.check_data(hp)            the shards, before anything is read or written
+    harness.open(hp, code, setup)     before the first trial: opens (or, resuming, reopens) the log
     harness.first_trial               0, or the trial a checkpoint continues
     harness.resumes(trial)            does this trial continue a checkpoint? (then no init)
-    harness.trial_started(run)        after a trial is built: restores a checkpoint's state; the step
+    harness.trial_started(run)        after a trial is built: diagnostics; restores a checkpoint's
+                                      state; returns the step the trial starts at
+    harness.validated(run, step)      after a validation: diagnostics
     harness.step_ended(run, step)     between a step's validation and the next training step
     harness.trial_ended(val_loss)     a trial's final validation loss
     harness.run_ended()               every trial done: final losses, summary
     harness.stopped(error, run)       a NaN or a signal stopped training: the log says so
     harness.close()                   closes the log: its lock is released
 
-`run` is train_gpt.py's Run (model, optimizers, train_loader, clock, probe, jsonl, trial, step) and
-its settle() (log the pending train losses, check the updates): what a checkpoint saves and
-restores. Of the hyperparameters, the harness reads only the run's flags (records_dir, run_name,
-append, seed, trials, save_every, resume), rule and preset (the default run name) and diagnostics
-(whether a .jsonl file goes beside the log); the header lists them all.
+`run` is train_gpt.py's Run (model, optimizers, train_loader, clock, probe, trial, step, the
+techniques it uses) and its settle() (log the pending train losses, check the updates): what a
+checkpoint saves and restores.
 """
-import argparse
+
 import contextlib
 import dataclasses
 import datetime
@@ -48,81 +53,137 @@ import zipfile
 import torch
 import torch.distributed as dist
 
-from data.shards import read_shard_header
+from aurora import _collective_device
+from data.shards import (DataError, read_shard_header, read_shard_tokens, shard_set_problems,
+                         shards_needed)
+from diagnostics import DiagnosticsHyperparameters, NeuronHealth
 
 HARNESS_ROOT = os.path.dirname(os.path.abspath(__file__))
 SEPARATOR = "=" * 100
 
 
-def parse_flags(cls, presets, choices, check, argv=None):
-    """(an instance of the dataclass `cls`, dry_run) from the command line: one flag per field
-    (--train-steps sets train_steps; help from the field's metadata), the chosen preset's
-    overrides under the flags, then check(hp) (a ValueError exits with status 2 and its message).
-    `presets` is a dict of overrides by name, or a function (name, flags) -> overrides."""
-    ap = argparse.ArgumentParser(allow_abbrev=False,  # run.sh must see the same flag names
-                                 description="Train GPT with Aurora (default: the 3175-step record). "
-                                 "Defaults are the record's (or the chosen preset's).")
-    ap.add_argument("--dry-run", action="store_true", help="check the flags and the configuration "
-                    "(world size from $WORLD_SIZE, default 1) and exit; touches no data or records")
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default {f.default})")
-        if f.type is bool:
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif f.type is tuple and not f.default:  # a list of steps
-            ap.add_argument(flag, type=int, nargs="*", **kw)
-        elif f.type is tuple:
-            ap.add_argument(flag, type=float, nargs=len(f.default), **kw)
-        else:
-            ap.add_argument(flag, type=f.type, choices=choices.get(f.name), **kw)
-    args = vars(ap.parse_args(argv))
-    dry_run = args.pop("dry_run")
-    args = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
-    preset = args.get("preset", "record")
-    try:
-        hp = cls(**{**(presets(preset, args) if callable(presets) else presets.get(preset, {})), **args})
-        check(hp)
-    except ValueError as e:
-        ap.error(str(e))
-    return hp, dry_run
+@dataclasses.dataclass
+class Hyperparameters(DiagnosticsHyperparameters):
+    """The harness's flags (after the diagnostics'): where records go, checkpoints, the CPU guard."""
+    allow_cpu: bool = dataclasses.field(default=False, metadata=dict(help=(
+        "let the record, small or aurora_* presets run without CUDA (slow: hours to days); a preset "
+        "combined with +tiny needs no flag")))
+    run_name: str = dataclasses.field(default=None, metadata=dict(help=(
+        "record folder records/<date>_<run_name>/ (default <rule>_<preset>)")))
+    records_dir: str = dataclasses.field(default=os.path.join(HARNESS_ROOT, "records"),
+                                         metadata=dict(help="parent of the record folders"))
+    append: bool = dataclasses.field(default=False, metadata=dict(help=(
+        "add this run to an existing record folder of the same configuration")))
+    save_every: int = dataclasses.field(default=0, metadata=dict(help=(
+        "write a checkpoint of the running trial every N steps and on SIGTERM, beside the log "
+        "(<uuid>.ckpt); 0 = off (the record)")))
+    resume: str = dataclasses.field(default=None, metadata=dict(help=(
+        "continue the run of this checkpoint (same flags and code): appends to its log, then "
+        "finishes its trials")))
 
 
-class Logger:
-    """Rank 0 writes to stdout and the log file; errors go to stderr (every rank) and the log."""
+def check_hyperparameters(hp, choices, techniques=()):
+    """Every range and choice, in one place (the techniques' own checks too); raises ValueError
+    naming the flag."""
+    def bad(name, why):
+        raise ValueError(f"--{name.replace('_', '-')} {why}, got {getattr(hp, name)!r}")
+    for name, allowed in choices.items():
+        if getattr(hp, name) not in allowed:
+            bad(name, f"must be one of {', '.join(allowed)}")
+    for name in ("batch_tokens", "seq_len", "micro_batch_seqs", "val_tokens", "vocab_size", "n_layer",
+                 "d_model", "head_dim", "mlp_ratio", "train_steps", "val_every", "val_every_late",
+                 "pp_iterations", "trials", "diag_tokens"):
+        if getattr(hp, name) < 1:
+            bad(name, "must be >= 1")
+    if not 0 < hp.pp_beta <= 1:
+        bad("pp_beta", "must be in (0, 1]")
+    if not 0 < hp.momentum < 1:
+        bad("momentum", "must be in (0, 1)")
+    for name in ("lr_embed", "lr_head", "lr_scalar", "lr_matrix"):
+        if not getattr(hp, name) > 0:
+            bad(name, "must be > 0")
+    for name in ("contra", "uw_floor", "weight_decay"):
+        if getattr(hp, name) < 0:
+            bad(name, "must be >= 0")
+    if not 0 <= hp.cooldown_frac <= 1:
+        bad("cooldown_frac", "must be in [0, 1]")
+    if hp.d_model % hp.head_dim or hp.head_dim % 4:
+        raise ValueError(f"--d-model ({hp.d_model}) must be a multiple of --head-dim ({hp.head_dim}), "
+                         "itself a multiple of 4 (rotary)")
+    if hp.val_tokens % hp.batch_tokens:
+        raise ValueError(f"--val-tokens ({hp.val_tokens:,}) must be a multiple of the batch "
+                         f"({hp.batch_tokens:,} tokens)")
+    if hp.seed is not None and not 0 <= hp.seed <= 2**63 - hp.trials:
+        bad("seed", "must be in [0, 2^63 - trials] (torch.manual_seed's range)")
+    if hp.save_every < 0:
+        bad("save_every", "must be >= 0 (0: no checkpoints)")
+    if hp.run_name is not None and (not hp.run_name or "/" in hp.run_name or hp.run_name.startswith(".")):
+        bad("run_name", "must be a plain folder name")
+    for t in techniques:
+        if hasattr(t, "check"):
+            t.check(hp, bad)
 
-    def __init__(self, rank):
-        self.rank, self.file = rank, None
 
-    def __call__(self, msg, error=False):
-        if error or self.rank == 0:
-            print(msg, file=sys.stderr if error else sys.stdout, flush=True)
-        if self.file:
-            self.file.write(msg + "\n")
-            self.file.flush()
+def check_setup(hp, gpu_presets, cuda=None):
+    """The record, small and lineage presets are GPU runs (unless combined with tiny): refuse to
+    start them on a CPU by accident."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    parts = hp.preset.split("+")
+    if "tiny" not in parts and any(p in gpu_presets for p in parts) and not cuda and not hp.allow_cpu:
+        raise ValueError(
+            f"the {hp.preset} preset trains the 124M model and needs CUDA GPUs, and none is "
+            "available: on a CPU it would take days (or run out of memory). Use --preset tiny for "
+            "a CPU smoke run, or pass --allow-cpu to start it anyway")
+
+
+def find_shards(data_dir, split):
+    """The split's shards, or DataError: none, or a set that is not the one written (a gap, a
+    shard missing from or not in meta.json: data/shards.py's shard_set_problems)."""
+    files = sorted(glob.glob(os.path.join(glob.escape(data_dir), f"fineweb_{split}_*.bin")))
+    problems = shard_set_problems(data_dir) if files else []
+    if not files:
+        raise DataError(
+            f"no {split} shards (fineweb_{split}_*.bin) in {data_dir}. Download FineWeb with "
+            "`python data/cached_fineweb10B.py` or write synthetic shards with "
+            f"`python data/synthetic.py --out {data_dir}`")
+    if problems:
+        meta = os.path.join(data_dir, "meta.json")
+        synthetic = os.path.isfile(meta) and "entropy_nats_per_token" in open(meta).read()
+        raise DataError(f"the shards in {data_dir} are not the set that was written: {'; '.join(problems)}. "
+                        "Write it again: " + (f"`python data/synthetic.py --out {data_dir} --if-needed`"
+                                              if synthetic else "`python data/cached_fineweb10B.py`"))
+    return files
+
+
+def printed(hp):
+    """The hyperparameters a log lists: all but those of the techniques the run does not use."""
+    return {f.name: getattr(hp, f.name) for f in dataclasses.fields(hp)
+            if f.metadata.get("used") is None or f.metadata["used"](hp)}
 
 
 # --- the code part of a log -------------------------------------------------------------------
 
-LOCAL_IMPORT = re.compile(r"^from (aurora|data\.shards|diagnostics|harness|soap) import .*$", re.M)
+# A local module's import (one line, or a parenthesized list over several).
+LOCAL_IMPORT = re.compile(r"^from (aurora|aurora_variants|lineage|measure|plugins|soap) import (\([^)]*\)|.*)$", re.M)
 
 
-def runnable_source(script=None):
-    """The trainer (`script`; default: train_gpt when imported, else the script being run) with
-    each local module it imports inlined in place of the import line, and the local imports of
-    those inlined in turn, each module once: the benchmark wants all code a run used in its log,
-    as one script that runs on its own. A script cut from a log has nothing left to inline: its
-    logs carry it byte for byte."""
-    if script is None:
-        trainer = sys.modules.get("train_gpt") or sys.modules["__main__"]
-        script = trainer.__file__
-    with open(os.path.abspath(script)) as f:
+def runnable_source(script, unused=()):
+    """The trainer (`script`) with each local module it imports inlined in place of the import
+    line, and the local imports of those inlined in turn, each module once: the benchmark wants
+    all code a run used in its log, as one script that runs on its own. The import of a module
+    in `unused` (a technique the run does not use, e.g. "lineage.py") becomes `NAME = None`. A
+    script cut from a log has nothing left to inline: its logs carry it byte for byte."""
+    with open(script) as f:
         source = f.read()
-    root, done = os.path.dirname(os.path.abspath(script)), set()
+    root, done = os.path.dirname(script), set()
 
     def inline(match):
         name = match.group(1).replace(".", "/") + ".py"
+        if name in unused:
+            names = match.group(2).strip("()").split("#")[0].replace(",", " ").split()
+            return f"{' = '.join(names)} = None  # {name}: not used by this run"
         if name in done:
-            return f"# {match.group(0)}  (inlined above)"
+            return "\n".join(f"# {line}" for line in match.group(0).splitlines()) + "  (inlined above)"
         done.add(name)
         with open(os.path.join(root, name)) as f:
             module = LOCAL_IMPORT.sub(inline, f.read().rstrip("\n"))
@@ -132,14 +193,14 @@ def runnable_source(script=None):
 
 # --- record folders, seeds, the log's header ----------------------------------------------------
 
-# Hyperparameters that may differ between the logs of one record folder.
-PER_RUN = ("seed", "trials", "data_dir", "records_dir", "run_name", "append", "allow_cpu",
-           "save_every", "resume")
+# Hyperparameters that may differ between the logs of one record folder: the seeds, the data's
+# path, and the harness's own (train_gpt.py's PER_RUN says the same to the records toolkit).
+PER_RUN = ("seed", "trials", "data_dir") + tuple(f.name for f in dataclasses.fields(Hyperparameters))
 
 
 def record_config(hp):
     """The hyperparameters every log of one record folder must share, as the log prints them."""
-    return {k: json.dumps(v) for k, v in dataclasses.asdict(hp).items() if k not in PER_RUN}
+    return {k: json.dumps(v) for k, v in printed(hp).items() if k not in PER_RUN}
 
 
 def header_lines(log_path):
@@ -387,7 +448,7 @@ def environment_lines(hp, ctx, setup, drawn=False):
     lines.append(setup)
     lines.append(f"seeds {trial_seeds(hp)}" + (" (drawn from the OS entropy; run trial i again with "
                                                "--seed <its seed> --trials 1)" if drawn else ""))
-    lines += [f"{k}: {json.dumps(v)}" for k, v in dataclasses.asdict(hp).items()]
+    lines += [f"{k}: {json.dumps(v)}" for k, v in printed(hp).items()]
     try:
         smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=10).stdout
         lines += smi.rstrip().splitlines() if smi else []
@@ -405,73 +466,6 @@ def refresh_summary(record_dir, log):
         last = (proc.stdout.strip().splitlines() or [""])[-1]
         log(f"summary: {os.path.join(record_dir, 'summary.json')}: {last}" if proc.returncode == 0
             else f"summary not written: {proc.stderr.strip()}", error=proc.returncode != 0)
-
-
-# --- the clock and the train losses: what a record measures, as the record's loop does -------
-
-
-class Clock:
-    """Training time with validation excluded. It stops and starts where the record's does: at a
-    dist.barrier() when distributed (with NCCL the barrier returns once the GPU work queued before
-    it is done), at torch.cuda.synchronize() on one GPU. Nothing between a start and a stop waits
-    for the device: elapsed() is host time, the record's approx_training_time."""
-
-    def __init__(self, ctx):
-        self.ctx, self.total, self.started = ctx, 0.0, None
-        self.last_val_time, self.last_val_step = 0.0, 0
-
-    def _sync(self):
-        if self.ctx.world > 1:
-            dist.barrier()
-        elif self.ctx.device.type == "cuda":
-            torch.cuda.synchronize(self.ctx.device)
-
-    def start(self):
-        self._sync()
-        self.started = time.perf_counter()
-
-    def stop(self):
-        self._sync()
-        self.total += time.perf_counter() - self.started
-        self.started = None
-
-    def elapsed(self):
-        return self.total + (time.perf_counter() - self.started if self.started else 0.0)
-
-    def val_fields(self, step):
-        """train_time and step_avg (mean step time since the previous validation) of a val line."""
-        steps = step - self.last_val_step
-        avg = 1000 * (self.total - self.last_val_time) / steps if steps else float("nan")
-        self.last_val_time, self.last_val_step = self.total, step
-        return f"train_time:{self.total:.3f}s step_avg:{avg:.2f}ms"
-
-
-class TrainLosses:
-    """Each step's train loss, read without stalling the device. The step's summed loss (already
-    all-reduced) is copied with non_blocking=True into a host buffer (pinned on CUDA, where an
-    event marks the copy's arrival) and read one step later, when the device is past it, or with
-    the clock stopped. Two buffers: a step's copy never overwrites the unread loss before it."""
-
-    def __init__(self, device):
-        cuda = device.type == "cuda"
-        self.buffers = [torch.zeros((), dtype=torch.float32, pin_memory=cuda) for _ in range(2)]
-        self.events = [torch.cuda.Event() if cuda else None for _ in range(2)]
-        self.pending = []  # (buffer, step, train time after the step), oldest first
-
-    def put(self, loss, step, elapsed):
-        i = step % 2
-        assert all(j != i for j, _, _ in self.pending), "read the step before first"
-        self.buffers[i].copy_(loss, non_blocking=True)
-        if self.events[i] is not None:
-            self.events[i].record()
-        self.pending.append((i, step, elapsed))
-
-    def take(self):
-        """(step, summed loss, train time) of the oldest unread step; waits for its copy only."""
-        i, step, elapsed = self.pending.pop(0)
-        if self.events[i] is not None:
-            self.events[i].synchronize()
-        return step, self.buffers[i].item(), elapsed  # a host tensor: no device sync
 
 
 # --- signals ----------------------------------------------------------------------------------
@@ -501,9 +495,10 @@ class StopRequest:
 # log, written atomically by rank 0; a resumed run continues bit for bit, with any world size that
 # splits the batch (Aurora's momentum is gathered from the ranks that hold it: no per-rank files).
 
-CHECKPOINT_FORMAT = "train_gpt.py checkpoint 2"  # 2: the sha256 of the log (and jsonl) it continues
+CHECKPOINT_FORMAT = "train_gpt.py checkpoint 3"  # 2: the sha256 of the log (and jsonl) it continues;
+# 3: the techniques' state under "techniques"
 CHECKPOINT_KEYS = ("config", "code", "trial", "seed", "step", "finals", "world_size", "torch", "model",
-                   "adam", "aurora", "loader", "rng", "clock", "fc_init", "log", "log_bytes", "log_sha256",
+                   "adam", "aurora", "loader", "rng", "clock", "fc_init", "techniques", "log", "log_bytes", "log_sha256",
                    "jsonl_bytes", "jsonl_sha256")
 # Lines of an interrupted run's log that stay as they are when a resumed run marks the lines it
 # wrote after the checkpoint: they say what happened to it (or were marked by an earlier resume);
@@ -577,12 +572,81 @@ def load_checkpoint(path):
     return ckpt
 
 
+# Aurora's state in a checkpoint: the same whatever the world size or path (Aurora's STATE_KEYS,
+# _state_shape, _held_state, _load_held, _check_saved and owners() say what each variant keeps).
+
+@torch.no_grad()
+def aurora_state_dict(aurora):
+    """Aurora's (or a variant's) state, every matrix's as CPU copies, in torch's format (state by parameter index, then the
+    groups' hyperparameters), the same whatever the world size or path: checkpoints resume with
+    another world size. Under torch.distributed a rank holds only the matrices it updates, so
+    this is a collective: every rank calls it, and every rank gets the whole state."""
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    params = [p for group in aurora.param_groups for p in group["params"]]
+    held = [aurora._held_state(p) for p in params]
+    # who holds what: rank + 1 where this rank has the state, 0 elsewhere; summed over ranks
+    holder = torch.tensor([[rank + 1 if key in mine else 0 for key in aurora.STATE_KEYS] for mine in held],
+                          dtype=torch.int64).reshape(len(params), len(aurora.STATE_KEYS))
+    if distributed:
+        holder = holder.to(_collective_device())
+        dist.all_reduce(holder)
+    state = {}
+    for i, (p, mine, holders) in enumerate(zip(params, held, holder.tolist())):
+        for key, h in zip(aurora.STATE_KEYS, holders):
+            if not h:
+                continue  # not stepped yet: no state, as in a fresh optimizer
+            shape, dtype = aurora._state_shape(p, key)
+            buf = mine[key] if h == rank + 1 else torch.empty(shape, dtype=dtype, device=p.device)
+            if distributed:  # contiguous: a collective sends the storage as it lies (QR's Q is
+                buf = buf.to(_collective_device()).contiguous()  # column-major)
+                dist.broadcast(buf, h - 1)
+            state.setdefault(i, {})[key] = buf.to("cpu", copy=True)  # a copy, never a view
+    groups, start = [], 0
+    for group in aurora.param_groups:
+        n = len(group["params"])
+        groups.append({**{k: v for k, v in group.items() if k != "params"},
+                       "params": list(range(start, start + n))})
+        start += n
+    return dict(state=state, param_groups=groups)
+
+def load_aurora_state_dict(aurora, state_dict):
+    """The inverse of aurora_state_dict() for this process's world size and path: this rank keeps the
+    state of the matrices it updates; the groups' hyperparameters are the saved ones. Raises
+    ValueError if the state does not fit."""
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    saved_groups = state_dict["param_groups"]
+    if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in aurora.param_groups]:
+        raise ValueError("Aurora.load_state_dict: the saved groups hold "
+                         f"{[len(g['params']) for g in saved_groups]} matrices, this optimizer "
+                         f"{[len(g['params']) for g in aurora.param_groups]}")
+    aurora.state.clear()
+    aurora._first_bad, aurora._kept = {}, {}
+    i = 0
+    for group, saved in zip(aurora.param_groups, saved_groups):
+        group.update({k: v for k, v in saved.items() if k != "params"})
+        for p, owner in zip(group["params"], aurora.owners(group, world)):
+            state = state_dict["state"].get(i, {})
+            for key, value in state.items():
+                where = f"Aurora.load_state_dict: matrix {i} ({tuple(p.shape)}) has saved"
+                if key not in aurora.STATE_KEYS:  # a variant's state: its keys start with its name
+                    kind = key.split("_")[0].upper()
+                    raise ValueError(f"{where} {kind} state, and this optimizer does not run {kind} on it")
+                if tuple(value.shape) != aurora._state_shape(p, key)[0]:
+                    raise ValueError(f"{where} {key!r} of shape {tuple(value.shape)}")
+            aurora._check_saved(i, p, state)
+            if owner == rank:
+                aurora._load_held(i, p, state)
+            i += 1
+
+
 def resume_config(hp, ctx, train_files):
     """What a resumed run must share with the checkpoint's run to continue it bit for bit: the
     record's configuration, the trials (seed, count), the device type (activation and
     Newton-Schulz dtypes follow it) and the train shards (names and sizes). Not the world size."""
     config = record_config(hp)
-    config.update({k: json.dumps(getattr(hp, k)) for k in ("seed", "trials")})
+    config.update({k: json.dumps(getattr(hp, k)) for k in ("seed", "trials", "diagnostics")})
     config["device"] = json.dumps(ctx.device.type)
     config["train_shards"] = json.dumps([f"{os.path.basename(f)}:{read_shard_header(f)}"
                                          for f in train_files])
@@ -694,7 +758,10 @@ def resumed_line(hp, ctx, ckpt, lost):
 
 
 class Harness:
-    """One run's harness (every trial of the process); see the module's docstring for the calls."""
+    """One run's harness (every trial of the process), train_gpt.py's Driver; see the module's
+    docstring for the calls."""
+    BAD_INPUT = (DataError, ValueError, FileExistsError)  # exit status 2, before anything is written
+    STOPPED = (FloatingPointError, Interrupted)  # a NaN/inf, or killed: stop, keep the log
 
     def __init__(self, hp, ctx, log):
         self.hp, self.ctx, self.log = hp, ctx, log
@@ -705,13 +772,22 @@ class Harness:
         # notebook) gets its own SIGTERM/SIGINT behaviour back when the run is over
         self.previous = {s: signal.signal(s, self.stop) for s in (signal.SIGTERM, signal.SIGINT)}
 
-    def open(self, hp, code, train_files, setup):
+    def check_data(self, hp):
+        """Every shard the run will read, before anything is read or written: the sets (train and
+        val), enough train tokens, every train token id below the vocabulary."""
+        self.train_files = shards_needed(find_shards(hp.data_dir, "train"), hp.batch_tokens, hp.train_steps,
+                                         f"train data in {hp.data_dir}")
+        for f in self.train_files:
+            read_shard_tokens(f, hp.vocab_size)
+        find_shards(hp.data_dir, "val")
+
+    def open(self, hp, code, setup):
         """Before the first trial, after the data was checked: with --resume, read and check the
         checkpoint, and reopen its log; else open the record folder and write the log's code part
         (`code`) and header (`setup`: the trainer's line of what it uses). Nothing is written before
         every check passed; every rank gets the seed rank 0 drew. Returns hp with that seed."""
-        ctx, log = self.ctx, self.log
-        self.code, self.train_files = code, train_files
+        ctx, log, train_files = self.ctx, self.log, self.train_files
+        self.code = code
         if hp.resume:  # every rank reads and checks it (same file, same verdict): nothing written yet
             self.resume = load_checkpoint(hp.resume)
             hp = check_resume(self.resume, hp, ctx, train_files, code)
@@ -760,8 +836,11 @@ class Harness:
         """The step `run`'s trial starts at: 0, or, resuming, the checkpoint's, with the trial's
         state put back where the checkpoint left it: weights, optimizer states (each rank keeps
         its share of Aurora's), data position, random generators (the next trial's initialization
-        draws from them), clock, diagnostics' initial rows, the lineage's EMA-Nesterov state and
-        reference weights."""
+        draws from them), clock, diagnostics' initial rows, the techniques' state (the lineage's
+        EMA-Nesterov state and reference weights). First the diagnostics' probe of the trial."""
+        hp, ctx = self.hp, run.ctx
+        tokens = run.val[0][:hp.diag_tokens // hp.seq_len * hp.seq_len].view(-1, hp.seq_len) if ctx.rank == 0 else None
+        run.probe = NeuronHealth(run.model, run.optimizers[1], tokens, hp, ctx, self.jsonl)
         ckpt, self.resume = self.resume, None  # (the checkpoint's memory goes with the trial)
         if ckpt is None:
             self.start = 0
@@ -769,7 +848,7 @@ class Harness:
         adam, aurora = run.optimizers
         run.model.load_state_dict(ckpt["model"])
         adam.load_state_dict(ckpt["adam"])
-        aurora.load_state_dict(ckpt["aurora"])
+        load_aurora_state_dict(aurora, ckpt["aurora"])
         run.train_loader.reset(**ckpt["loader"])
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if run.ctx.device.type == "cuda":
@@ -779,10 +858,9 @@ class Harness:
             clock["total"], clock["last_val_time"], clock["last_val_step"])
         if run.probe.enabled and run.ctx.rank == 0:
             run.probe.fc_init = [t.to(run.ctx.device) for t in ckpt["fc_init"]]
-        if run.ema:
-            run.ema.load(ckpt["ema"])
-        if ckpt["reference"] is not None:
-            run.reference = [t.to(run.ctx.device) for t in ckpt["reference"]]
+        for t in run.techniques:
+            if hasattr(t, "load_checkpoint_state"):
+                t.load_checkpoint_state(run, ckpt["techniques"][t.name])
         run.step = aurora.step_index = self.start = ckpt["step"]  # Aurora names a non-finite update by its step
         return self.start
 
@@ -790,14 +868,19 @@ class Harness:
         """Between the validation of `step` and the next training step: with --save-every, write a
         checkpoint every save_every steps (not at the step the trial started or resumed at:
         nothing new), and when a signal asked to stop, save, then raise Interrupted. Every rank
-        takes the same decisions."""
-        if not self.hp.save_every:
-            return
-        stop = self.stop_requested()
-        if stop or (step % self.hp.save_every == 0 and step != self.start):
-            self.save_checkpoint(run)
-        if stop:
-            raise Interrupted(stop)
+        takes the same decisions. Then the diagnostics' probe learns whether the next step's
+        update is the one a validation reports."""
+        if self.hp.save_every:
+            stop = self.stop_requested()
+            if stop or (step % self.hp.save_every == 0 and step != self.start):
+                self.save_checkpoint(run)
+            if stop:
+                raise Interrupted(stop)
+        run.probe.before_step(run.validates(step + 1))
+
+    def validated(self, run, step):
+        """After the validation of `step`: the diagnostics (a collective)."""
+        run.probe.report(run.trial, step, self.log)
 
     def trial_ended(self, val_loss):
         self.finals.append(val_loss)
@@ -859,7 +942,7 @@ class Harness:
         adam, aurora = run.optimizers
         run.settle()  # train losses in the log before the checkpoint (a resumed run does not redo
         # them), and never a non-finite state saved
-        aurora_state = aurora.state_dict()  # collective
+        aurora_state = aurora_state_dict(aurora)  # collective
         if ctx.rank == 0:
             state = dict(
                 format=CHECKPOINT_FORMAT, config=resume_config(hp, ctx, self.train_files),
@@ -872,8 +955,8 @@ class Harness:
                 clock=dict(total=run.clock.total, last_val_time=run.clock.last_val_time,
                            last_val_step=run.clock.last_val_step),
                 fc_init=run.probe.fc_init if hp.diagnostics else None,
-                ema=run.ema.state() if run.ema else None,  # the lineage's EMA-Nesterov, its reference
-                reference=None if run.reference is None else [t.cpu() for t in run.reference],
+                techniques={t.name: t.checkpoint_state(run) for t in run.techniques  # e.g. the lineage's
+                            if hasattr(t, "checkpoint_state")},  # EMA-Nesterov, its reference weights
                 # how far the log and the diagnostics file were written: a resumed run redoes the rest
                 log=os.path.abspath(log.file.name))
             for name, f in (("log", log.file), ("jsonl", self.jsonl)):  # and what they held then

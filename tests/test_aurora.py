@@ -13,8 +13,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import aurora
-from aurora import (RECORD, Aurora, apply_uw_floor, aurora_direction, aurora_polar, aurora_update,
-                    ns_dtype_for, orthogonalize, polar, polar_cans12, row_leverage)
+from aurora import RECORD, apply_uw_floor, aurora_polar, aurora_update, ns_dtype_for, polar, row_leverage
+from aurora_variants import VariantAurora as Aurora, polar_cans12
+from aurora_variants import variant_direction as aurora_direction, variant_orthogonalize as orthogonalize
 from conftest import (GRADIENT_SCALES, cv, free_port, matrix, reference_polar, reference_update, rel_diff,
                       training_gradient)
 
@@ -254,7 +255,7 @@ def test_the_rule_at_training_scale_is_the_rule_written_out(dtype, scale):
     weights = [torch.randn(s, generator=g) * (0.33 / s[1]) ** 0.5 * k for s, k in zip(shapes, scales)]
     params = [torch.nn.Parameter(w.clone()) for w in weights]
     momenta = [torch.zeros(s) for s in shapes]
-    opt = Aurora(params, lr=0.0375, ns_dtype=NS_DTYPES[dtype])
+    opt = aurora.Aurora(params, lr=0.0375, ns_dtype=NS_DTYPES[dtype])
     for step in range(4):
         lr = opt.param_groups[0]["lr"] = 0.0375 * (1 - step / 8)
         grads = [training_gradient(s, 10 * step + i, GRADIENT_SCALES[scale] * (step > 0))
