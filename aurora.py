@@ -1,26 +1,16 @@
 """Aurora: Muon with a leverage-aware polar step.
 
 Muon replaces a matrix's momentum by its polar factor (the nearest orthogonal matrix). For a tall
-matrix (more rows than columns, e.g. an MLP's fc weight with one row per hidden neuron) an
-orthogonal update U with U^T U = I has row norms ||U_i||^2 that sum to `cols` but need not be
-equal: rows with small "leverage" get persistently tiny updates, and those neurons die early in
-training. Aurora rescales the rows by a positive diagonal D before the polar step. polar(D G) is
-still orthogonal for any positive D, so D is free to choose; Aurora iterates it so that the row
-norms of the result become uniform (every row gets leverage cols/rows). On square matrices every
-orthogonal matrix already has uniform row norms, and Aurora is exactly Muon.
+matrix (e.g. an MLP's fc weight, one row per hidden neuron) an orthogonal update can still give
+some rows persistently tiny norms ("leverage"), and those neurons die early. Aurora rescales the
+rows by a positive diagonal D before the polar step (polar(D G) is orthogonal for any positive D)
+and iterates D until the rows have uniform norm. On square matrices Aurora is exactly Muon.
 
-Public API (names as in the Aurora reference code):
-    polar(G)                      12-step simple-quintic Newton-Schulz polar factor (bf16 default)
-    aurora_polar(G, ...)          leverage-uniform polar factor
-    aurora_direction(...)         steps 1-5 of the record's per-matrix rule (what it compiles)
-    aurora_update(...)            the whole per-matrix rule: direction, then the u/w floor
-    Aurora(params, lr, ...)       torch.optim.Optimizer; works with or without torch.distributed
-
-This file is the record's rule and its distribution over ranks, top to bottom: `polar`,
-`aurora_polar` and `aurora_direction` are the algorithm; `Aurora` holds the momentum and deals the
-matrices to the ranks. Variants live beside it, as subclasses that change one step:
-aurora_variants.py (NorMuon, the cans12 iteration, the batched path: ablations) and lineage.py
-(the later records' rule, with SOAP). A log's code part carries them only when its run uses them.
+The record's rule, top to bottom: `polar`, `aurora_polar`, `aurora_direction` (steps 1-5, what
+the record compiles), `apply_uw_floor` (step 6); `Aurora` holds the momentum and deals the
+matrices to the ranks. Variants are subclasses beside it that change one step (aurora_variants.py:
+NorMuon, cans12, the batched path; lineage.py: the later records' rule), in a log's code part only
+when its run uses them.
 """
 import torch
 import torch.distributed as dist
@@ -33,14 +23,9 @@ NS_COEFFICIENTS, NS_STEPS = (2, -1.5, 0.5), 12
 
 @torch.no_grad()
 def polar(G: torch.Tensor, dtype: torch.dtype = torch.bfloat16, scale=None) -> torch.Tensor:
-    """Polar factor of G (batched over leading dims) by 12 simple-quintic Newton-Schulz steps,
-    written with the record's operations in the record's order (bit for bit the same rounding).
-
-    The record runs it in bfloat16 (the tensor-core dtype); on a CPU without native bfloat16 a
-    bf16 matmul is hundreds of times slower than float32, so the optimizer passes dtype=float32
-    there. The input is divided by its Frobenius norm (+1e-7), or by scale(X) when given (the
-    lineage's Schatten-4 estimate). Returns G's shape, in `dtype`.
-    """
+    """Polar factor of G (batched over leading dims) by 12 simple-quintic Newton-Schulz steps in
+    `dtype` (the record's bfloat16; float32 on a CPU), with the record's operations in its order.
+    The input is divided by its Frobenius norm (+1e-7), or by scale(X) (the lineage's)."""
     a, b, c = NS_COEFFICIENTS
     X = G.to(dtype)
     tall = G.size(-2) > G.size(-1)
@@ -58,8 +43,7 @@ def polar(G: torch.Tensor, dtype: torch.dtype = torch.bfloat16, scale=None) -> t
 
 
 def ns_dtype_for(setting, device):
-    """Newton-Schulz dtype: "auto" is the record's bfloat16 on CUDA and float32 elsewhere (a CPU
-    without native bf16 runs bf16 matmuls hundreds of times slower); "bfloat16"/"float32" force one."""
+    """Newton-Schulz dtype: "auto" is bfloat16 on CUDA (the record), float32 elsewhere."""
     if setting == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[setting]
@@ -68,14 +52,9 @@ def ns_dtype_for(setting, device):
 @torch.no_grad()
 def aurora_polar(G: torch.Tensor, pp_iterations: int = 2, pp_beta: float = 0.5, eps: float = 1e-7,
                  polar_fn=polar, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Orthogonal factor of G whose rows (of the tall orientation) all have the same norm.
-
-    Square: plain polar (orthogonal square matrices already have unit rows). Wide: the transpose
-    of the tall case. Tall (m > n), in float32: start from D = 1/||G_i|| (row-normalized G), take
-    U = polar(D G), and push each row's squared norm r_i towards the uniform value n/m by
-    D_i <- D_i * ((n/m) / r_i)^beta. Batched over leading dims. Like the record, returns the
-    output of the last Newton-Schulz run as it is (bfloat16 for the record's quintic).
-    """
+    """Orthogonal factor of G whose rows (of the tall orientation) all have the same norm. Square:
+    polar; wide: the transpose of the tall case. Tall (m > n), in float32: D = 1/||G_i||, U =
+    polar(D G), then D_i <- D_i ((n/m) / ||U_i||^2)^beta. Returns the last polar's output as it is."""
     m, n = G.size(-2), G.size(-1)
     if m == n:
         return polar_fn(G, dtype=dtype)
@@ -93,9 +72,8 @@ def aurora_polar(G: torch.Tensor, pp_iterations: int = 2, pp_beta: float = 0.5, 
 
 @torch.no_grad()
 def unit_spectral(G: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
-    """G (in float32) over an estimate of its largest singular value: 5 power iterations from the
-    normalized all-ones vector, with matrix-vector products as the record has them. A stack of
-    matrices is done one matrix at a time, so each gets exactly the per-matrix result."""
+    """G (in float32) over its largest singular value, estimated by 5 power iterations from the
+    normalized all-ones vector, as the record has them (a stack: one matrix at a time)."""
     X = G.float()
     if X.ndim > 2:
         return torch.stack([unit_spectral(x, eps) for x in X])
@@ -125,9 +103,8 @@ POLARS = {"quintic12": polar}
 
 @torch.no_grad()
 def orthogonalize(u, hp=RECORD, polar_fn=None):
-    """Step 3 of the rule: aurora_polar on the matrices hp["aurora_on"] names (the record: every
-    non-square one; aurora_polar is plain polar on a square matrix), plain polar otherwise and
-    with rule="muon". Returns the Newton-Schulz output dtype as it is (bfloat16 in the record)."""
+    """Step 3: aurora_polar on the matrices hp["aurora_on"] names (the record: all), plain polar
+    otherwise and with rule="muon"; in the Newton-Schulz output dtype."""
     polar_fn, dtype = polar_fn or POLARS[hp["ns_iteration"]], ns_dtype_for(hp["ns_dtype"], u.device)
     rows, cols = u.size(-2), u.size(-1)
     on = {"nonsquare": True, "tall": rows > cols, "wide_only": rows < cols}[hp["aurora_on"]]
@@ -138,11 +115,9 @@ def orthogonalize(u, hp=RECORD, polar_fn=None):
 
 @torch.no_grad()
 def aurora_direction(grad, momentum, hp=RECORD, state=None, orthogonalize=orthogonalize):
-    """Steps 1-5 of the record's per-matrix rule (the part the record compiles), with the record's
-    operations in the record's order and dtypes. Updates `momentum` in place and overwrites `grad`
-    with the Nesterov look-ahead, as the record does. Returns the float32 direction U.
-    Batched over leading dims. A variant passes its own step 3 (`orthogonalize`, called with
-    `state`, its per-matrix state, when given: NorMuon's, aurora_variants.py)."""
+    """Steps 1-5 of the record's per-matrix rule (what it compiles), its operations in its order
+    and dtypes: updates `momentum` in place, leaves the Nesterov look-ahead in `grad`, returns the
+    float32 direction. A variant passes its own step 3 (and its per-matrix `state`)."""
     mu = hp["momentum"]
     # 1. Momentum, then the Nesterov look-ahead (written into grad).
     momentum.lerp_(grad, 1 - mu)
@@ -167,8 +142,7 @@ def aurora_direction(grad, momentum, hp=RECORD, state=None, orthogonalize=orthog
 
 @torch.no_grad()
 def apply_uw_floor(U, weight, floor):
-    """Step 6: never let the update be smaller than `floor` of the weight (Frobenius norms in
-    float32, each clamped below at 1e-8), as the record writes it: a torch.where, no host sync."""
+    """Step 6: the update is at least `floor` of the weight (Frobenius norms, clamped at 1e-8)."""
     if not floor:
         return U
     p_fro = frobenius(weight.float()).clamp_min(1e-8)
@@ -178,22 +152,19 @@ def apply_uw_floor(U, weight, floor):
 
 
 def aurora_update(grad, momentum, weight, hp=RECORD):
-    """The record's whole per-matrix rule, steps 1-6: returns U (float32); the caller applies
-    W.add_(U, alpha=-lr). `hp` holds the rule's hyperparameters (default: the record's, RECORD)."""
+    """The record's whole per-matrix rule, steps 1-6: U (float32) of W.add_(U, alpha=-lr)."""
     return apply_uw_floor(aurora_direction(grad, momentum, hp), weight, hp["uw_floor"])
 
 
 def row_leverage(O):
-    """Row leverage ||O_i||^2 / (n/m) of an orthogonalized matrix (or stack) in its tall
-    orientation (m x n, m >= n): 1 everywhere is uniform. Diagnostics."""
+    """Row leverage ||O_i||^2 / (n/m) of O in its tall orientation (1: uniform). Diagnostics."""
     O = O.float()
     rows, cols = O.size(-2), O.size(-1)
     return (O if rows >= cols else O.mT).square().sum(dim=-1) * (max(rows, cols) / min(rows, cols))
 
 
 class NonFiniteUpdate(FloatingPointError):
-    """Raised by Aurora.check_finite(): the first step (0-based step() count) whose update was
-    NaN/inf, and the shapes of the matrices it was NaN/inf for."""
+    """Aurora.check_finite(): the first step whose update was NaN/inf, and its matrices' shapes."""
 
     def __init__(self, step, shapes):
         super().__init__(f"Aurora: non-finite update at step {step} for parameter(s) of shape {shapes}; "
@@ -202,30 +173,19 @@ class NonFiniteUpdate(FloatingPointError):
 
 
 class Aurora(torch.optim.Optimizer):
-    """Aurora for 2-D weight matrices (use Adam for embeddings, heads, biases and gains).
+    """Aurora for 2-D weight matrices (Adam takes embeddings, heads, biases and gains). Defaults:
+    the record's rule; contra=0, uw_floor=0: plain Aurora; rule="muon": plain polar.
 
-    Defaults are the record's rule (see `aurora_update`). contra=0 and uw_floor=0 give plain
-    Aurora; rule="muon" swaps aurora_polar for plain polar and changes nothing else;
-    aurora_on="tall" keeps square and wide matrices on plain polar. ns_dtype="auto" runs
-    Newton-Schulz in bfloat16 on CUDA (the record) and float32 elsewhere.
-
-    With torch.distributed initialized, call step() on every rank after the gradients have been
-    summed across ranks; each rank updates its share of the matrices and the results are
-    all-gathered, so all ranks end with identical weights. Momentum lives on the owning rank. As
-    the record: matrices sorted by shape, largest first (Python's stable sort on p.size(),
-    descending), rank r updates matrix round*world + r of each round, one update and one
-    all-gather per matrix; the Nesterov look-ahead is left in p.grad after step(). compile="auto"
-    wraps steps 1-5 in torch.compile for CUDA matrices, as the record does.
-
-    step() never waits for the GPU (no host synchronization): it only notes, on the device, the
-    first step at which each matrix's update was not finite. check_finite() reads those notes
-    (a host sync, and a collective under torch.distributed) and raises FloatingPointError naming
-    the matrices and the step; call it where a pause costs nothing (e.g. at validation).
-    `step_index` counts step() calls (set it when resuming, so the messages name the right step).
+    Under torch.distributed, call step() on every rank after the gradients were summed: as the
+    record, matrices sorted by shape (largest first), rank r updates matrix round*world + r of
+    each round, and each round is all-gathered; momentum lives on the owning rank; the look-ahead
+    is left in p.grad. compile="auto" compiles steps 1-5 on CUDA, as the record. step() never
+    syncs with the device: it notes each matrix's first non-finite step there, and check_finite()
+    (a host sync and a collective) raises naming them. `step_index` counts step() calls.
 
     A variant subclasses it and changes one step: `orthogonalize` (step 3), `_update` (one
-    matrix's whole rule), `_step_group` (how a group's matrices are dealt), and the state it keeps
-    per matrix (STATE_KEYS, `_state_shape`, `_load_held`), which state_dict() gathers.
+    matrix's rule), `_step_group` (how matrices are dealt; `owners`), and says what per-matrix
+    state a checkpoint keeps (harness.py's aurora_state_dict: STATE_KEYS and the like).
     """
     RULES = ("aurora", "muon")
     orthogonalize = staticmethod(orthogonalize)
@@ -234,17 +194,15 @@ class Aurora(torch.optim.Optimizer):
     def __init__(self, params, lr, momentum=0.95, nesterov=True, pp_iterations=2, pp_beta=0.5,
                  contra=0.4, uw_floor=0.35, weight_decay=0.0, rule="aurora", aurora_on="nonsquare",
                  ns_iteration="quintic12", ns_dtype="auto", compile="auto", **extra):
-        if not lr > 0:
-            raise ValueError(f"Aurora: lr must be > 0, got {lr}")
-        if not 0 < momentum < 1:
-            raise ValueError(f"Aurora: momentum must be in (0, 1), got {momentum}")
-        if int(pp_iterations) != pp_iterations or pp_iterations < 1:
-            raise ValueError(f"Aurora: pp_iterations must be an integer >= 1, got {pp_iterations}")
-        if not 0 < pp_beta <= 1:
-            raise ValueError(f"Aurora: pp_beta must be in (0, 1], got {pp_beta}")
-        if contra < 0 or uw_floor < 0 or weight_decay < 0:
-            raise ValueError("Aurora: contra, uw_floor and weight_decay must be >= 0, got "
-                             f"{contra}, {uw_floor}, {weight_decay}")
+        for ok, what in ((lr > 0, f"lr must be > 0, got {lr}"),
+                         (0 < momentum < 1, f"momentum must be in (0, 1), got {momentum}"),
+                         (int(pp_iterations) == pp_iterations >= 1,
+                          f"pp_iterations must be an integer >= 1, got {pp_iterations}"),
+                         (0 < pp_beta <= 1, f"pp_beta must be in (0, 1], got {pp_beta}"),
+                         (min(contra, uw_floor, weight_decay) >= 0, "contra, uw_floor and weight_decay must "
+                          f"be >= 0, got {contra}, {uw_floor}, {weight_decay}")):
+            if not ok:
+                raise ValueError(f"Aurora: {what}")
         for name, value, allowed in (("rule", rule, self.RULES),
                                      ("aurora_on", aurora_on, ("nonsquare", "tall", "wide_only")),
                                      ("ns_iteration", ns_iteration, tuple(POLARS)),
@@ -269,16 +227,14 @@ class Aurora(torch.optim.Optimizer):
                         "give biases, gains and embeddings to Adam instead")
 
     def track_leverage(self, on=True):
-        """Ask for the row leverage of the next step's orthogonalized updates (diagnostics). The
-        step itself does nothing more than keep a reference to each look-ahead it orthogonalizes
-        (and a copy of a variant's state): pop_leverage() does the work, later."""
+        """Ask for the row leverage of the next step's updates (diagnostics): the step only keeps
+        each look-ahead it orthogonalizes; pop_leverage() does the work, later."""
         self._keep = on
 
     @torch.no_grad()
     def pop_leverage(self):
-        """{matrix: row leverage (see row_leverage)} of the orthogonalized update of the last step
-        that tracked it, for the matrices this rank updated; then forgotten. Recomputed here,
-        uncompiled, from the kept look-ahead: the same as the step's up to the compiler's rounding."""
+        """{matrix: row leverage} of the last tracked step's orthogonalized updates (this rank's
+        matrices), recomputed uncompiled from the kept look-aheads; then forgotten."""
         kept, self._kept = self._kept, {}
         return {p: row_leverage(orthogonalize(u, hp) if state is None else orthogonalize(u, hp, state))
                 for p, (orthogonalize, u, hp, state) in kept.items()}
@@ -306,8 +262,7 @@ class Aurora(torch.optim.Optimizer):
         return loss
 
     def _direction(self, device):
-        """aurora_direction, compiled for CUDA tensors when compile is on: a plain torch.compile, as
-        the record's decorator (automatic dynamic shapes: a second matrix shape recompiles)."""
+        """aurora_direction, compiled for CUDA tensors when compile is on (as the record)."""
         if self.compile is True or (self.compile == "auto" and device.type == "cuda"):
             if self._compiled is None:
                 self._compiled = compiled_aurora_direction()
@@ -343,8 +298,8 @@ class Aurora(torch.optim.Optimizer):
         self._apply(group, [p], p.grad, self._buffer(p, "momentum", p.shape), p.data)
 
     def _step_group(self, group, rank, world, gather):
-        """The record's per-matrix path: each rank updates its share, round by round, and the
-        round's matrices are all-gathered (under a process group always, world size 1 too)."""
+        """The record's per-matrix path: each rank updates its share, round by round; each round is
+        all-gathered (under a process group always, world size 1 too)."""
         params = self._record_order(group["params"])
         for base in range(0, len(params), world):
             round_ = params[base:base + world]
@@ -369,20 +324,17 @@ class Aurora(torch.optim.Optimizer):
 
     @staticmethod
     def _record_order(params):
-        """The record's order of the per-matrix path: by shape, largest first (Python's stable
-        sort, so equal shapes keep model order); matrix j goes to rank j % world."""
+        """By shape, largest first (a stable sort: equal shapes keep model order)."""
         return sorted(params, key=lambda p: p.size(), reverse=True)
 
     def owners(self, group, world):
-        """The rank that updates each matrix of `group`, in group["params"] order: the matrices,
-        sorted by shape largest first, dealt round by round (matrix j of that order to rank j % world)."""
+        """The rank that updates each matrix of `group` (matrix j of the record's order: j % world)."""
         owner = {p: j % world for j, p in enumerate(self._record_order(group["params"]))}
         return [owner[p] for p in group["params"]]
 
     def _note_finite(self):
         """Fold this step's finite flags into each matrix's first non-finite step, on the device
-        (a few small kernels per step, no host sync). The matrices a rank updates are the same
-        every step, so one vector per set of matrices."""
+        (no host sync; one vector per set of matrices: a rank updates the same ones every step)."""
         if not self._step_flags:
             return
         flags = torch.cat([f for f, _ in self._step_flags])
@@ -394,9 +346,8 @@ class Aurora(torch.optim.Optimizer):
         self._first_bad[params] = torch.where(flags | (first >= 0), first, self.step_index)
 
     def check_finite(self):
-        """Raise FloatingPointError if any update so far was NaN/inf, naming the matrices and the
-        first such step. A host sync; under torch.distributed a collective (every rank calls it,
-        and every rank raises, or the others would hang in the next collective)."""
+        """Raise NonFiniteUpdate if an update so far was NaN/inf, naming the first such step and its
+        matrices. A host sync; under torch.distributed a collective (every rank raises)."""
         distributed = dist.is_available() and dist.is_initialized()
         if not self._first_bad and not distributed:
             return
@@ -415,37 +366,14 @@ class Aurora(torch.optim.Optimizer):
             shapes = [tuple(p.shape) for p, s in zip(params, first) if s == step]
             raise NonFiniteUpdate(step, shapes)
 
-    # --- what a checkpoint holds of it (harness.py's aurora_state_dict, load_aurora_state_dict) ---
-
-    STATE_KEYS = ("momentum",)  # per matrix
-
-    @staticmethod
-    def _state_shape(p, key):
-        """(shape, dtype) of a matrix's saved state `key` (a variant adds its own keys)."""
-        return tuple(p.shape), torch.float32
-
-    def _held_state(self, p):
-        """This rank's state of matrix p, by STATE_KEYS name (empty if it has not stepped it)."""
-        return {key: self.state[p][key] for key in self.STATE_KEYS if key in self.state[p]}
-
-    def _load_held(self, i, p, state):
-        """Put matrix p's saved state (matrix i of the saved groups) back on this rank."""
-        for key in self.STATE_KEYS:
-            if key in state:
-                self.state[p][key] = state[key].to(device=p.device, dtype=torch.float32, copy=True)
-
-    def _check_saved(self, i, p, state):
-        """A variant's check that matrix p's saved state is its kind (ValueError if not)."""
-
 
 _COMPILED = []
 COMPILE_BACKEND = "inductor"  # torch.compile's default; tests trace with "aot_eager" (no kernels)
 
 
 def compiled_aurora_direction():
-    """aurora_direction wrapped once per process in a plain torch.compile (default options), as
-    the record's decorator: every optimizer (one per trial) shares its compiled graphs, so later
-    trials compile nothing."""
+    """aurora_direction in a plain torch.compile, as the record's decorator, once per process (later
+    trials' optimizers compile nothing)."""
     if not _COMPILED:
         _COMPILED.append(torch.compile(aurora_direction, backend=COMPILE_BACKEND))
     return _COMPILED[0]

@@ -125,9 +125,15 @@ def check_hyperparameters(hp, choices, techniques=()):
 
 
 def check_setup(hp, gpu_presets, cuda=None):
-    """The record, small and lineage presets are GPU runs (unless combined with tiny): refuse to
-    start them on a CPU by accident."""
+    """Before setup (and --dry-run): a rank's GPU; the record, small and lineage presets are GPU
+    runs (unless combined with tiny): refuse to start them on a CPU by accident."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda and local_rank >= torch.cuda.device_count():
+        raise ValueError(f"local rank {local_rank} has no GPU: this node shows "
+                         f"{torch.cuda.device_count()} GPU(s); start at most that many "
+                         "processes per node (--nproc_per_node), or set "
+                         "CUDA_VISIBLE_DEVICES= to train on the CPU")
     parts = hp.preset.split("+")
     if "tiny" not in parts and any(p in gpu_presets for p in parts) and not cuda and not hp.allow_cpu:
         raise ValueError(
@@ -572,10 +578,36 @@ def load_checkpoint(path):
     return ckpt
 
 
-# Aurora's state in a checkpoint: the same whatever the world size or path (Aurora's STATE_KEYS,
-# _state_shape, _held_state, _load_held, _check_saved and owners() say what each variant keeps).
+# Aurora's state in a checkpoint: the same whatever the world size or path. A variant says what it
+# keeps (STATE_KEYS, _state_shape, _held_state, _load_held, _check_saved); owners() who holds it.
 
 @torch.no_grad()
+def state_keys(aurora):
+    """What a checkpoint keeps of each matrix: the momentum, and a variant's own (its STATE_KEYS)."""
+    return getattr(aurora, "STATE_KEYS", ("momentum",))
+
+
+def state_shape(aurora, p, key):
+    """(shape, dtype) of matrix p's saved state `key`."""
+    return aurora._state_shape(p, key) if hasattr(aurora, "_state_shape") else (tuple(p.shape), torch.float32)
+
+
+def held_state(aurora, p):
+    """This rank's state of matrix p, by state key (empty if it has not stepped it)."""
+    if hasattr(aurora, "_held_state"):
+        return aurora._held_state(p)
+    return {key: aurora.state[p][key] for key in state_keys(aurora) if key in aurora.state[p]}
+
+
+def load_held(aurora, i, p, state):
+    """Put matrix p's saved state (matrix i of the saved groups) back on this rank."""
+    if hasattr(aurora, "_load_held"):
+        return aurora._load_held(i, p, state)
+    for key in state_keys(aurora):
+        if key in state:
+            aurora.state[p][key] = state[key].to(device=p.device, dtype=torch.float32, copy=True)
+
+
 def aurora_state_dict(aurora):
     """Aurora's (or a variant's) state, every matrix's as CPU copies, in torch's format (state by parameter index, then the
     groups' hyperparameters), the same whatever the world size or path: checkpoints resume with
@@ -584,19 +616,19 @@ def aurora_state_dict(aurora):
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
     params = [p for group in aurora.param_groups for p in group["params"]]
-    held = [aurora._held_state(p) for p in params]
+    held = [held_state(aurora, p) for p in params]
     # who holds what: rank + 1 where this rank has the state, 0 elsewhere; summed over ranks
-    holder = torch.tensor([[rank + 1 if key in mine else 0 for key in aurora.STATE_KEYS] for mine in held],
-                          dtype=torch.int64).reshape(len(params), len(aurora.STATE_KEYS))
+    holder = torch.tensor([[rank + 1 if key in mine else 0 for key in state_keys(aurora)] for mine in held],
+                          dtype=torch.int64).reshape(len(params), len(state_keys(aurora)))
     if distributed:
         holder = holder.to(_collective_device())
         dist.all_reduce(holder)
     state = {}
     for i, (p, mine, holders) in enumerate(zip(params, held, holder.tolist())):
-        for key, h in zip(aurora.STATE_KEYS, holders):
+        for key, h in zip(state_keys(aurora), holders):
             if not h:
                 continue  # not stepped yet: no state, as in a fresh optimizer
-            shape, dtype = aurora._state_shape(p, key)
+            shape, dtype = state_shape(aurora, p, key)
             buf = mine[key] if h == rank + 1 else torch.empty(shape, dtype=dtype, device=p.device)
             if distributed:  # contiguous: a collective sends the storage as it lies (QR's Q is
                 buf = buf.to(_collective_device()).contiguous()  # column-major)
@@ -630,14 +662,15 @@ def load_aurora_state_dict(aurora, state_dict):
             state = state_dict["state"].get(i, {})
             for key, value in state.items():
                 where = f"Aurora.load_state_dict: matrix {i} ({tuple(p.shape)}) has saved"
-                if key not in aurora.STATE_KEYS:  # a variant's state: its keys start with its name
+                if key not in state_keys(aurora):  # a variant's state: its keys start with its name
                     kind = key.split("_")[0].upper()
                     raise ValueError(f"{where} {kind} state, and this optimizer does not run {kind} on it")
-                if tuple(value.shape) != aurora._state_shape(p, key)[0]:
+                if tuple(value.shape) != state_shape(aurora, p, key)[0]:
                     raise ValueError(f"{where} {key!r} of shape {tuple(value.shape)}")
-            aurora._check_saved(i, p, state)
+            if hasattr(aurora, "_check_saved"):  # e.g. the lineage's: SOAP state where SOAP runs
+                aurora._check_saved(i, p, state)
             if owner == rank:
-                aurora._load_held(i, p, state)
+                load_held(aurora, i, p, state)
             i += 1
 
 

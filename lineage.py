@@ -210,7 +210,7 @@ class LineageAurora(Aurora):
     """Aurora with the lineage's rule: norm_estimate, contra_fade, radial_brake, radius_pin,
     lineage_rounding and soap ({matrix: SoapPreconditioner options}, e.g. blend/floor for attn.v)
     switch it on (`_update`, spec/aurora-lineage.md): per matrix and eager, as its scripts run it;
-    p.grad then keeps the raw gradient; SOAP's statistics are in state_dict() with the momentum.
+    p.grad then keeps the raw gradient; SOAP's statistics are in a checkpoint with the momentum.
     With all of them off it is the record's Aurora."""
     STATE_KEYS = ("momentum",) + tuple(f"soap_{k}" for k in SoapPreconditioner.STATE)
 
@@ -275,9 +275,10 @@ class LineageAurora(Aurora):
         return shapes[key], torch.int64 if key == "soap_count" else torch.float32
 
     def _held_state(self, p):
-        held = super()._held_state(p)
-        if "soap" in self.state[p]:
-            held.update({f"soap_{k}": v for k, v in self.state[p]["soap"].state().items()})
+        state = self.state[p]
+        held = {"momentum": state["momentum"]} if "momentum" in state else {}
+        if "soap" in state:
+            held.update({f"soap_{k}": v for k, v in state["soap"].state().items()})
         return held
 
     def _check_saved(self, i, p, state):
@@ -287,7 +288,8 @@ class LineageAurora(Aurora):
                              f"{'runs' if p in self.soap else 'does not run'} SOAP on it")
 
     def _load_held(self, i, p, state):
-        super()._load_held(i, p, state)
+        if "momentum" in state:
+            self.state[p]["momentum"] = state["momentum"].to(device=p.device, dtype=torch.float32, copy=True)
         if "soap_L" in state:
             soap = self.state[p]["soap"] = self._soap_for(p)
             soap.load({k[len("soap_"):]: v for k, v in state.items() if k.startswith("soap_")})

@@ -24,10 +24,8 @@ class Logger:
 
 
 class Clock:
-    """Training time with validation excluded. It stops and starts where the record's does: at a
-    dist.barrier() when distributed (with NCCL the barrier returns once the GPU work queued before
-    it is done), at torch.cuda.synchronize() on one GPU. Nothing between a start and a stop waits
-    for the device: elapsed() is host time, the record's approx_training_time."""
+    """Training time with validation excluded, stopped and started where the record's is: at a
+    dist.barrier() (several ranks) or torch.cuda.synchronize(); elapsed() is host time between."""
 
     def __init__(self, ctx):
         self.ctx, self.total, self.started = ctx, 0.0, None
@@ -60,10 +58,8 @@ class Clock:
 
 
 class TrainLosses:
-    """Each step's train loss, read without stalling the device. The step's summed loss (already
-    all-reduced) is copied with non_blocking=True into a host buffer (pinned on CUDA, where an
-    event marks the copy's arrival) and read one step later, when the device is past it, or with
-    the clock stopped. Two buffers: a step's copy never overwrites the unread loss before it."""
+    """Each step's train loss, read without stalling the device: copied (non-blocking) into one of
+    two host buffers (pinned on CUDA, an event marking its arrival) and read a step later."""
 
     def __init__(self, device):
         cuda = device.type == "cuda"

@@ -1,18 +1,14 @@
-"""What plugs into train_gpt.py: the technique modules beyond the record, harness.py, and the
-command line built from their hyperparameters.
+"""What plugs into train_gpt.py: technique modules beyond the record, harness.py, and the command
+line built from their hyperparameters.
 
-A technique (aurora_variants.py's ablations, lineage.py's later records, a next one the same way)
-is a module that defines one object with `name` (its file), `used(hp)` (does this run use it?) and
-any of:
-    Hyperparameters   a dataclass: its fields become flags (and hyperparameters of every run)
-    PRESETS, GPU_PRESETS, CHOICES, preset_overrides(parts, merged, flags, train_steps), check(hp, bad)
-    the trainer's named points: setup, model_built, init_weights, make_aurora, optimizers_built,
-    lr_at, momentum_at, is_val_step, trial_started, before_step, after_step, validating,
-    checkpoint_state, load_checkpoint_state (train_gpt.py says where each is called; one that
-    returns a value returns None to leave the record's choice).
-A log's code part inlines the technique modules its run uses; the import lines of the others
-become `NAME = None` (harness.py's runnable_source), so a record run carries none of them.
-harness.py is not inlined: beside train_gpt.py in the repository it drives the run from outside.
+A technique (aurora_variants.py, lineage.py; a next one the same way) defines one object with
+`name` (its file), `used(hp)`, and any of: Hyperparameters (a dataclass: its fields become flags),
+PRESETS, GPU_PRESETS, CHOICES, preset_overrides, check, and train_gpt.py's named points (setup,
+model_built, init_weights, make_aurora, optimizers_built, lr_at, momentum_at, is_val_step,
+trial_started, before_step, after_step, validating, checkpoint_state, load_checkpoint_state; one
+that returns a value returns None to leave the record's). A log's code part inlines only the
+technique modules its run uses (the others' imports become `NAME = None`); harness.py, which
+drives the run from outside, never.
 """
 import argparse
 import dataclasses
@@ -28,9 +24,8 @@ harness = (importlib.import_module("harness")
 
 
 def with_plugins(cls, presets, choices, gpu_presets):
-    """cls with the fields of each technique's and the harness's Hyperparameters added (a
-    technique's carry its used() in their metadata: a log lists them only when its run uses it),
-    and their presets and choices added to `presets` and `choices` (in place)."""
+    """cls with the techniques' and the harness's fields added (a technique's carry its used(): a
+    log lists them only when the run uses it); their presets and choices added in place."""
     parts = [part for part in TECHNIQUES + [harness] if hasattr(part, "Hyperparameters")]
     for part in TECHNIQUES:
         presets.update(getattr(part, "PRESETS", {}))
@@ -66,10 +61,8 @@ def choice(hp, point, *args):
 
 
 def parse_flags(cls, presets, choices, argv=None):
-    """(an instance of the dataclass `cls`, dry_run) from the command line: one flag per field
-    (--train-steps sets train_steps; help from the field's metadata), the chosen preset's overrides
-    (several joined by +, later ones win; a technique may adjust them) under the flags, then
-    harness.py's checks (a ValueError exits with status 2 and its message)."""
+    """(an instance of `cls`, dry_run) from the command line: one flag per field, the preset's
+    overrides under the flags, then harness.py's checks (a ValueError: exit status 2)."""
     ap = argparse.ArgumentParser(allow_abbrev=False,  # run.sh must see the same flag names
                                  description="Train GPT with Aurora (default: the 3175-step record). "
                                  "Defaults are the record's (or the chosen preset's).")
@@ -101,7 +94,7 @@ def parse_flags(cls, presets, choices, argv=None):
 
 
 def preset_overrides(name, flags, presets, train_steps):
-    """The overrides of --preset `name` under the command line's `flags`."""
+    """The overrides of --preset `name` (several joined by +: later ones win)."""
     parts, merged = name.split("+"), {}
     for part in parts:
         if part not in presets:

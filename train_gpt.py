@@ -11,15 +11,11 @@ schedule, setup, the training loop with its validation, main.
     python train_gpt.py --preset aurora_2860+tiny                  # its CPU smoke run
     python train_gpt.py --help                                     # every hyperparameter as a flag
 
-How it is split. This file is the run's computation. Techniques beyond the record live in modules
-of their own (TECHNIQUES: aurora_variants.py's ablations, lineage.py's later records), each adding
-flags, presets and changes at the loop's named points; a run calls only those its hyperparameters
-use. What runs around the computation is a Driver called at the loop's named points: harness.py's
-Harness when it is beside this file (record folders, seeds, checkpoints, flag checks, the record's
-summary), else the plain Driver below. Each run writes one log: the code part (this file with the
-local modules the run uses inlined: a script that runs on its own), then the header (environment,
-every hyperparameter) and the run's output. The code part, run alone, writes logs/<uuid>.txt as
-upstream's scripts do.
+This file is the run's computation. Techniques beyond the record (plugins.py: aurora_variants.py,
+lineage.py) plug in at the loop's named points; around it, a Driver is called at those points:
+harness.py's when it lies beside this file (record folders, seeds, checkpoints, diagnostics), else
+the plain one below. A run's log is its code part (this file with the modules the run uses
+inlined: a script that runs alone, writing logs/<uuid>.txt as upstream's do), header and output.
 """
 import contextlib
 import dataclasses
@@ -45,9 +41,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 SEPARATOR = "=" * 100
 
 # =================================================================================================
-# Hyperparameters: the record's, in one place. Every field is also a command-line flag
-# (--train-steps 100 sets train_steps); presets are dicts of overrides. Every value used is
-# printed into the log.
+# Hyperparameters: the record's. Every field is a flag (--train-steps 100); presets override them.
 # =================================================================================================
 
 
@@ -95,17 +89,14 @@ class Hyperparameters:
     contra: float = hparam(0.4, "Contra-Muon strength (subtracts contra/2 of the spectral-normalized momentum)")
     uw_floor: float = hparam(0.35, "smallest update/weight Frobenius ratio")
     weight_decay: float = hparam(0.0, "decoupled weight decay of the matrices")
-    aurora_on: str = hparam("nonsquare", "matrices that get aurora_polar: nonsquare (record), tall, or wide_only "
-                                         "(the lineage: mlp.proj only)")
+    aurora_on: str = hparam("nonsquare", "matrices that get aurora_polar: nonsquare (record), tall, wide_only")
     ns_iteration: str = hparam("quintic12", "Newton-Schulz: quintic12 (record) or cans12 (float32 cubic)")
     ns_dtype: str = hparam("auto", "Newton-Schulz dtype: auto = bfloat16 on CUDA (record), float32 on CPU")
     aurora_batched: bool = hparam(False, "stack same-shape matrices (fast path; same rule up to rounding)")
     # run
-    preset: str = hparam("record", "record (default), tiny (CPU smoke run), small (124M, quarter batch), "
-                                   "aurora_2930, aurora_2890, aurora_2860 (later records); several joined "
-                                   "by + apply in order, e.g. aurora_2860+tiny: its CPU smoke run")
-    seed: int = hparam(None, "seed of trial 0 (trial i: seed+i); default: drawn from the OS entropy "
-                             "and logged (rerun a trial with --seed <its seed> --trials 1)")
+    preset: str = hparam("record", "record, tiny (CPU smoke run), small (quarter batch), aurora_2930/2890/2860 "
+                                   "(later records); A+B applies both, e.g. aurora_2860+tiny")
+    seed: int = hparam(None, "seed of trial 0 (trial i: seed+i); default: drawn from the OS entropy, logged")
     trials: int = hparam(1, "independent trials in this process, each re-initialized")
     compile: str = hparam("auto", "torch.compile the model and Aurora's per-matrix step: auto (on with CUDA), on, off")
     val_loss_target: float = hparam(3.28, "the record's target (its summary's)")
@@ -141,8 +132,7 @@ def parse_args(argv=None):
 
 
 # =================================================================================================
-# Data: FineWeb shards (data/shards.py has the format; harness.py checks them before a run) and the
-# per-rank loaders
+# Data: FineWeb shards (data/shards.py: the format; harness.py checks them) and per-rank loaders
 # =================================================================================================
 
 
@@ -160,9 +150,8 @@ def load_shard(path):
 
 
 class TokenLoader:
-    """Each step, rank r reads tokens [pos + r*L, pos + r*L + L + 1) of the current shard
-    (L = batch / world): inputs (int32) are the first L, targets (int64) the last L. Then
-    pos += batch; a shard whose remaining tokens cannot hold another batch (+1) is skipped."""
+    """Each step rank r reads tokens [pos + r*L, pos + r*L + L + 1) of the current shard (L =
+    batch / world), then pos += batch; a shard tail shorter than a batch (+1) is skipped."""
 
     def __init__(self, files, batch, ctx, vocab_size):
         self.files, self.batch, self.ctx, self.vocab_size = files, batch, ctx, vocab_size
@@ -189,8 +178,7 @@ class TokenLoader:
 
 
 def load_val_tokens(files, hp, ctx):
-    """This rank's validation slice, read once: the first val_tokens (+1) tokens of the val shards
-    are ONE batch, and rank r holds [r*V/W, (r+1)*V/W + 1). Returns (inputs int32, targets int64)."""
+    """This rank's slice [r*V/W, (r+1)*V/W + 1) of the first val_tokens (+1) validation tokens."""
     need, parts = hp.val_tokens + 1, []
     for f in files:
         parts.append(load_shard(f)[:need])
@@ -212,9 +200,8 @@ def micro_batches(x, y, ctx, seq_len):
 
 
 # =================================================================================================
-# Model: GPT with RMSNorm, half-truncated rotary, QK-norm, relu^2 MLP, soft-capped logits.
-# Modules are registered in the record's order, so named_parameters() visits the parameters as
-# the record's initialization does.
+# Model: GPT with RMSNorm, half-truncated rotary, QK-norm, relu^2 MLP, soft-capped logits; modules
+# registered in the record's order (its initialization visits them so)
 # =================================================================================================
 
 
@@ -306,9 +293,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, init_var):
-        """The record's re-initialization, in named_parameters() order. Each call draws from the
-        default generator exactly as the record's does (the gains' normal_(1, 0) is 1 but still
-        draws), so the same generator state gives the record's weights."""
+        """The record's re-initialization, drawing from the default generator exactly as its calls
+        do (the gains' normal_(1, 0) is 1 but still draws)."""
         for name, p in self.named_parameters():
             if name.endswith("gains"):
                 p.normal_(mean=1.0, std=0.0)
@@ -426,14 +412,8 @@ def setup_distributed(hp):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     micro, accum = micro_batch_plan(hp, world)  # before any process group: fail fast on every rank
     call(techniques(hp), "setup", hp)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"local rank {local_rank} has no GPU: this node shows "
-                             f"{torch.cuda.device_count()} GPU(s); start at most that many "
-                             "processes per node (--nproc_per_node), or set "
-                             "CUDA_VISIBLE_DEVICES= to train on the CPU")
-        device = torch.device("cuda", local_rank)
+    if torch.cuda.is_available():  # (harness.py checks LOCAL_RANK has a GPU)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
@@ -462,8 +442,8 @@ def setup_line(hp, ctx):
 
 
 def runnable_source(hp=None):
-    """A log's code part: this file with the local modules the run (default: the record) uses
-    inlined (harness.py's runnable_source); run alone (a code part itself), this file as it is."""
+    """A log's code part: this file with the modules the run (default: the record) uses inlined;
+    run alone (a code part itself), this file as it is."""
     if harness:
         unused = [t.name for t in TECHNIQUES if t not in techniques(hp or Hyperparameters())]
         return harness.runnable_source(os.path.abspath(__file__), unused)
@@ -472,18 +452,14 @@ def runnable_source(hp=None):
 
 
 class Driver:
-    """What runs around the computation, called at the loop's named points. This one runs when
-    this script runs alone (a log's code part): it writes logs/<uuid>.txt, the code then the run's
-    output, as upstream's scripts do. harness.py's Harness, used when it is beside this file, has
-    the same points and keeps record folders, seeds, checkpoints and summaries."""
+    """What runs around the computation, called at the loop's named points; this one when the
+    script runs alone (a log's code part): it writes logs/<uuid>.txt, the code then the output,
+    as upstream's scripts do. harness.py's Harness has the same points."""
     BAD_INPUT, STOPPED = (ValueError,), (FloatingPointError,)
     first_trial = 0
 
     def __init__(self, hp, ctx, log):
         self.hp, self.ctx, self.log = hp, ctx, log
-
-    def check_data(self, hp):
-        pass
 
     def open(self, hp, code, setup):
         """Before the first trial: draw the seed (rank 0's for every rank), write the log's head."""
@@ -499,23 +475,8 @@ class Driver:
                 self.log(line)
         return hp
 
-    def resumes(self, trial):
-        return False
-
-    def trial_started(self, run):
-        return 0  # the step the trial starts at
-
-    def validated(self, run, step):
-        pass
-
-    def step_ended(self, run, step):
-        pass
-
-    def trial_ended(self, val_loss):
-        pass
-
-    def run_ended(self):
-        pass
+    check_data = validated = step_ended = trial_ended = run_ended = lambda self, *args: None
+    resumes = trial_started = lambda self, *args: 0  # no checkpoints: no trial resumes, each starts at 0
 
     def stopped(self, e, run):
         self.log(f"failed: trial {run.trial if run else 'setup'}: {e}", error=True)
@@ -524,7 +485,6 @@ class Driver:
     def close(self):
         if self.log.file:
             self.log.file.close()
-
 
 
 # =================================================================================================
@@ -573,9 +533,8 @@ def evaluate(run):
 
 def train_step(run, optimizers, step):
     """One optimizer step, queued without waiting for the device: gradients summed over
-    micro-batches and ranks (each parameter's in its own dtype, as the record), lr and momentum
-    from the schedules, Adam and Aurora (a technique's before_step and after_step around them).
-    Returns the step's loss summed over ranks, on the device."""
+    micro-batches and ranks, lr and momentum from the schedules, Adam and Aurora (a technique's
+    before_step and after_step around them). Returns the step's summed loss, on the device."""
     hp, ctx, model = run.hp, run.ctx, run.model
     call(run.techniques, "before_step", run, step)
     loss = torch.zeros((), device=ctx.device, dtype=torch.float32)
@@ -601,9 +560,8 @@ def train_step(run, optimizers, step):
 
 
 def log_train_losses(run, keep=0):
-    """Log the train losses read so far but the last `keep` (each line with the train time as of
-    its step). A non-finite loss stops the run: a non-finite update of an earlier step is its
-    cause and is named first (matrix and step); otherwise the loss is, with its step."""
+    """Log the train losses read so far but the last `keep`. A non-finite loss stops the run,
+    naming a non-finite update of an earlier step (its cause) first, else the loss."""
     hp = run.hp
     while len(run.losses.pending) > keep:
         step, total, elapsed = run.losses.take()
@@ -616,10 +574,8 @@ def log_train_losses(run, keep=0):
 
 
 def check_updates(aurora, before=None):
-    """Raise if an update Aurora computed was non-finite (its check_finite(): the host sync, and a
-    collective; called with the clock stopped, on every rank at the same point). With `before`
-    (the step of a non-finite train loss) an update of that step or later is the loss's
-    consequence, not its cause, and is not raised: the caller reports the loss."""
+    """Raise if an update Aurora computed was non-finite (a host sync and a collective: with the
+    clock stopped, on every rank); with `before`, only one of an earlier step (the loss's cause)."""
     try:
         aurora.check_finite()
     except NonFiniteUpdate as e:
@@ -628,10 +584,9 @@ def check_updates(aurora, before=None):
 
 
 def train_trial(run, trial):
-    """One trial (one seed of a record): seed and re-initialize (or, resuming, take the
-    checkpoint's state), then the record's loop: validate (clock paused) on schedule, stop after
-    the last validation, else train one step. No host sync while the clock runs: the train loss is
-    read a step late, updates are checked at validations."""
+    """One trial (one seed of a record): seed and re-initialize (or, resuming, the checkpoint's
+    state), then the record's loop: validate (clock paused) on schedule, stop after the last
+    validation, else train one step. No host sync while the clock runs."""
     hp, ctx, log, model, driver = run.hp, run.ctx, run.log, run.model, run.driver
     run.trial, run.step = trial, 0
     resumed = driver.resumes(trial)
@@ -677,14 +632,12 @@ def train_trial(run, trial):
 
 
 def build_model(hp, ctx):
-    """The model as the record builds it: default PyTorch init, then moved to the device (each
-    trial re-initializes it there, from its seed)."""
+    """As the record: default init, moved to the device (each trial re-initializes it there)."""
     return GPT(hp, activation_dtype(ctx)).to(ctx.device)
 
 
 def prepare(hp, ctx, log, driver):
-    """The data (the harness checks it first: a bad input never leaves a stub log), the log's head,
-    then the model."""
+    """The data (checked first by the harness: a bad input leaves no stub log), the log, the model."""
     driver.check_data(hp)
     train_files = find_shards(hp.data_dir, "train")
     val = load_val_tokens(find_shards(hp.data_dir, "val"), hp, ctx)
@@ -699,7 +652,7 @@ def prepare(hp, ctx, log, driver):
 def main(argv=None):
     hp, dry_run = parse_args(argv)
     try:
-        if harness:  # the GPU presets refuse to start on a CPU by accident, and --dry-run
+        if harness:  # the GPU presets refuse to start on a CPU by accident; a rank without a GPU
             harness.check_setup(hp, GPU_PRESETS)
         micro, accum = micro_batch_plan(hp, int(os.environ.get("WORLD_SIZE", 1)))
         if dry_run:

@@ -19,8 +19,8 @@ import train_gpt
 from lineage import EMANesterov, LineageAurora, contra_strength, init_lineage, reference_interpolation, scale_init
 from train_gpt import GPT, Hyperparameters, is_val_step, lr_at, momentum_at, parse_args
 from conftest import GRADIENT_SCALES, reference_polar, training_gradient
-from test_train import (NOT_IN_THE_RECORD, SEPARATOR, code_part, computation_flags, only_log, runs_alone,
-                        val_losses)
+from test_train import (NOT_IN_THE_RECORD, SEPARATOR, code_part, computation_flags, only_log, redefined,
+                        runs_alone, val_losses)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = ("aurora_2930", "aurora_2890", "aurora_2860")
@@ -351,6 +351,7 @@ def test_a_tiny_run_of_each_preset_trains_and_its_code_part_runs_alone(data_dir,
         runs.append((str(alone / f"train_{preset}.py"), computation_flags(args)))
         code = code_part(logs[preset])  # the lineage's module, and nothing of the harness or the variants
         assert "lineage.py (inlined)" in code and "soap.py (inlined)" in code and "VARIANTS = None" in code
+        assert redefined(code) == ["Hyperparameters"]
         assert not [m for m in NOT_IN_THE_RECORD["harness"] + NOT_IN_THE_RECORD["variants"] if m in code]
     for preset, log_b in zip(PRESETS, runs_alone(runs, tmp_path)):
         assert log_b.split(SEPARATOR, 1)[0] == logs[preset].split(SEPARATOR, 1)[0]
