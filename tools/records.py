@@ -97,9 +97,9 @@ if ROOT not in sys.path:  # run as a script (python tools/records.py): the sibli
 from tools.compare import diff_records, print_compare, print_diff  # noqa: E402
 from tools.configs import script_facts  # noqa: E402
 from tools.logs import RecordsError, load_record, load_runs, parse_log, read_log  # noqa: E402
-from tools.plots import plot_records  # noqa: E402
-from tools.stats import (claimed, compare, pair_targets, pass_chance, pass_probability,  # noqa: E402
-                         resolve_target, summarize, trials_needed)
+from tools.plots import checked_png, plot_records  # noqa: E402
+from tools.stats import (checked_target, claimed, compare, pair_targets, pass_chance,  # noqa: E402
+                         pass_probability, resolve_target, summarize, trials_needed)
 from tools.parents import PARENTS, PUBLISHED, parent_of  # noqa: E402
 from tools.submit import flag_arguments, print_submission, submit  # noqa: E402
 from tools.summary import json_safe, print_summary, summary_of, write_summary  # noqa: E402
@@ -159,6 +159,11 @@ def main(argv=None):
     p.add_argument("--date", help="YYYY-MM-DD (default: today, UTC)")
     args = ap.parse_args(argv)
     try:
+        # what cannot be right is refused before anything is read or written
+        if args.target is not None:
+            checked_target(args.target)
+        if getattr(args, "png", None) is not None:
+            checked_png(args.png)
         if args.command == "summary":
             if args.new_trials is not None and args.new_trials < 1:
                 raise RecordsError(f"--new-trials must be >= 1, got {args.new_trials}")
@@ -177,12 +182,17 @@ def main(argv=None):
             rec_a, rec_b = load_record([args.a], args.metric), load_record([args.b], args.metric)
             runs_a, runs_b = rec_a["runs"], rec_b["runs"]
             target, warning = pair_targets(rec_a["logs"], rec_b["logs"], args.target)
-            if warning:
-                print(f"warning: {warning}", file=sys.stderr)
-            c = dict(compare(runs_a, runs_b, target), target_warning=warning)
+            metric_a, metric_b = rec_a["metric"], rec_b["metric"]
+            metric_warning = None if metric_a == metric_b else (  # each chose its README's
+                f"A is read on {metric_a}, B on {metric_b} (their folders' README.md): --metric "
+                "reads both on one")
+            for text in filter(None, (warning, metric_warning)):
+                print(f"warning: {text}", file=sys.stderr)
+            c = dict(compare(runs_a, runs_b, target), target_warning=warning, metric_a=metric_a,
+                     metric_b=metric_b, metric_warning=metric_warning)
             if args.png:
                 plot_records({f"A: {args.a}": runs_a, f"B: {args.b}": runs_b}, args.png,
-                             target, args.band)
+                             target, args.band, metric_name(metric_a, metric_b))
             if args.json:
                 print(json.dumps(json_safe(c)))
             else:
@@ -198,7 +208,7 @@ def main(argv=None):
                 print(f"warning: the records were run for different targets ({', '.join(map(format, own, ['g'] * len(own)))}): "
                       f"the target line is drawn at {target:g} (--target chooses)", file=sys.stderr)
             plot_records({lab: r["runs"] for lab, r in zip(labels, loaded)}, args.png, target,
-                         args.band)
+                         args.band, metric_name(*(r["metric"] for r in loaded)))
             print(f"wrote {args.png}")
         elif args.command == "diff":
             if args.b and args.baseline:
@@ -220,6 +230,11 @@ def main(argv=None):
         print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     return 0
+
+
+def metric_name(*metrics):
+    """The metric of several records, for a figure's axis: one name, or each one once."""
+    return " / ".join(dict.fromkeys(metrics))
 
 
 if __name__ == "__main__":
