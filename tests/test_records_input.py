@@ -77,6 +77,7 @@ BAD_FINAL = [  # trial 2's last validation, whole but unusable
     ("step:3200/3200 val_loss:-3.00000 train_time:320.000s step_avg:100.00ms", "not a finite positive loss"),
     ("step:3200/3200 val_loss:-inf train_time:320.000s step_avg:100.00ms", "not a finite positive loss"),
     ("step:3200/3200 val_loss:nan train_time:320.000s step_avg:nanms", "not a finite positive loss"),
+    ("step:3200/3200 val_loss:inf train_time:320.000s step_avg:100.00ms", "not a finite positive loss"),
     ("step:3200/3200 val_loss:0 train_time:320.000s step_avg:100.00ms", "not a finite positive loss"),
     ("step:99999999999999999999999/3200 val_loss:3.20000 train_time:320.000s step_avg:100.00ms",
      "not within its run's 3200 steps"),
@@ -112,6 +113,10 @@ def test_unusable_losses_never_make_a_record_or_a_better_comparison(tmp_path, li
     assert d["compare"] is None and d["compare_error"].startswith("no complete trial")
     assert all(math.isfinite(row["a"]) and row["a"] > 0 for row in d["side_by_side"])
     assert "z +nan" not in cli("diff", record, good).stdout
+    # upstream logs (no trial lines, no end line) that all end in it: not a clean end at 3100
+    write(tmp_path / "up.txt", [text for s in range(3) for text in (
+        val(0, 10.8, 3200), val(3000, GOOD[0], 3200), val(3100, GOOD[1], 3200), line)])
+    refused(cli("summary", tmp_path / "up.txt"), "no complete trial", why)
 
 
 def test_a_step_outside_its_run_does_not_move_the_common_last_step(tmp_path):
