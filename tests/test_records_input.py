@@ -141,8 +141,9 @@ def test_a_metric_that_is_not_a_validation_field_is_refused(tmp_path):
                                       val(4, 3.27, 4, extra=" val_ema_loss:3.26")])
     for command in (["summary", path], ["compare", path, path], ["diff", path, path],
                     ["plot", path, "--png", tmp_path / "p.png"]):
-        refused(cli(*command, "--metric", "train_loss"), "--metric train_loss",
-                "not a validation field", "val_ema_loss, val_loss")
+        for metric in ("train_loss", "", "step"):
+            refused(cli(*command, "--metric", metric), f"--metric {metric!r}",
+                    "not a validation field", "carry: val_ema_loss, val_loss")
     with pytest.raises(RecordsError, match="not a validation field"):
         read_log(path, "train_loss")
     assert os.listdir(tmp_path) == ["a.txt"]
@@ -194,6 +195,7 @@ def test_links_back_fifos_and_folders_named_txt_are_skipped_with_a_notice(tmp_pa
     record = os.path.dirname(l3(tmp_path / "rec"))
     os.mkdir(os.path.join(record, "sub"))
     os.symlink("..", os.path.join(record, "sub", "up"))  # a loop
+    os.symlink("/", os.path.join(record, "sub", "top"))  # the whole file system
     os.mkfifo(os.path.join(record, "x.txt"))  # open() would wait for a writer forever
     os.mkfifo(os.path.join(record, "README.md"))
     os.mkfifo(os.path.join(record, "config.json"))
@@ -203,6 +205,7 @@ def test_links_back_fifos_and_folders_named_txt_are_skipped_with_a_notice(tmp_pa
     assert proc.returncode == 0, proc.stderr
     assert "record: step 3100" in proc.stdout and "(n=4)" in proc.stdout
     assert f"note: skipped {record}/sub/up: a link to a folder already read" in proc.stderr
+    assert f"note: skipped {record}/sub/top: a link to /, a folder that holds {record}" in proc.stderr
     assert f"note: skipped {record}/x.txt: not a regular file" in proc.stderr
     assert "config.json is not a regular file" in proc.stdout
     refused(within(30, lambda: cli("summary", os.path.join(record, "x.txt"))), "not a regular file")

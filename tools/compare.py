@@ -57,7 +57,9 @@ def diff_records(a, b=None, target=None, metric="val_loss"):
     published record of A's preset): hyperparameters (header `name: value` lines of each side's
     first log; seed, trials and data_dir apart as run-specific), a unified diff of the code parts,
     the mean val loss at common steps side by side, and the pairwise test (compare()) when either
-    side has more than one trial. b_label says what B is when it is a published record."""
+    side has more than one trial. b_label says what B is when it is a published record. metric
+    None: val_loss."""
+    metric = "val_loss" if metric is None else metric
     logs_a = read_record(a, metric)
     by_preset = b is None
     if by_preset:

@@ -50,7 +50,12 @@ class RecordsError(Exception):
 
 class NotALog(RecordsError):
     """A file without validation lines of the metric (metadata, a manifest, stderr): a directory's
-    such files are skipped with a notice, a file named on its own is an error."""
+    such files are skipped with a notice, a file named on its own is an error. `metrics`: the
+    validation fields its step lines carry (another metric may be meant)."""
+
+    def __init__(self, message, metrics=()):
+        super().__init__(message)
+        self.metrics = set(metrics)
 
 
 def to_float(text):
@@ -134,6 +139,13 @@ def read_log(path, metric="val_loss"):
     (step lines not counted: source, line number, text, reason, cut: True when cut or garbled,
     False when whole but unusable) and stops (`interrupted:`/`failed:` lines). `metric` must name a
     validation field (val_loss, val_ema_loss, ...): RecordsError otherwise."""
+    if not VALIDATION_FIELD.match(metric):  # e.g. train_loss: training lines are not validations
+        try:
+            carried = read_log(path)["metrics"]
+        except NotALog as e:
+            carried = e.metrics
+        raise RecordsError(f"--metric {metric!r}: not a validation field (a val_* field of the val "
+                           f"lines); the val lines of {path} carry: {', '.join(sorted(carried)) or 'none'}")
     try:
         with open(path, encoding="utf-8", errors="replace", newline="") as f:
             raw = f.read().splitlines(keepends=True)
@@ -203,10 +215,6 @@ def read_log(path, metric="val_loss"):
         current["complete"] = current["complete"] or step == current["total_steps"]
     if trials:
         trials[0]["bad_lines"][:0] = pending_bad
-    if not VALIDATION_FIELD.match(metric):  # e.g. train_loss: training lines are not validations
-        raise RecordsError(f"--metric {metric}: not a validation field (a val_* field of the val "
-                           f"lines); the val lines of {path} carry: "
-                           f"{', '.join(sorted(log['metrics'])) or 'none'}")
     for i, t in enumerate(trials):
         if t["complete"]:
             continue
@@ -224,7 +232,8 @@ def read_log(path, metric="val_loss"):
                  f"{bad[0]['line']}: {bad[0]['text']!r} ({bad[0]['reason']})"] if bad else []
         notes += [f"the log says {log['stops'][-1]!r}"] if log["stops"] else []
         raise NotALog(f"{path}: no validation lines with '{metric}:' (is it a training log? "
-                      "another field can be chosen with --metric)" + "".join(f"; {n}" for n in notes))
+                      "another field can be chosen with --metric)" + "".join(f"; {n}" for n in notes),
+                      log["metrics"])
     return log
 
 
@@ -259,13 +268,17 @@ def walk_logs(root):
     """Every regular *.txt file under `root`, subfolders included, sorted by path; names starting
     with '.' are left out (as glob does). A link to a folder is followed once: a link back to a
     folder already walked (a loop such as `sub/up -> ..`) is skipped, and so is a *.txt that is
-    not a regular file (a FIFO: open() would block), each with a notice on stderr."""
-    files, walked = [], set()
+    not a regular file (a FIFO: open() would block), each with a notice on stderr. So is a link to
+    a folder that holds `root` (`sub/top -> /`): it would walk far beyond the record."""
+    files, walked, top = [], set(), os.path.realpath(root)
 
     def walk(folder):
         real = os.path.realpath(folder)
         if real in walked:
             notice(f"skipped {folder}: a link to a folder already read ({real})")
+            return
+        if real != top and os.path.commonpath([real, top]) == real:
+            notice(f"skipped {folder}: a link to {real}, a folder that holds {root}")
             return
         walked.add(real)
         try:
@@ -348,7 +361,7 @@ def load_record(paths, metric=None):
                 skipped.append(os.path.relpath(f, path))
         return logs, skipped
 
-    chosen, notes = metric or "val_loss", []
+    chosen, notes = "val_loss" if metric is None else metric, []
     logs, skipped = read_all(chosen)
     seen = set().union(*(log["metrics"] for log in logs))
     if metric is None and readme_metric(paths, seen):

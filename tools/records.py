@@ -213,14 +213,14 @@ def main(argv=None):
         elif args.command == "diff":
             if args.b and args.baseline:
                 raise RecordsError("diff: give B or --baseline, not both")
-            d = diff_records(args.a, args.b or args.baseline, args.target, args.metric or "val_loss")
+            d = diff_records(args.a, args.b or args.baseline, args.target, args.metric)
             if args.json:
                 print(json.dumps(json_safe(d)))
             else:
                 print_diff(d)
         else:
             r = submit(args.record_dir, args.name, args.baseline, args.out, args.target,
-                       args.metric or "val_loss", args.description, args.contributors, args.date)
+                       args.metric, args.description, args.contributors, args.date)
             print_submission(r)
     except RecordsError as e:
         print(f"error: {e}", file=sys.stderr)

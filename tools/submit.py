@@ -293,7 +293,7 @@ def submit(record_dir, name, baseline=None, out=None, target=None, metric="val_l
     trials, data_dir and the trainer's PER_RUN names aside) and code part, when they hold no code,
     when no step passes, or when `out` exists and is not empty (never overwrites). The folder is
     built beside `out` and renamed into place, so a failure leaves nothing behind."""
-    metric = metric or "val_loss"
+    metric = "val_loss" if metric is None else metric
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name or ""):
         raise RecordsError(f"--name must be a plain name (letters, digits, _ . -), got {name!r}")
     if date is None:
