@@ -186,10 +186,10 @@ def read_log(path, metric="val_loss"):
             bad = dict(source=str(path), line=number, text=line[:200], reason=fields, cut=kind == "cut")
             log["bad_lines"].append(bad)
             (trials[-1]["bad_lines"] if trials else pending_bad).append(bad)
-            if trials and kind == "cut":  # until a later whole line: this trial's log may be cut
-                trials[-1]["cut_end"] = True  # mid-line here
-            elif trials:  # until a later counted validation: the trial's last one is not usable
-                trials[-1]["bad_end"] = f"its last step line, line {number}, is not usable: {fields}"
+            if trials:  # until a later counted validation: the log may be cut mid-line here, or
+                trials[-1]["cut_end"] = kind == "cut"  # its last step line is not usable
+                trials[-1]["bad_end"] = None if kind == "cut" else (
+                    f"its last step line, line {number}, is not usable: {fields}")
             continue
         log["metrics"].update(k for k in fields if k.startswith("val"))
         step, current = fields["step"], trials[-1] if trials else None

@@ -12,7 +12,9 @@ Usage (from the repository root or anywhere else):
                                    [--description TEXT] [--contributors TEXT] [--date YYYY-MM-DD]
 
 A PATH is a log file or a directory (every *.txt under it, subfolders included, sorted; files
-without validation lines are skipped with one notice); `summary` pools all its PATHs into one
+without validation lines are skipped with one notice; a link back to a folder already read or to
+one that holds the record, and a *.txt that is not a regular file such as a FIFO, are skipped
+with a notice on stderr); `summary` pools all its PATHs into one
 record (`--pool` even across configurations), `compare`, `plot` and `diff` take one record per PATH.
 `tools/check_leaderboard.py` runs `summary` on every result of upstream's Track-3 leaderboard.
 `diff` shows what differs between two logs or records: hyperparameters, code (unified diff), val
@@ -44,7 +46,10 @@ What counts (so that a summary cannot lie):
   apart, never pooled;
 - a val line counts only when whole: step, metric, train_time ending in s and step_avg ending in
   ms, each well-formed, every field named once. A cut or garbled line (full disk, kill mid-write,
-  a field repeated) is ignored and listed in `bad_lines`;
+  a field repeated) is ignored and listed in `bad_lines` ("cut line"); so is a whole line that
+  cannot be a validation of its run ("bad line": a loss that is not a finite positive number, such
+  as a diverged run's nan, or a step outside 0..N of `step:S/N`), and a trial whose last step line
+  is one of these does not count;
 - a file counts once: given twice (`summary A A`, a folder and a file in it) it is read once, and
   a copy (the same content; trials with at least two validation lines) is listed in `duplicates`
   as a copy of the original's trials, with a note;
@@ -54,10 +59,14 @@ What counts (so that a summary cannot lie):
 - logs of several configurations (code part without comments, strings and seed lines, or
   hyperparameter lines) are summarized per group; the claim is the group that passes earliest;
 - the target: --target, else the `val_loss_target:` header line of the logs (our trainer writes
-  it; logs of one record that state different targets are refused), else 3.28. `compare` and
-  `diff` take A's and warn when A and B were run for different targets;
+  it; logs of one record that state different targets are refused), else 3.28; a target must be
+  a finite positive number. `compare` and `diff` take A's and warn when A and B were run for
+  different targets;
 - the metric: `val_loss`, unless the README.md beside the logs names another field of their val
-  lines more often (a claim on a readout such as `val_ema_loss`); `--metric` chooses.
+  lines more often (a claim on a readout such as `val_ema_loss`); `--metric` chooses, and must
+  name a validation field (val_*; train_loss is refused). Every output names the metric and the
+  target it used.
+`plot --png` and `compare --png` take a file name ending in .png.
 
 The benchmark's rules: n runs pass at step S when
 `(target - mean_S) * sqrt(n) >= 0.004`; the record is the earliest validated step, common to all
@@ -80,8 +89,9 @@ The names used from Python (read_log, parse_log, load_runs, screen, summarize, c
 pass_chance, write_summary, plot_records, diff_records, submit, RecordsError, ...) can also be
 imported from here. train_gpt.py rewrites summary.json after every run (write_summary, through
 `summary RECORD_DIR --write`). Errors (missing path, no logs, unreadable file, no val lines, no
-complete trial, no common step, a submission that does not hold together) raise RecordsError;
-the command line prints `error: ...` on stderr and exits with status 2.
+complete trial, no common step, a target, metric or --png that cannot be right, a submission that
+does not hold together) raise RecordsError; the command line prints `error: ...` on stderr and
+exits with status 2, before it writes anything. docs/failure-modes.md lists what is refused.
 """
 import argparse
 import json
