@@ -106,8 +106,8 @@ def test_multi_trial_file_without_step_zero_and_seed_lines(tmp_path):
 
 def test_seed_line_starts_a_trial_even_if_the_step_increases(tmp_path):
     # trial 0 stopped at step 100; trial 1's first val line is at 125
-    path = write(tmp_path / "a.txt", ["trial:0 seed:1", val(0, 10.8), val(100, 4.0),
-                                      "trial:1 seed:2", val(125, 3.9), val(250, 3.5)])
+    path = write(tmp_path / "a.txt", ["trial:0 seed:1", val(0, 10.8, 250), val(100, 4.0, 250),
+                                      "trial:1 seed:2", val(125, 3.9, 250), val(250, 3.5, 250)])
     assert [(t["seed"], t["steps"]) for t in parse_log(path)] == [(1, [0, 100]), (2, [125, 250])]
 
 
@@ -290,12 +290,16 @@ def test_write_summary(tmp_path):
 
 
 def test_write_summary_diverged_run_is_strict_json(tmp_path):
+    # a diverged trial's nan is a bad line: the trial is left out, never pooled as mean nan
     write(tmp_path / "x.txt", [val(50, 3.5), "step:100/100 val_loss:nan train_time:1.0s step_avg:nanms"])
+    write(tmp_path / "y.txt", [val(50, 3.4), val(100, 3.27)])
     write_summary(str(tmp_path))
     text = (tmp_path / "summary.json").read_text()
     assert "NaN" not in text
     s = json.loads(text)
-    assert s["step"] is None and s["mean"] is None
+    assert s["n"] == 1 and s["mean"] == 3.27 and [i["source"] for i in s["incomplete"]] == ["x.txt"]
+    assert "val_loss nan is not a finite positive loss" in s["incomplete"][0]["reason"]
+    assert [(b["source"], b["cut"]) for b in s["bad_lines"]] == [("x.txt", False)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -309,8 +313,9 @@ def no_common_steps(d):
 
 
 def unreadable(d):
-    (d / "log.txt").mkdir()  # listed as a log, but open() fails (chmod does not stop root)
-    return str(d)
+    # a regular file that open()s but cannot be read (EIO; chmod does not stop root)
+    (d / "log.txt").symlink_to("/proc/self/mem")
+    return str(d / "log.txt")
 
 
 @pytest.mark.parametrize("setup, message", [
@@ -424,7 +429,9 @@ def test_a_cut_final_line_is_ignored_and_reported(tmp_path, cut):
     write(tmp_path / "b.txt", ["trial:0 seed:1", val(50, 3.5), val(100, 3.29)])
     s = summarize(load_runs([str(tmp_path)]))
     assert s["n"] == 1 and s["final_losses"] == [3.29]
-    assert s["bad_lines"] == [dict(source=path, line=number, text=cut)]
+    assert [dict(b, reason=None) for b in s["bad_lines"]] == [
+        dict(source=path, line=number, text=cut, reason=None, cut=True)]
+    assert s["bad_lines"][0]["reason"].startswith(("cut or garbled", "garbled"))
     assert [i["seed"] for i in s["incomplete"]] == [0]
 
 
@@ -802,12 +809,13 @@ def test_summary_write_rewrites_summary_json(tmp_path):
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["n"] == 1 and [i["source"] for i in on_disk["incomplete"]] == ["y.txt"]
     assert stat.S_IMODE(os.stat(tmp_path / "summary.json").st_mode) == 0o644
-    # a diverged run: null in summary.json, nan in the text, no crash
+    # a diverged run: its nan is a bad line, the trial is left out, and no crash
     write(tmp_path / "z.txt", ["trial:0 seed:2", val(50, 3.5),
                                "step:100/100 val_loss:nan train_time:1.0s step_avg:nanms"])
     proc = cli("summary", tmp_path, "--write")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[-1] == "record: not reached (last common step 100: mean nan, margin nan < 0.004)"
+    assert proc.stdout.splitlines()[-1] == "record: step 100  mean 3.270000  margin 0.01000 >= 0.004  (n=1)"
+    assert "bad line (ignored): z.txt line 10: " in proc.stdout and "not a finite positive loss" in proc.stdout
     proc = cli("summary", tmp_path, tmp_path / "x.txt", "--write")
     assert proc.returncode == 2 and "exactly one PATH" in proc.stderr
 
@@ -1027,7 +1035,7 @@ def test_target_from_the_logs_headers(tmp_path):
     assert data["target"] == 3.3 and "B for 3.28" in data["target_warning"]
     assert "warning" not in cli("compare", EXAMPLE_LOG, EXAMPLE_LOG).stderr
     example_copy(record / "b.txt", val_loss_target='"high"')
-    with pytest.raises(RecordsError, match="val_loss_target '\"high\"' is not a number"):
+    with pytest.raises(RecordsError, match="val_loss_target '\"high\"' is not a finite positive"):
         summary_of(str(record / "b.txt"))
 
 

@@ -10,7 +10,11 @@ ones of ours), gets the record's parent, the published 3175-step record. `diff A
 import os
 from collections import namedtuple
 
-from tools.logs import header_value
+if __name__ == "__main__":  # a module of the toolkit, not a command
+    raise SystemExit("tools/parents.py is a module of the records toolkit, not a command: "
+                     "python tools/records.py --help lists the commands")
+
+from tools.logs import RecordsError, header_value  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PUBLISHED_DIR = os.path.join(ROOT, "records")
@@ -55,6 +59,17 @@ def parent_of(logs):
     """(path, preset) of the default parent record of a run whose logs are `logs`."""
     preset = preset_of(logs)
     return parent_path(preset), preset
+
+
+def default_parent(logs, how_to_choose):
+    """parent_of(logs), refused (RecordsError) when that record is missing from records/ (a
+    partial checkout): the message says it is the default parent and how to name another."""
+    path, preset = parent_of(logs)
+    if not os.path.exists(path):
+        raise RecordsError(f"the default parent record of these logs (preset {preset or 'none'}), "
+                           f"{path}, is missing: restore it (git checkout -- records/) or "
+                           f"{how_to_choose} to name another")
+    return path, preset
 
 
 def published_label(path):
