@@ -161,3 +161,18 @@ def test_stop_flags_are_checked(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         train_gpt.parse_args(argv)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_evidence_replay_of_the_published_record(capsys):
+    """tools/campaign_evidence.py's replay on the in-repo copy of the 3175-step record's log (#17
+    upstream): the numbers its records folder states for that result."""
+    from tools.campaign_evidence import main, replay
+    runs = load_record(PUBLISHED)["runs"]
+    losses = [r["losses"][r["steps"].index(3175)] for r in runs]
+    assert len(losses) == 20 and summarize(runs)["step"] == 3175
+    prior = parent_spread(PUBLISHED)
+    assert replay(losses, 20, 3.28, prior, 0.05)[0] is None  # the record itself: never stopped
+    assert [replay([x + d for x in losses], 20, 3.28, prior, 0.05)[0]
+            for d in (0.001, 0.002, 0.003)] == [5, 2, 2]
+    assert main([ROOT, "--out", "unused"]) == 2  # not an upstream checkout: refused, nothing written
+    assert "is not a modded-nanogpt checkout" in capsys.readouterr().err
