@@ -280,10 +280,10 @@ def check_hyperparameters(hp):
         bad("seed", "must be in [0, 2^63 - trials] (torch.manual_seed's range)")
     if hp.save_every < 0:
         bad("save_every", "must be >= 0 (0: no checkpoints)")
-    if hp.stop_below is not None and not (0 < hp.stop_below < 1 and hp.trials > 1):
-        bad("stop_below", "must be in (0, 1), and stops a campaign of --trials >= 2")
     if hp.run_name is not None and (not hp.run_name or "/" in hp.run_name or hp.run_name.startswith(".")):
         bad("run_name", "must be a plain folder name")
+    if hp.stop_below is not None and not (0 < hp.stop_below < 1 and hp.trials > 1):
+        bad("stop_below", "must be in (0, 1), and stops a campaign of --trials >= 2")
     check_lineage(hp, bad)
 
 
