@@ -14,7 +14,8 @@ train_gpt.py calls it at a few named points, and nothing else of it:
     harness.resumes(trial)            does this trial continue a checkpoint? (then no init)
     harness.trial_started(run)        after a trial is built: restores a checkpoint's state; the step
     harness.step_ended(run, step)     between a step's validation and the next training step
-    harness.trial_ended(val_loss)     a trial's final validation loss
+    harness.trial_ended(val_loss)     a trial's final validation loss, and the campaign's chance so
+                                      far (--trials N); False: a futility stop (--stop-below) ends it
     harness.run_ended()               every trial done: final losses, summary
     harness.stopped(error, run)       a NaN or a signal stopped training: the log says so
     harness.close()                   closes the log: its lock is released
@@ -22,7 +23,7 @@ train_gpt.py calls it at a few named points, and nothing else of it:
 `run` is train_gpt.py's Run (model, optimizers, train_loader, clock, probe, jsonl, trial, step) and
 its settle() (log the pending train losses, check the updates): what a checkpoint saves and
 restores. Of the hyperparameters, the harness reads only the run's flags (records_dir, run_name,
-append, seed, trials, save_every, resume), rule and preset (the default run name) and diagnostics
+append, seed, trials, save_every, resume, stop_below), rule and preset (the default run name) and diagnostics
 (whether a .jsonl file goes beside the log); the header lists them all.
 """
 import argparse
@@ -52,6 +53,12 @@ from data.shards import read_shard_header
 
 HARNESS_ROOT = os.path.dirname(os.path.abspath(__file__))
 SEPARATOR = "=" * 100
+# Flags that do not exist on purpose, and why (said instead of argparse's "unrecognized").
+REFUSED_FLAGS = {
+    "--stop-above": "--stop-above is refused: stopping a campaign because its claim passes chooses "
+                    "the number of trials by the result, which inflates the chance of a false claim "
+                    "(the rules ask for non-cherry-picked runs); only a futility stop, --stop-below P, "
+                    "is offered: it can only drop claims"}
 
 
 def parse_flags(cls, presets, choices, check, argv=None):
@@ -75,6 +82,9 @@ def parse_flags(cls, presets, choices, check, argv=None):
             ap.add_argument(flag, type=float, nargs=len(f.default), **kw)
         else:
             ap.add_argument(flag, type=f.type, choices=choices.get(f.name), **kw)
+    for arg in sys.argv[1:] if argv is None else argv:
+        if arg.split("=", 1)[0] in REFUSED_FLAGS:
+            ap.error(REFUSED_FLAGS[arg.split("=", 1)[0]])
     args = vars(ap.parse_args(argv))
     dry_run = args.pop("dry_run")
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
@@ -134,7 +144,7 @@ def runnable_source(script=None):
 
 # Hyperparameters that may differ between the logs of one record folder.
 PER_RUN = ("seed", "trials", "data_dir", "records_dir", "run_name", "append", "allow_cpu",
-           "save_every", "resume")
+           "save_every", "resume", "stop_below")
 
 
 def record_config(hp):
@@ -394,6 +404,35 @@ def environment_lines(hp, ctx, setup, drawn=False):
     except (OSError, subprocess.SubprocessError):
         pass
     return lines
+
+
+def campaign_tools():
+    """tools/campaign.py, when the records toolkit sits beside this script; else None."""
+    if not os.path.exists(os.path.join(HARNESS_ROOT, "tools", "campaign.py")):
+        return None
+    if HARNESS_ROOT not in sys.path:
+        sys.path.insert(0, HARNESS_ROOT)
+    import tools.campaign
+    return tools.campaign
+
+
+def campaign_report(log, hp):
+    """After a complete trial of a --trials N run (rank 0): log the claim so far, computed from this
+    run's log as `python tools/records.py campaign LOG --trials N` computes it; return the
+    `campaign stopped:` line when --stop-below ends the campaign here, else None."""
+    campaign = campaign_tools()
+    if campaign is None:
+        return None
+    try:
+        c = campaign.campaign_of(log.file.name, hp.trials)
+    except (campaign.RecordsError, ValueError, OSError) as e:  # a report: the run goes on
+        log(f"campaign: not estimated: {e}")
+        return None
+    log(campaign.campaign_line(c))
+    stop = campaign.campaign_decision(c, hp.stop_below)
+    if stop:
+        log(stop)
+    return stop
 
 
 def refresh_summary(record_dir, log):
@@ -712,6 +751,9 @@ class Harness:
         every check passed; every rank gets the seed rank 0 drew. Returns hp with that seed."""
         ctx, log = self.ctx, self.log
         self.code, self.train_files = code, train_files
+        if hp.stop_below is not None and campaign_tools() is None:
+            raise ValueError("--stop-below needs the records toolkit (tools/campaign.py) beside "
+                             f"{os.path.join(HARNESS_ROOT, 'harness.py')}: run from a checkout")
         if hp.resume:  # every rank reads and checks it (same file, same verdict): nothing written yet
             self.resume = load_checkpoint(hp.resume)
             hp = check_resume(self.resume, hp, ctx, train_files, code)
@@ -800,7 +842,16 @@ class Harness:
             raise Interrupted(stop)
 
     def trial_ended(self, val_loss):
+        """A trial is complete: its final loss, and with --trials N > 1 the campaign's line (rank 0
+        reads the log). Returns False when --stop-below stops the campaign here (every rank takes
+        rank 0's decision): the trials run so far end the run, complete and counted."""
         self.finals.append(val_loss)
+        stop = campaign_report(self.log, self.hp) if self.hp.trials > 1 and self.ctx.rank == 0 else None
+        if self.ctx.world > 1 and self.hp.stop_below is not None:
+            shared = [stop]
+            dist.broadcast_object_list(shared, 0)
+            stop = shared[0]
+        return stop is None
 
     def run_ended(self):
         """Every trial done: the final losses, no checkpoint left, the record's summary. The run is

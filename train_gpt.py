@@ -166,6 +166,9 @@ class Hyperparameters:
                                 "beside the log (<uuid>.ckpt); 0 = off (the record)")
     resume: str = hparam(None, "continue the run of this checkpoint (same flags and code): appends "
                                "to its log, then finishes its trials")
+    stop_below: float = hparam(None, "futility stop: end the campaign after a complete trial when its "
+                                     "chance of passing with --trials N falls below this (0 < P < 1; "
+                                     "default off; docs/campaign.md)")
 
 
 CHOICES = dict(rule=("aurora", "muon", "normuon"), aurora_on=("nonsquare", "tall", "wide_only"),
@@ -279,6 +282,8 @@ def check_hyperparameters(hp):
         bad("save_every", "must be >= 0 (0: no checkpoints)")
     if hp.run_name is not None and (not hp.run_name or "/" in hp.run_name or hp.run_name.startswith(".")):
         bad("run_name", "must be a plain folder name")
+    if hp.stop_below is not None and not (0 < hp.stop_below < 1 and hp.trials > 1):
+        bad("stop_below", "must be in (0, 1), and stops a campaign of --trials >= 2")
     check_lineage(hp, bad)
 
 
@@ -967,7 +972,8 @@ def main(argv=None):
     try:
         run = prepare(hp, ctx, log, harness)
         for trial in range(harness.first_trial, run.hp.trials):
-            harness.trial_ended(train_trial(run, trial))
+            if not harness.trial_ended(train_trial(run, trial)):
+                break  # a futility stop (--stop-below): the trials run are complete and counted
         harness.run_ended()
         return 0
     except (DataError, ValueError, FileExistsError) as e:  # bad input or configuration

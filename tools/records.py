@@ -10,12 +10,16 @@ Usage (from the repository root or anywhere else):
     python tools/records.py diff A [B | --baseline B] [--target] [--metric] [--json]
     python tools/records.py submit RECORD_DIR --name NAME [--baseline LOG_OR_DIR] [--out DIR]
                                    [--description TEXT] [--contributors TEXT] [--date YYYY-MM-DD]
+    python tools/records.py campaign PATH... --trials N [--step S] [--target T] [--metric M]
 
 A PATH is a log file or a directory (every *.txt under it, subfolders included, sorted; files
 without validation lines are skipped with one notice; a link back to a folder already read or to
 one that holds the record, and a *.txt that is not a regular file such as a FIFO, are skipped
 with a notice on stderr); `summary` pools all its PATHs into one
 record (`--pool` even across configurations), `compare`, `plot` and `diff` take one record per PATH.
+`campaign` is a claim in progress: with k of the N planned trials in (a folder filled by one or
+several processes), the mean and margin at the claim step and the chance that the N-trial campaign
+passes there, with the trials needed for a 90% chance (tools/campaign.py; docs/campaign.md).
 `tools/check_leaderboard.py` runs `summary` on every result of upstream's Track-3 leaderboard.
 `diff` shows what differs between two logs or records: hyperparameters, code (unified diff), val
 losses at common steps, and the pairwise test. `submit` writes an upstream-style result folder
@@ -85,6 +89,7 @@ with a docstring that says how its parts fit:
     tools/plots.py     figures (plot_records, plot_submission)
     tools/submit.py    an upstream-style result folder (submit)
     tools/parents.py   the default parent record of a run, by preset (PARENTS, parent_of)
+    tools/campaign.py  a campaign in progress: its chance of passing, the futility stop
 The names used from Python (read_log, parse_log, load_runs, screen, summarize, compare,
 pass_chance, write_summary, plot_records, diff_records, submit, RecordsError, ...) can also be
 imported from here. train_gpt.py rewrites summary.json after every run (write_summary, through
@@ -104,6 +109,7 @@ if ROOT not in sys.path:  # run as a script (python tools/records.py): the sibli
 
 # What other code imports from here (tests, train_gpt.py's users, tools/*.py): the command line's
 # own imports, and the rest of the Python interface, re-exported (see __all__).
+from tools.campaign import campaign_of, print_campaign  # noqa: E402
 from tools.compare import diff_records, print_compare, print_diff  # noqa: E402
 from tools.configs import script_facts  # noqa: E402
 from tools.logs import RecordsError, load_record, load_runs, parse_log, read_log  # noqa: E402
@@ -167,6 +173,15 @@ def main(argv=None):
     p.add_argument("--description", help="leaderboard description (default: from the logs)")
     p.add_argument("--contributors", help="leaderboard contributors (default: ?)")
     p.add_argument("--date", help="YYYY-MM-DD (default: today, UTC)")
+    p = sub.add_parser("campaign", parents=[common], help="a campaign in progress: its chance "
+                       "of passing once all N trials are in")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="log files and directories, pooled")
+    p.add_argument("--trials", type=int, required=True, metavar="N",
+                   help="the campaign's planned number of trials (>= the complete trials in)")
+    p.add_argument("--step", type=int, metavar="S", help="the claim step (default: the trials' "
+                   "own earliest passing step, else the preset's published claim step, else the "
+                   "last common validated step)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = ap.parse_args(argv)
     try:
         # what cannot be right is refused before anything is read or written
@@ -228,6 +243,12 @@ def main(argv=None):
                 print(json.dumps(json_safe(d)))
             else:
                 print_diff(d)
+        elif args.command == "campaign":
+            c = campaign_of(args.paths, args.trials, args.step, args.target, args.metric)
+            if args.json:
+                print(json.dumps(json_safe(c)))
+            else:
+                print_campaign(c, ", ".join(args.paths))
         else:
             r = submit(args.record_dir, args.name, args.baseline, args.out, args.target,
                        args.metric, args.description, args.contributors, args.date)

@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import urllib.parse
 
+from tools.campaign import stop_notes
 from tools.configs import config_difference, config_of, inconsistencies, run_specific, script_facts
 from tools.logs import RecordsError, header_value, read_record
 from tools.parents import PARENTS, default_parent, published_label
@@ -207,6 +208,7 @@ def submission_readme(ctx):
             f"{PASS_MARGIN}: PASS. The benchmark's rule: n runs pass at step S when (target - "
             f"mean_S) * sqrt(n) >= {PASS_MARGIN}, and the claim is the earliest validated step, "
             "common to all runs, that passes.", "",
+            *[f"Note: the {note}." for note in ctx["stops"]], *([""] if ctx["stops"] else []),
             "| step | mean | std | margin | |", "|---|---|---|---|---|"]
     for row in near:
         label = f"**{row['step']}** (claimed)" if row["step"] == step else str(row["step"])
@@ -321,10 +323,12 @@ def submit(record_dir, name, baseline=None, out=None, target=None, metric="val_l
     runs = [t for log in logs for t in log["trials"]]
     s = summarize(runs, target)
     relative_sources(s, record_dir)
+    stops = stop_notes(logs)
     if s["step"] is None:
         raise RecordsError(f"{record_dir}: no validated step passes (last common step "
                            f"{s['final_step']}: mean {s['mean']:.6f}, margin {s['margin']:.5f} < "
-                           f"{PASS_MARGIN}, n={s['n']}): nothing to submit")
+                           f"{PASS_MARGIN}, n={s['n']}): nothing to submit"
+                           + "".join(f"; the {note}" for note in stops))
     by_preset = baseline is None
     if by_preset:
         baseline, preset = default_parent(logs, "give --baseline")
@@ -368,7 +372,7 @@ def submit(record_dir, name, baseline=None, out=None, target=None, metric="val_l
                skip=skip,
                code_added=sum(line.startswith("+") for line in code_lines),
                code_removed=sum(line.startswith("-") for line in code_lines),
-               reproduce=reproduce(logs, counted, name))
+               reproduce=reproduce(logs, counted, name), stops=stops)
     try:
         os.makedirs(os.path.dirname(out), exist_ok=True)
         tmp = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f".{folder}-")
@@ -398,7 +402,7 @@ def submit(record_dir, name, baseline=None, out=None, target=None, metric="val_l
         raise
     files = sorted(os.listdir(out))
     return dict(out=out, files=files, row=row, summary=s, comparison=comparison, metric=metric,
-                target=target)
+                target=target, stops=stops)
 
 
 def print_submission(r):
@@ -408,6 +412,8 @@ def print_submission(r):
     print(f"wrote {r['out']}: {', '.join(r['files'])}")
     print(f"record: step {s['step']}  mean {s['mean']:.6f}  margin {s['margin']:.5f} "
           f">= {PASS_MARGIN}  (n={s['n']})")
+    for note in r["stops"]:
+        print(f"note: the {note}")
     print(f"pairwise test against the parent: z {r['comparison']['z']:+.5f}: "
           f"{verdict_vs_parent(r['comparison'])}")
     print(f"leaderboard row (steps to {r['target']:g} on {r['metric']}; also in the README):")

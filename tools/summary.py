@@ -18,6 +18,7 @@ import os
 import tempfile
 import textwrap
 
+from tools.campaign import stop_notes
 from tools.logs import RecordsError, load_record
 from tools.stats import PASS_MARGIN, PLAN_MAX_TRIALS, claimed, passes, resolve_target, summarize
 from tools.trials import screen
@@ -57,7 +58,7 @@ def summary_of(paths, target=None, metric=None, new_trials=None, pool=False):
     summary of every configuration together."""
     record = load_record(paths, metric)
     target, note = resolve_target(record["logs"], target)
-    notes = record["notes"] + ([note] if note else [])
+    notes = record["notes"] + ([note] if note else []) + stop_notes(record["logs"])
     if pool:
         for r in record["runs"]:
             r["group"] = None
