@@ -19,7 +19,7 @@ import tempfile
 
 from tools.configs import config_difference, config_of, inconsistencies, run_specific, script_facts
 from tools.logs import RecordsError, header_value, read_record
-from tools.parents import PARENTS, parent_of, published_label
+from tools.parents import PARENTS, parent_note, parent_of, published_label
 from tools.plots import plot_submission
 from tools.stats import PASS_MARGIN, compare, passes, resolve_target, summarize
 from tools.summary import needed, percent, relative_sources, seed_text, write_public
@@ -332,7 +332,7 @@ def submit(record_dir, name, baseline=None, out=None, target=None, metric="val_l
            f"{cell(contributors or '?')} |")
     published = published_label(baseline)
     if published and by_preset:
-        published += f", the default parent of preset {preset}" if preset in PARENTS else ""
+        published += f", the default parent of preset {preset}{parent_note(preset)}" if preset in PARENTS else ""
     hardware = []
     for log in logs:
         for line in log["environment"]:
