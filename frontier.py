@@ -207,8 +207,8 @@ class TailEMA:
         if steps_done < self.start or (self.stop is not None and steps_done >= self.stop):
             return
         if self.ema is None:
-            self.ema = [None if p is None else (p.detach().clone() if self.form == "lerp" else p.detach().float().clone())
-                        for p in self.params]
+            copy = (lambda p: p.detach().clone()) if self.form == "lerp" else (lambda p: p.detach().float().clone())
+            self.ema = [None if p is None else copy(p) for p in self.params]
             return
         for p, e in zip(self.params, self.ema):
             if p is None:

@@ -191,11 +191,14 @@ def test_the_schedules_and_validation_steps_are_the_published_ones_at_every_step
             assert lr_at(step, g, hp) == ref.lr_at(step, g["initial_lr"], g["power_c"])
         assert momentum_at(step, hp) == ref.momentum_at(step)
         assert is_val_step(step, hp) == ref.validates(step, stop, claimed), step
-    assert (hp.ema_nesterov, hp.ema_nesterov_beta, hp.ema_nesterov_start, hp.ema_nesterov_stop) == (0.3, 0.99, 300, 1950)
+    assert (hp.ema_nesterov, hp.ema_nesterov_beta, hp.ema_nesterov_start, hp.ema_nesterov_stop) == (
+        0.3, 0.99, 300, 1950)
     assert (hp.adam_betas, hp.adam_eps, hp.lr_embed, hp.lr_head, hp.lr_scalar, hp.lr_matrix) == (
         (0.8, 0.99), 1e-10, 0.3, 1 / 320, 0.01, 0.0375)
-    assert (hp.uw_floor, hp.radial_brake, hp.radius_pin, hp.norm_estimate, hp.contra) == (0.3825, 0.5, True, "schatten4", 0.0)
-    assert (hp.init, hp.zero_biases, hp.fc_depth_scale, hp.gain_split, hp.norm_in_fp32) == ("torch", False, 0.3, 0.125, True)
+    assert (hp.uw_floor, hp.radial_brake, hp.radius_pin, hp.norm_estimate, hp.contra) == (
+        0.3825, 0.5, True, "schatten4", 0.0)
+    assert (hp.init, hp.zero_biases, hp.fc_depth_scale, hp.gain_split, hp.norm_in_fp32) == (
+        "torch", False, 0.3, 0.125, True)
     assert (hp.soap_every, hp.soap_beta2, hp.soap_v_blend, hp.soap_v_floor, hp.rule) == (1, 0.9, 1.0, 0.0, "muon")
 
 

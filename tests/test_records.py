@@ -1297,7 +1297,8 @@ def test_the_soap_presets_parents(tmp_path, preset, parent, n, steps):
     r = submit(make_submission(tmp_path / "rec", hp=dict(preset=f'"{preset}"')), "p", out=str(tmp_path / "o"),
                date="2026-12-02")
     assert (r["comparison"]["n_b"], r["comparison"]["steps_b"]) == (n, steps)
-    assert f"records/{parent}/), the default parent of preset {preset}." in open(os.path.join(r["out"], "README.md")).read()
+    readme = open(os.path.join(r["out"], "README.md")).read()
+    assert f"records/{parent}/), the default parent of preset {preset}." in readme
 
 
 def test_the_soap_presets_note_in_submit(tmp_path):
