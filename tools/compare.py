@@ -18,7 +18,7 @@ import numpy as np
 
 from tools.configs import config_difference, inconsistencies, run_specific
 from tools.logs import RecordsError, read_record
-from tools.parents import default_parent, published_label
+from tools.parents import default_parent, parent_note, published_label
 from tools.stats import PASS_MARGIN, compare, pair_targets
 from tools.trials import loss_at, screen
 
@@ -68,7 +68,7 @@ def diff_records(a, b=None, target=None, metric="val_loss"):
     b_label = published_label(b)
     if b_label and by_preset:
         b_label = (f"A's parent record ({f'preset {preset}' if preset else 'no preset line'}): "
-                   f"{b_label}")
+                   f"{b_label}{parent_note(preset)}")
     target, target_warning = pair_targets(logs_a, logs_b, target)
     runs_a = [t for log in logs_a for t in log["trials"]]
     runs_b = [t for log in logs_b for t in log["trials"]]

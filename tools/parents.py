@@ -3,8 +3,10 @@
 A log of our trainer names its preset in its header (`preset: "aurora_2860"`). PARENTS maps each
 preset that reproduces a published Aurora record to the in-repo copy of that record's output
 (records/published_aurora_<steps>/: the output parts of upstream's logs, without their code);
-every other preset (record, tiny, small, ...), and a log without a preset line (upstream's, older
-ones of ours), gets the record's parent, the published 3175-step record. `diff A` (no B) and
+the SOAP-Muon presets map to the record their published result built on (soap_2690: #45's,
+soap_2720: #44's; soap_2750: #41 built on #40 and is no preset here, so #40's, with a note that
+says so); every other preset (record, tiny, small, ...), and a log without a preset line
+(upstream's, older ones of ours), gets the record's parent, the published 3175-step record. `diff A` (no B) and
 `submit` (no --baseline) compare with parent_of(A's logs); a B or --baseline given overrides it.
 """
 import os
@@ -19,9 +21,11 @@ from tools.logs import RecordsError, header_value  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PUBLISHED_DIR = os.path.join(ROOT, "records")
 
-# path: under records/ (a log, or a folder of logs); label: what the record is, for READMEs and diffs
-Parent = namedtuple("Parent", "path label")
+# path: under records/ (a log, or a folder of logs); label: what the record is, for READMEs and diffs;
+# note: why this is the default when it is not the published parent itself
+Parent = namedtuple("Parent", "path label note", defaults=(None,))
 DEFAULT_PRESET = "record"
+RESULT_40 = "modded-nanoGPT optimization track #40 (#30 wrapped in EMA-Nesterov; 2890 steps, 16 seeds, 8xA100)"
 PARENTS = {
     "record": Parent("published_aurora_3175/track3_aurora_3175_n20.txt",
                      "modded-nanoGPT optimization track #17 (Tilde Research's Aurora, 3175 steps, "
@@ -29,20 +33,38 @@ PARENTS = {
     "aurora_2930": Parent("published_aurora_2930",
                           "modded-nanoGPT optimization track #30 (Aurora on the wide mlp.proj "
                           "matrices, Contra-Muon ramp to step 2500; 2930 steps, 16 seeds, 8xH200)"),
-    "aurora_2890": Parent("published_aurora_2890",
-                          "modded-nanoGPT optimization track #40 (#30 wrapped in EMA-Nesterov; "
-                          "2890 steps, 16 seeds, 8xA100)"),
+    "aurora_2890": Parent("published_aurora_2890", RESULT_40),
     "aurora_2860": Parent("published_aurora_2860",
                           "modded-nanoGPT optimization track #42 (#40 with zero-init biases and "
                           "reference interpolation; 2860 steps, 16 seeds, 8xL40S)"),
+    "soap_2750": Parent("published_aurora_2890", RESULT_40,
+                        "the nearest preset ancestor of #41, soap_2750's published parent, which is not a "
+                        "preset here"),
+    "soap_2720": Parent("published_soap_2750",
+                        "modded-nanoGPT optimization track #44 (SOAP-Muon on every hidden matrix, refreshed "
+                        "every step, no Aurora; 2750 steps, 20 seeds, 8xH100)"),
+    "soap_2690": Parent("published_soap_2720",
+                        "modded-nanoGPT optimization track #45 (#44 blended towards its tail EMA at the "
+                        "claimed step; 2720 steps, 10 seeds, 1xGH200)"),
 }
 
 
-def parent_path(preset):
-    """The absolute path of a preset's parent record: for a list of presets (`aurora_2860+small`)
-    the first one's in PARENTS; the record's for presets not in PARENTS."""
+def parent_entry(preset):
+    """The Parent of a preset: for a list of presets (`aurora_2860+small`) the first one's in
+    PARENTS; the record's for presets not in PARENTS."""
     named = [p for p in (preset or "").split("+") if p in PARENTS]
-    return os.path.join(PUBLISHED_DIR, PARENTS[named[0] if named else DEFAULT_PRESET].path)
+    return PARENTS[named[0] if named else DEFAULT_PRESET]
+
+
+def parent_path(preset):
+    """The absolute path of a preset's parent record (parent_entry)."""
+    return os.path.join(PUBLISHED_DIR, parent_entry(preset).path)
+
+
+def parent_note(preset):
+    """' (why)' when the preset's default parent is not its published parent itself, else ''."""
+    note = parent_entry(preset).note
+    return f" ({note})" if note else ""
 
 
 PUBLISHED = parent_path(DEFAULT_PRESET)  # the record's parent: the published 3175-step record

@@ -28,8 +28,10 @@ a README (claim, per-seed table, comparison with the parent record, hardware, co
 figures; it prints the leaderboard row. The parent record (`diff`'s B, `submit`'s --baseline)
 defaults to the published record that the run's preset starts from (its log header's `preset:`
 line; tools/parents.py's PARENTS): aurora_2930, aurora_2890 and aurora_2860 have the published
-records of those step counts (records/published_aurora_<steps>/), any other preset, or none, the
-3175-step record (records/published_aurora_3175/track3_aurora_3175_n20.txt).
+records of those step counts (records/published_aurora_<steps>/), the SOAP-Muon presets the
+record their published result built on (soap_2690: records/published_soap_2720/, soap_2720:
+records/published_soap_2750/, soap_2750: #40's, the nearest preset ancestor of its parent #41),
+any other preset, or none, the 3175-step record (records/published_aurora_3175/track3_aurora_3175_n20.txt).
 
 Log format. A log is the training script's source (the "code part"), a line of '=' characters
 (>= 50; ours have 100), header lines (ours: environment, then one `name: value` line per

@@ -26,7 +26,7 @@ import urllib.parse
 from tools.campaign import stop_notes
 from tools.configs import config_difference, config_of, inconsistencies, run_specific, script_facts
 from tools.logs import RecordsError, header_value, read_record
-from tools.parents import PARENTS, default_parent, published_label
+from tools.parents import PARENTS, default_parent, parent_note, published_label
 from tools.plots import plot_submission
 from tools.stats import DEFAULT_TARGET, PASS_MARGIN, compare, passes, resolve_target, summarize
 from tools.summary import bad_line_kind, needed, percent, relative_sources, seed_text, write_public
@@ -357,7 +357,7 @@ def submit(record_dir, name, baseline=None, out=None, target=None, metric="val_l
            f"{cell(contributors or '?')} |")
     published = published_label(baseline)
     if published and by_preset:
-        published += f", the default parent of preset {preset}" if preset in PARENTS else ""
+        published += f", the default parent of preset {preset}{parent_note(preset)}" if preset in PARENTS else ""
     hardware = []
     for log in logs:
         for line in log["environment"]:
