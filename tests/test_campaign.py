@@ -102,7 +102,7 @@ def test_the_folder_command_on_the_published_logs(capsys):
     (["--trials", "10"], "--trials 10 is less than the 20 complete trials already in"),
     (["--trials", "0"], "--trials must be a whole number >= 1"),
     (["--trials", "30", "--step", "3177"], "--step 3177 is not a validated step of every counted trial"),
-    (["--trials", "30", "--target", "nan"], "--target must be a finite number"),
+    (["--trials", "30", "--target", "nan"], "--target is not a finite positive val loss"),
 ])
 def test_the_folder_command_refuses_bad_input(argv, message, capsys):
     assert records.main(["campaign", PUBLISHED, *argv]) == 2
