@@ -514,7 +514,7 @@ def test_sigterm_writes_an_interrupted_line(data_dir, tmp_path, monkeypatch):
     mine = lambda *_: None  # noqa: E731
     signal.signal(signal.SIGTERM, mine)
     try:
-        assert run(SMALL + ["--run-name", "killed", "--no-diagnostics"], data_dir, tmp_path) == 130
+        assert run(SMALL + ["--run-name", "killed", "--no-diagnostics"], data_dir, tmp_path) == 143
         restored = signal.getsignal(signal.SIGTERM)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
