@@ -340,15 +340,19 @@ def never_acting(hp):
     return out
 
 
+# The scaled step counts whose 0 means off (the others are steps: 0 is the first).
+STEP_COUNTS_OFF_AT_0 = ("momentum_warmup", "momentum_cooldown", "contra_fade")
+
+
 def scaled_off(hp):
-    """[(field, the preset's value)] of the preset's step counts (SCALED_STEPS) that round to 0 in
-    this shorter run, switching their technique off."""
+    """[(field, the preset's value)] of the preset's step counts that round to 0 in this shorter
+    run, switching their technique off."""
     stated = {}
     for part in hp.preset.split("+"):
         stated.update(PRESETS.get(part, {}))
     scaled = preset_overrides(hp.preset, {"train_steps": hp.train_steps})
-    return [(k, stated[k]) for k in SCALED_STEPS
-            if isinstance(stated.get(k), int) and stated[k] > 0 and scaled.get(k) == 0 == getattr(hp, k)]
+    return [(k, stated[k]) for k in STEP_COUNTS_OFF_AT_0
+            if stated.get(k, 0) > 0 and scaled.get(k) == 0 == getattr(hp, k)]
 
 
 def inert_notes(hp):

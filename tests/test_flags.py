@@ -140,7 +140,11 @@ def test_what_a_preset_set_and_this_run_makes_inert_is_said_in_the_header(capsys
     assert hp.val_extra == (8,) and hp.momentum_cooldown == 0
     assert train_gpt.main(["--preset", "aurora_2890+tiny", "--train-steps", "8", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "no effect in this run: momentum_cooldown: the preset's 100 steps round to 0 in this run of 8 steps" in out
+    assert out.splitlines()[1:] == [
+        "no effect in this run: momentum_cooldown: the preset's 100 steps round to 0 in this run of 8 steps (off)"]
+    # a step, not a count: 0 is the first step (EMA-Nesterov from the start), not off
+    assert train_gpt.main(["--preset", "aurora_2890+tiny", "--train-steps", "4", "--dry-run"]) == 0
+    assert "ema_nesterov_start" not in capsys.readouterr().out
     # a technique a preset switched on whose steps lie beyond the run (no flag of it given)
     never = dataclasses.replace(parse_args(["--preset", "aurora_2860+tiny"])[0], ref_start=500, ref_capture=400)
     ctx = train_gpt.Context(0, 1, torch.device("cpu"), 16, 2)
