@@ -297,9 +297,10 @@ def check_ranges(hp, bad):
             bad(name, f"must be {interval_words(interval)}{each}{finite}")
 
 
-# Settings that act only with a technique on: set on the command line while it is off, they are
-# refused (they would change nothing, yet the log's header would show them). Set by a preset, they
-# are left as they are: the header shows the technique off.
+# Settings that act only with a technique on: changed on the command line while it is off, they
+# are refused (they would change nothing, yet the log's header would show them). Set by a preset
+# (or restated as the preset gives them), they are left as they are: the header shows the
+# technique off.
 NEEDS = [
     (("schedule_steps", "lr_power", "power_c"), lambda hp: hp.lr_schedule == "power", "--lr-schedule power"),
     (("cooldown_frac",), lambda hp: hp.lr_schedule == "linear", "--lr-schedule linear"),
@@ -364,8 +365,20 @@ def inert_notes(hp):
                f"{hp.train_steps} steps (off)" for name, value in scaled_off(hp)])
 
 
+def changed_by_flags(hp, given):
+    """The fields of `given` (set on the command line) whose value differs from the one the preset
+    (or the default) gives this run: a flag that restates it changes nothing (e.g. a record's
+    reproduce command listing a scaled preset's values)."""
+    flags = {k: getattr(hp, k) for k in ("train_steps", "lr_power") if k in given}  # what scaling reads
+    base = {**{f.name: f.default for f in dataclasses.fields(Hyperparameters)},
+            **preset_overrides(hp.preset, flags)}
+    return {k for k in given if getattr(hp, k) != base.get(k)}
+
+
 def check_inert(hp, given):
-    """Refuse a setting given on the command line (`given`: field names) that cannot act in this run."""
+    """Refuse a setting changed on the command line (`given`: the fields set there) that cannot act
+    in this run."""
+    given = changed_by_flags(hp, given)
     for fields, acts, what in NEEDS:
         for name in fields:
             if name in given and not acts(hp):

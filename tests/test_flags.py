@@ -133,6 +133,18 @@ def test_a_flag_that_cannot_act_in_this_run_is_refused(argv, message, capsys):
     assert message in refused(argv + ["--dry-run"], capsys)
 
 
+def test_a_flag_that_restates_the_presets_value_is_not_refused():
+    """A record's reproduce command lists every value that differs from the trainer's defaults: for
+    an ablation of a scaled preset (EMA-Nesterov off) that includes the window the preset gives."""
+    hp, _ = parse_args(["--preset", "aurora_2860+tiny", "--ema-nesterov", "0", "--ema-nesterov-start", "21",
+                        "--ema-nesterov-stop", "136", "--schedule-steps", "208"])
+    preset, _ = parse_args(["--preset", "aurora_2860+tiny"])
+    assert (hp.ema_nesterov_start, hp.ema_nesterov_stop, hp.schedule_steps) == (
+        preset.ema_nesterov_start, preset.ema_nesterov_stop, preset.schedule_steps) == (21, 136, 208)
+    with pytest.raises(SystemExit):  # another window: a change that does nothing
+        parse_args(["--preset", "aurora_2860+tiny", "--ema-nesterov", "0", "--ema-nesterov-start", "22"])
+
+
 def test_what_a_preset_set_and_this_run_makes_inert_is_said_in_the_header(capsys):
     """Scaled to 8 steps, aurora_2890's 27 extra validations are one step (the last), and its
     100-step momentum cool-down rounds to 0: the dry run and the log's header say so."""
