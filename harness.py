@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import errno
 import fcntl
 import glob
 import hashlib
@@ -39,6 +40,7 @@ import pickle
 import platform
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,8 +66,9 @@ REFUSED_FLAGS = {
 def parse_flags(cls, presets, choices, check, argv=None):
     """(an instance of the dataclass `cls`, dry_run) from the command line: one flag per field
     (--train-steps sets train_steps; help from the field's metadata), the chosen preset's
-    overrides under the flags, then check(hp) (a ValueError exits with status 2 and its message).
-    `presets` is a dict of overrides by name, or a function (name, flags) -> overrides."""
+    overrides under the flags, then check(hp, given) (`given`: the names of the fields set on the
+    command line; a ValueError exits with status 2 and its message). `presets` is a dict of
+    overrides by name, or a function (name, flags) -> overrides."""
     ap = argparse.ArgumentParser(allow_abbrev=False,  # run.sh must see the same flag names
                                  description="Train GPT with Aurora (default: the 3175-step record). "
                                  "Defaults are the record's (or the chosen preset's).")
@@ -91,7 +94,7 @@ def parse_flags(cls, presets, choices, check, argv=None):
     preset = args.get("preset", "record")
     try:
         hp = cls(**{**(presets(preset, args) if callable(presets) else presets.get(preset, {})), **args})
-        check(hp)
+        check(hp, frozenset(args))
     except ValueError as e:
         ap.error(str(e))
     return hp, dry_run
@@ -318,6 +321,9 @@ def open_record(hp, start_log):
         earlier = sorted(name for name in os.listdir(hp.records_dir)
                          if (m := RECORD_FOLDER.fullmatch(name)) and m.group(2) == run_name
                          and os.path.isdir(os.path.join(hp.records_dir, name)))
+        if os.path.lexists(record_dir) and not os.path.isdir(record_dir):
+            raise ValueError(f"the record folder {record_dir} is a file, not a folder: move it away, or "
+                             "choose another --run-name")
         if hp.append and earlier and not os.path.exists(record_dir):
             record_dir = os.path.join(hp.records_dir, earlier[-1])  # --append after midnight joins the latest
         logs = sorted(glob.glob(os.path.join(glob.escape(record_dir), "*.txt")))
@@ -342,19 +348,45 @@ def open_record(hp, start_log):
             if diff:
                 print(f"note: {config_path} held another configuration ({diff}) but {record_dir} "
                       "holds no log: it now holds this run's", file=sys.stderr)
-        os.makedirs(record_dir, exist_ok=True)
-        if not (logs and os.path.lexists(config_path)):
-            try:
+        created, begun, log = not os.path.isdir(record_dir), [], None
+        log_path = os.path.join(record_dir, f"{uuid.uuid4()}.txt")
+        try:
+            os.makedirs(record_dir, exist_ok=True)
+            if not (logs and os.path.lexists(config_path)):
                 write_atomic(config_path, lambda f: f.write(json.dumps(
                     {k: json.loads(v) for k, v in new.items()}, indent=2).encode()))
+                begun.append(config_path)
                 os.chmod(config_path, 0o644)
-            except OSError as e:
-                raise ValueError(f"cannot write {config_path}: {e.strerror or e}") from None
-        log_path = os.path.join(record_dir, f"{uuid.uuid4()}.txt")
-        log = open(log_path, "x")  # "x": fail rather than overwrite
-        fcntl.flock(log, fcntl.LOCK_EX)  # held until the run exits: its seeds are taken meanwhile
-        start_log(log, hp)
+            log = open(log_path, "x")  # "x": fail rather than overwrite
+            fcntl.flock(log, fcntl.LOCK_EX)  # held until the run exits: its seeds are taken meanwhile
+            start_log(log, hp)
+        except OSError as e:  # a full disk, a read-only folder: nothing of this run stays behind
+            if log:
+                log.close()
+            discard_begun(record_dir, created, begun + [log_path])
+            raise ValueError(f"cannot start this run's log in {record_dir}: {e.strerror or e}"
+                             f"{WRITE_FAILURE_HINTS.get(e.errno, '')}; what this run had begun there "
+                             "is removed") from None
         return record_dir, log_path, log, hp
+
+
+WRITE_FAILURE_HINTS = {errno.ENOSPC: " (the disk is full: free space on it, or use another --records-dir)",
+                       errno.EDQUOT: " (over the disk quota: free space, or use another --records-dir)",
+                       errno.EROFS: " (a read-only file system: use another --records-dir or --run-name)",
+                       errno.EACCES: " (no permission to write there: use another --records-dir or --run-name)",
+                       errno.EPERM: " (no permission to write there: use another --records-dir or --run-name)"}
+
+
+def discard_begun(record_dir, created, paths):
+    """Remove what a run that could not start its log wrote: the folder if it created it, else
+    `paths` and the files beside its log that share the log's name (<uuid>.jsonl)."""
+    if created:
+        shutil.rmtree(record_dir, ignore_errors=True)
+        return
+    log_path = paths[-1]
+    for path in paths + glob.glob(glob.escape(os.path.splitext(log_path)[0]) + ".*"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
 
 
 def config_diff(old, new):
@@ -576,6 +608,16 @@ def write_atomic(path, write):
         os.close(folder)
 
 
+def write_failure(e):
+    """What made a write fail, in words: torch.save reports a failed write of its file (a full
+    disk) as a RuntimeError of its own ("[enforce fail at inline_container.cc:…] …"), with the
+    file's OSError as the exception it was raised in; that OSError says what happened."""
+    cause = e
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    return str(cause if cause is not None else e)
+
+
 def load_checkpoint(path):
     """The checkpoint at `path`, whole (each part's CRC32, which torch.load does not check: a
     flipped or zeroed block would load silently) and of this trainer, or CheckpointError."""
@@ -772,13 +814,16 @@ class Harness:
                         f.write(code + SEPARATOR + "\n")
                         for line in environment_lines(hp, ctx, setup, drawn) + [SEPARATOR, f"log: {f.name}"]:
                             log(line)
+                        if hp.diagnostics:  # one JSON object per (step, layer), next to the log
+                            self.jsonl = open(os.path.splitext(f.name)[0] + ".jsonl", "x")
+                            log(f"diagnostics file: {self.jsonl.name}")
                     self.record_dir, log_path, log.file, hp = open_record(hp, start_log)
-                    if hp.diagnostics:  # one JSON object per (step, layer), next to the log
-                        self.jsonl = open(os.path.splitext(log_path)[0] + ".jsonl", "x")
-                        log(f"diagnostics file: {self.jsonl.name}")
                 self.checkpoint = os.path.splitext(log_path)[0] + ".ckpt"
             except (ValueError, FileExistsError) as e:
                 failure = e
+                if self.jsonl:  # begun, then removed with the log (open_record)
+                    self.jsonl.close()
+                log.file = self.jsonl = None
         if ctx.world > 1:  # every rank uses the seed rank 0 drew or checked for this folder, or stops
             shared = [hp.seed, None if failure is None else str(failure)]
             dist.broadcast_object_list(shared, 0)
@@ -877,7 +922,8 @@ class Harness:
         if isinstance(e, Interrupted) and run and self.checkpoint and os.path.exists(self.checkpoint):
             kept += f"; continue with the same flags and --resume {self.checkpoint}"
         log(f"error: {trial}: {e}. Training stopped{kept}", error=True)
-        return 130 if isinstance(e, Interrupted) else 1
+        # a signal's exit status is 128 + its number, as a shell reports it: SIGTERM 143, SIGINT 130
+        return 128 + signal.Signals[str(e)] if isinstance(e, Interrupted) else 1
 
     def close(self):
         if self.log.file:
@@ -934,10 +980,9 @@ class Harness:
                 write_atomic(self.checkpoint, lambda f: torch.save(state, f))
                 log(f"checkpoint: step {run.step} of trial {run.trial} saved to {self.checkpoint} "
                     f"({os.path.getsize(self.checkpoint) / 1e6:.1f} MB in {time.perf_counter() - started:.2f}s)")
-            except (OSError, RuntimeError) as e:  # torch.save reports a failed write (a full disk)
-                # as a RuntimeError; write_atomic removed the partial temporary file
-                log(f"checkpoint not written: step {run.step} of trial {run.trial}: {e}; training goes "
-                    "on, the previous checkpoint (if any) is whole", error=True)
+            except (OSError, RuntimeError) as e:  # write_atomic removed the partial temporary file
+                log(f"checkpoint not written: step {run.step} of trial {run.trial}: {write_failure(e)}; "
+                    "training goes on, the previous checkpoint (if any) is whole", error=True)
         run.clock.start()
 
     def remove_checkpoint(self):

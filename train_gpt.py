@@ -21,6 +21,7 @@ import dataclasses
 import glob
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -219,7 +220,10 @@ SCALED_STEPS = ("schedule_steps", "momentum_warmup", "momentum_cooldown", "momen
 
 def preset_overrides(name, flags):
     """The overrides of --preset `name` under the command line's `flags`: one preset, or several
-    joined by + (later ones win), with SCALED_STEPS scaled to the run's length."""
+    joined by + (later ones win), with SCALED_STEPS scaled to the run's length. Scaled steps stay
+    within the run (a preset's steps are at most its train_steps); the extra validation steps that
+    round to the same step of a shorter run are one step (a step that validates anyway, like the
+    last, validates once); a step count that rounds to 0 switches its technique off."""
     merged, stated = {}, None
     for part in name.split("+"):
         if part not in PRESETS:
@@ -232,8 +236,8 @@ def preset_overrides(name, flags):
     if stated and steps != stated:
         r = steps / stated
         for k in SCALED_STEPS:
-            if k in merged:
-                merged[k] = (tuple(round(v * r) for v in merged[k]) if isinstance(merged[k], tuple)
+            if k in merged:  # steps that round to one step of this run (val_extra) count once
+                merged[k] = (tuple(sorted({round(v * r) for v in merged[k]})) if isinstance(merged[k], tuple)
                              else round(merged[k] * r))
         if "power_c" not in flags:  # c (H - s)^p keeps its shape when H - s scales by r
             power = flags.get("lr_power", merged.get("lr_power", Hyperparameters.lr_power))
@@ -241,60 +245,227 @@ def preset_overrides(name, flags):
     return merged
 
 
-def check_hyperparameters(hp):
-    """Every range and choice, in one place; raises ValueError naming the flag."""
+# The valid values of every numeric hyperparameter, as intervals. A float must also be finite (nan
+# and inf are outside every interval), every value of a tuple is checked, and None (a default that
+# follows train_steps) passes. seed's range depends on trials (check_hyperparameters).
+RANGES = dict(
+    # sizes and counts
+    batch_tokens="[1, inf)", seq_len="[1, inf)", micro_batch_seqs="[1, inf)", val_tokens="[1, inf)",
+    vocab_size="[1, inf)", n_layer="[1, inf)", d_model="[1, inf)", head_dim="[1, inf)", mlp_ratio="[1, inf)",
+    train_steps="[1, inf)", val_every="[1, inf)", val_every_late="[1, inf)", pp_iterations="[1, inf)",
+    trials="[1, inf)", diag_tokens="[1, inf)", soap_every="[1, inf)", schedule_steps="[1, inf)",
+    momentum_horizon="[1, inf)", ref_capture="[1, inf)",
+    # step counts that may be 0 (off, or from the first step)
+    momentum_warmup="[0, inf)", momentum_cooldown="[0, inf)", contra_fade="[0, inf)",
+    ema_nesterov_start="[0, inf)", ema_nesterov_stop="[0, inf)", ref_start="[0, inf)", save_every="[0, inf)",
+    val_extra="[0, inf)",
+    # model and init: fc_depth_scale 1 would zero the last block's fc, gain_split 1 half the gains
+    attn_scale="(0, inf)", logit_softcap="(0, inf)", rope_base="(0, inf)", init_var="(0, inf)",
+    fc_depth_scale="[0, 1)", gain_split="[0, 1)",
+    # schedules (their values over the steps: check_schedules)
+    cooldown_frac="[0, 1]", late_frac="[0, 1]", lr_power="(0, inf)", power_c="(0, inf)",
+    # optimizers
+    adam_betas="[0, 1)", adam_eps="(0, inf)", lr_embed="(0, inf)", lr_head="(0, inf)", lr_scalar="(0, inf)",
+    lr_matrix="(0, inf)", momentum="(0, 1)", momentum_min="(0, 1)", pp_beta="(0, 1]", contra="[0, inf)",
+    uw_floor="[0, inf)", weight_decay="[0, inf)", soap_beta2="[0, 1)", soap_v_blend="(0, 1]",
+    soap_v_floor="[0, inf)", radial_brake="[0, inf)", ema_nesterov="[0, inf)", ema_nesterov_beta="[0, 1)",
+    ref_gamma="(-inf, inf)",
+    # diagnostics and the summary
+    dead_threshold="[0, 1]", starved_threshold="[0, inf)", frozen_threshold="[0, inf)",
+    val_loss_target="(0, inf)", stop_below="(0, 1)")
+
+
+def in_interval(value, interval):
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    return (lo < value if interval[0] == "(" else lo <= value) and (value < hi if interval[-1] == ")" else value <= hi)
+
+
+def interval_words(interval):
+    """'>= 1', '> 0', 'in [0, 1)' or 'finite'."""
+    lo, hi = interval[1:-1].split(", ")
+    if hi == "inf":
+        return "finite" if lo == "-inf" else f"{'>' if interval[0] == '(' else '>='} {lo}"
+    return f"in {interval}"
+
+
+def check_ranges(hp, bad):
+    """Every numeric hyperparameter in its RANGES interval."""
+    for name, interval in RANGES.items():
+        value = getattr(hp, name)
+        values = value if isinstance(value, tuple) else () if value is None else (value,)
+        if not all(in_interval(v, interval) for v in values):
+            each = " (each value)" if isinstance(value, tuple) else ""
+            finite = "" if all(math.isfinite(v) for v in values) or interval_words(interval) == "finite" \
+                else ", a finite number"
+            bad(name, f"must be {interval_words(interval)}{each}{finite}")
+
+
+# Settings that act only with a technique on: changed on the command line while it is off, they
+# are refused (they would change nothing, yet the log's header would show them). Set by a preset
+# (or restated as the preset gives them), they are left as they are: the header shows the
+# technique off.
+NEEDS = [
+    (("schedule_steps", "lr_power", "power_c"), lambda hp: hp.lr_schedule == "power", "--lr-schedule power"),
+    (("cooldown_frac",), lambda hp: hp.lr_schedule == "linear", "--lr-schedule linear"),
+    (("momentum_min",), lambda hp: hp.momentum_warmup or hp.momentum_cooldown,
+     "--momentum-warmup or --momentum-cooldown > 0"),
+    (("momentum_horizon",), lambda hp: hp.momentum_cooldown, "--momentum-cooldown > 0"),
+    (("contra_fade",), lambda hp: hp.contra, "--contra > 0"),
+    (("soap_beta2", "soap_every", "soap_v_blend", "soap_v_floor"), lambda hp: hp.soap != "none", "--soap mlp_v"),
+    (("ema_nesterov_beta", "ema_nesterov_start", "ema_nesterov_stop"), lambda hp: hp.ema_nesterov,
+     "--ema-nesterov > 0"),
+    (("ref_capture", "ref_start"), lambda hp: hp.ref_gamma, "--ref-gamma other than 0"),
+    (("zero_biases",), lambda hp: hp.init == "torch", "--init torch (the record's init zeroes every bias)"),
+    (("diag_tokens", "dead_threshold", "starved_threshold", "frozen_threshold"), lambda hp: hp.diagnostics,
+     "--diagnostics"),
+]
+
+
+def never_acting(hp):
+    """[(field, the fields that decide it, why)] of the techniques switched on whose steps all lie
+    outside this run (steps 0..train_steps-1 train, validations run up to train_steps)."""
+    steps, out = hp.train_steps, []
+    if hp.ref_gamma and hp.ref_start > steps:
+        out.append(("ref_gamma", ("ref_gamma", "ref_start", "ref_capture"),
+                    f"its first interpolated validation, ref_start {hp.ref_start}, is after the last step {steps}"))
+    if hp.ema_nesterov and hp.ema_nesterov_start >= steps:
+        out.append(("ema_nesterov", ("ema_nesterov", "ema_nesterov_start", "ema_nesterov_stop"),
+                    f"its first look-ahead, at ema_nesterov_start {hp.ema_nesterov_start}, is after the last "
+                    f"step that trains ({steps - 1})"))
+    cooldown_start = (hp.momentum_horizon or steps) - hp.momentum_cooldown
+    if hp.momentum_cooldown and cooldown_start >= steps - 1:
+        out.append(("momentum_cooldown", ("momentum_cooldown", "momentum_horizon"),
+                    f"it starts after step {cooldown_start} (momentum_horizon {hp.momentum_horizon or steps} - "
+                    f"momentum_cooldown {hp.momentum_cooldown}), and the last step that trains is {steps - 1}"))
+    late = [s for s in hp.val_extra if s > steps]
+    if late:
+        out.append(("val_extra", ("val_extra",), f"step(s) {', '.join(map(str, late))} are after the last "
+                                                 f"step {steps}"))
+    return out
+
+
+# The scaled step counts whose 0 means off (the others are steps: 0 is the first).
+STEP_COUNTS_OFF_AT_0 = ("momentum_warmup", "momentum_cooldown", "contra_fade")
+
+
+def scaled_off(hp):
+    """[(field, the preset's value)] of the preset's step counts that round to 0 in this shorter
+    run, switching their technique off."""
+    stated = {}
+    for part in hp.preset.split("+"):
+        stated.update(PRESETS.get(part, {}))
+    scaled = preset_overrides(hp.preset, {"train_steps": hp.train_steps})
+    return [(k, stated[k]) for k in STEP_COUNTS_OFF_AT_0
+            if stated.get(k, 0) > 0 and scaled.get(k) == 0 == getattr(hp, k)]
+
+
+def inert_notes(hp):
+    """The log header's (and the dry run's) lines on what a preset switched on that does nothing in
+    this run (a shorter run than the preset's): the header still lists the value, the line says
+    why it does nothing."""
+    return ([f"no effect in this run: {name} {getattr(hp, name)!r}: {why}" for name, _, why in never_acting(hp)]
+            + [f"no effect in this run: {name}: the preset's {value} steps round to 0 in this run of "
+               f"{hp.train_steps} steps (off)" for name, value in scaled_off(hp)])
+
+
+def changed_by_flags(hp, given):
+    """The fields of `given` (set on the command line) whose value differs from the one the preset
+    (or the default) gives this run: a flag that restates it changes nothing (e.g. a record's
+    reproduce command listing a scaled preset's values)."""
+    flags = {k: getattr(hp, k) for k in ("train_steps", "lr_power") if k in given}  # what scaling reads
+    base = {**{f.name: f.default for f in dataclasses.fields(Hyperparameters)},
+            **preset_overrides(hp.preset, flags)}
+    return {k for k in given if getattr(hp, k) != base.get(k)}
+
+
+def check_inert(hp, given):
+    """Refuse a setting changed on the command line (`given`: the fields set there) that cannot act
+    in this run."""
+    given = changed_by_flags(hp, given)
+    for fields, acts, what in NEEDS:
+        for name in fields:
+            if name in given and not acts(hp):
+                raise ValueError(f"--{name.replace('_', '-')} has no effect without {what}; drop it, "
+                                 "or switch the technique on")
+    for name, fields, why in never_acting(hp):
+        if given & set(fields):
+            flags = ", ".join(f"--{f.replace('_', '-')}" for f in fields if f in given)
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(hp, name)!r} never acts in this run of "
+                             f"{hp.train_steps} steps: {why}. Change {flags}, or the run's length")
+
+
+def schedule_marks(hp):
+    """The steps that train (0..train_steps-1) where a piece of the lr or momentum schedule begins
+    or ends, and their neighbours: between them each schedule is linear or monotone, so its
+    smallest and largest values over the run are at these steps."""
+    steps = hp.train_steps
+    marks = (0, steps - 1, hp.momentum_warmup, (hp.momentum_horizon or steps) - hp.momentum_cooldown,
+             hp.momentum_horizon or steps, math.floor((1 - hp.cooldown_frac) * steps), hp.schedule_steps or steps)
+    return sorted({m + d for m in marks for d in (-1, 0, 1) if 0 <= m + d < steps})
+
+
+def check_schedules(hp):
+    """Every group's lr in [0, its initial lr] and Aurora's momentum between momentum_min and
+    momentum, at every step that trains (evaluated at schedule_marks)."""
+    lo, hi = sorted((hp.momentum_min, hp.momentum))
+    horizon = hp.momentum_horizon or hp.train_steps
+    groups = [(name, dict(initial_lr=lr, power_c=c)) for name, lr, c in zip(
+        ("lr_embed", "lr_head", "lr_scalar", "lr_matrix"),
+        (hp.lr_embed, hp.lr_head, hp.lr_scalar, hp.lr_matrix), hp.power_c)]
+    for step in schedule_marks(hp):
+        mu = momentum_at(step, hp)
+        if not lo - 1e-12 <= mu <= hi + 1e-12:
+            raise ValueError(
+                f"the momentum schedule leaves [{lo}, {hi}] (--momentum-min, --momentum): {mu:.4g} at step "
+                f"{step} of {hp.train_steps}, from --momentum-warmup {hp.momentum_warmup}, --momentum-cooldown "
+                f"{hp.momentum_cooldown} and --momentum-horizon {horizon}; the cool-down must end at or after "
+                f"the last step: --momentum-horizon >= {hp.train_steps - 1}")
+        for name, group in groups:
+            lr = lr_at(step, group, hp)
+            if not 0 <= lr <= group["initial_lr"]:
+                flags = ("--cooldown-frac" if hp.lr_schedule == "linear" else
+                         "--power-c, --lr-power, --schedule-steps")
+                raise ValueError(f"the lr schedule gives {name} = {lr!r} at step {step}, outside [0, "
+                                 f"{group['initial_lr']}]: check {flags}")
+
+
+def check_hyperparameters(hp, given=frozenset()):
+    """Every choice, range and combination, in one place; raises ValueError naming the flag.
+    `given`: the fields set on the command line (a setting there that cannot act is refused)."""
     def bad(name, why):
         raise ValueError(f"--{name.replace('_', '-')} {why}, got {getattr(hp, name)!r}")
     for name, allowed in CHOICES.items():
         if getattr(hp, name) not in allowed:
             bad(name, f"must be one of {', '.join(allowed)}")
-    for name in ("batch_tokens", "seq_len", "micro_batch_seqs", "val_tokens", "vocab_size", "n_layer",
-                 "d_model", "head_dim", "mlp_ratio", "train_steps", "val_every", "val_every_late",
-                 "pp_iterations", "trials", "diag_tokens", "soap_every", "ref_capture"):
-        if getattr(hp, name) < 1:
-            bad(name, "must be >= 1")
-    if not 0 < hp.pp_beta <= 1:
-        bad("pp_beta", "must be in (0, 1]")
-    for name in ("momentum", "momentum_min"):
-        if not 0 < getattr(hp, name) < 1:
-            bad(name, "must be in (0, 1)")
-    for name in ("soap_beta2", "ema_nesterov_beta"):
-        if not 0 <= getattr(hp, name) < 1:
-            bad(name, "must be in [0, 1)")
-    for name in ("lr_embed", "lr_head", "lr_scalar", "lr_matrix"):
-        if not getattr(hp, name) > 0:
-            bad(name, "must be > 0")
-    for name in ("contra", "uw_floor", "weight_decay", "fc_depth_scale", "gain_split", "radial_brake",
-                 "momentum_warmup", "momentum_cooldown", "contra_fade", "ema_nesterov", "soap_v_floor"):
-        if getattr(hp, name) < 0:
-            bad(name, "must be >= 0")
-    if not 0 <= hp.cooldown_frac <= 1:
-        bad("cooldown_frac", "must be in [0, 1]")
+    check_ranges(hp, bad)
     if hp.d_model % hp.head_dim or hp.head_dim % 4:
         raise ValueError(f"--d-model ({hp.d_model}) must be a multiple of --head-dim ({hp.head_dim}), "
                          "itself a multiple of 4 (rotary)")
     if hp.val_tokens % hp.batch_tokens:
         raise ValueError(f"--val-tokens ({hp.val_tokens:,}) must be a multiple of the batch "
                          f"({hp.batch_tokens:,} tokens)")
+    if hp.diagnostics and hp.diag_tokens < hp.seq_len:
+        bad("diag_tokens", f"must be >= --seq-len ({hp.seq_len}): the probe uses whole sequences")
     if hp.seed is not None and not 0 <= hp.seed <= 2**63 - hp.trials:
         bad("seed", "must be in [0, 2^63 - trials] (torch.manual_seed's range)")
-    if hp.save_every < 0:
-        bad("save_every", "must be >= 0 (0: no checkpoints)")
     if hp.run_name is not None and (not hp.run_name or "/" in hp.run_name or hp.run_name.startswith(".")):
         bad("run_name", "must be a plain folder name")
-    if hp.stop_below is not None and not (0 < hp.stop_below < 1 and hp.trials > 1):
-        bad("stop_below", "must be in (0, 1), and stops a campaign of --trials >= 2")
+    if hp.stop_below is not None and hp.trials < 2:
+        bad("stop_below", "stops a campaign of --trials >= 2 (it acts after a trial, before the next)")
     check_lineage(hp, bad)
+    check_schedules(hp)
+    check_inert(hp, set(given))
 
 
 def check_lineage(hp, bad):
-    """The lineage's settings: ranges, and what they do not combine with (yet)."""
-    if not 0 < hp.soap_v_blend <= 1:
-        bad("soap_v_blend", "must be in (0, 1]")
+    """The lineage's settings: what they need, and what they do not combine with (yet)."""
     if hp.lr_schedule == "power" and (hp.schedule_steps or hp.train_steps) < hp.train_steps:
         bad("schedule_steps", f"must be >= --train-steps ({hp.train_steps}): PowerCool's lr is 0 from there")
     if hp.ref_gamma and hp.ref_capture > hp.ref_start:
         bad("ref_capture", f"must be <= --ref-start ({hp.ref_start}): the reference comes first")
+    if hp.ema_nesterov and hp.ema_nesterov_start >= hp.ema_nesterov_stop:
+        bad("ema_nesterov_start", f"must be < --ema-nesterov-stop ({hp.ema_nesterov_stop}): the look-aheads "
+                                  "run from start to before stop")
     if any(not isinstance(s, int) or s < 0 for s in hp.val_extra):
         bad("val_extra", "must be steps (integers >= 0)")
     if uses_lineage_rule({**dataclasses.asdict(hp), "soap": hp.soap != "none"}) and (
@@ -700,6 +871,28 @@ def micro_batch_plan(hp, world):
     return micro, local_seqs // micro
 
 
+def distributed_env():
+    """(rank, world size, local rank) from torchrun's RANK, WORLD_SIZE and LOCAL_RANK (unset: 0, 1,
+    0), or ValueError naming the variable that is not a whole number in its range."""
+    def read(name, default, what):
+        text = os.environ.get(name)
+        if text is None:
+            return default
+        if not re.fullmatch(r"[0-9]{1,9}", text.strip()):
+            raise ValueError(f"{name} must be {what}, got {text!r}")
+        return int(text)
+    world = read("WORLD_SIZE", 1, "a positive integer (the number of processes; torchrun sets it)")
+    if world < 1:
+        raise ValueError(f"WORLD_SIZE must be a positive integer (the number of processes; torchrun sets "
+                         f"it), got {os.environ['WORLD_SIZE']!r}")
+    rank = read("RANK", 0, f"an integer from 0 to WORLD_SIZE-1 = {world - 1}")
+    local_rank = read("LOCAL_RANK", 0, f"an integer from 0 to WORLD_SIZE-1 = {world - 1}")
+    for name, value in (("RANK", rank), ("LOCAL_RANK", local_rank)):
+        if value >= world:
+            raise ValueError(f"{name} must be an integer from 0 to WORLD_SIZE-1 = {world - 1}, got {value}")
+    return rank, world, local_rank
+
+
 def check_setup(hp, world):
     """What --dry-run checks, and every rank before it starts: the batch split and the hardware."""
     check_hardware(hp, torch.cuda.is_available())
@@ -708,11 +901,10 @@ def check_setup(hp, world):
 
 def setup_distributed(hp):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (multi-node too); plain `python` is one process."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world, local_rank = distributed_env()
     micro, accum = check_setup(hp, world)  # before any process group: fail fast on every rank
     if not hp.cudnn_attention:
         torch.backends.cuda.enable_cudnn_sdp(False)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():
             raise ValueError(f"local rank {local_rank} has no GPU: this node shows "
@@ -741,11 +933,12 @@ def use_compile(hp, ctx):
 
 
 def setup_line(hp, ctx):
-    """The log header's line of what this process uses (the harness writes the rest)."""
-    return (f"micro_batch_seqs_used {ctx.micro}  grad_accum_steps {ctx.accum}  "
-            f"ns_dtype_used {str(ns_dtype_for(hp.ns_dtype, ctx.device)).removeprefix('torch.')}  "
-            f"activations {str(activation_dtype(ctx)).removeprefix('torch.')}  "
-            f"compile_used {use_compile(hp, ctx)}")
+    """The log header's line of what this process uses (the harness writes the rest), and a line
+    for each setting a preset gave that does nothing in this run (inert_notes)."""
+    return "\n".join([f"micro_batch_seqs_used {ctx.micro}  grad_accum_steps {ctx.accum}  "
+                      f"ns_dtype_used {str(ns_dtype_for(hp.ns_dtype, ctx.device)).removeprefix('torch.')}  "
+                      f"activations {str(activation_dtype(ctx)).removeprefix('torch.')}  "
+                      f"compile_used {use_compile(hp, ctx)}"] + inert_notes(hp))
 
 
 # =================================================================================================
@@ -958,10 +1151,12 @@ def main(argv=None):
     hp, dry_run = parse_args(argv)
     try:
         if dry_run:
-            world = int(os.environ.get("WORLD_SIZE", 1))
+            world = distributed_env()[1]
             micro, accum = check_setup(hp, world)
             print(f"dry run: configuration ok (preset {hp.preset}, world size {world}, "
                   f"{accum} micro-batch(es) of {micro} sequences per rank)")
+            for note in inert_notes(hp):
+                print(note)
             return 0
         ctx = setup_distributed(hp)
     except ValueError as e:
