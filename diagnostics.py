@@ -6,7 +6,9 @@ An MLP's fc weight is tall, one row per hidden neuron. At every validation step,
               of the probe tokens (relu^2 then outputs zero almost always);
     leverage  row leverage r_i = ||O_i||^2 / (cols/rows) of the fc update's orthogonalized
               direction O in the step just before (1 = uniform): its coefficient of variation,
-              its minimum, and `starved` = fraction of rows with r_i < starved_threshold;
+              its minimum, and `starved` = fraction of rows with r_i < starved_threshold
+              (not measured, None, when the update was zero: the first steps of a model whose
+              mlp.proj starts at zero);
     frozen    fraction of neurons whose fc row moved since initialization by less than
               frozen_threshold of the median row movement.
 
@@ -92,11 +94,12 @@ class NeuronHealth:
                        dead=(positive[i] < self.hp.dead_threshold * n_tokens).float().mean().item(),
                        frozen=(moved < self.hp.frozen_threshold * median).float().mean().item()
                        if median > 0 else None)
-            if have[i]:
-                r = lev[i]
+            r = lev[i]
+            if have[i] and r.sum() > 0:
                 row.update(leverage_cv=(r.std() / r.mean()).item(), leverage_min=r.min().item(),
                            starved=(r < self.hp.starved_threshold).float().mean().item())
-            else:  # no update yet (step 0)
+            else:  # no update yet (step 0), or a zero one (the first steps, while mlp.proj is still
+                # zero: no gradient reaches fc): no direction whose rows could be starved
                 row.update(leverage_cv=None, leverage_min=None, starved=None)
             rows.append(row)
         return rows

@@ -21,28 +21,33 @@ join the trainer's. train_gpt.py calls:
                                       state; returns the step the trial starts at
     harness.validated(run, step)      after a validation: diagnostics
     harness.step_ended(run, step)     between a step's validation and the next training step
-    harness.trial_ended(val_loss)     a trial's final validation loss
+    harness.trial_ended(val_loss)     a trial's final validation loss, and the campaign's chance so
+                                      far (--trials N); False: a futility stop (--stop-below) ends it
     harness.run_ended()               every trial done: final losses, summary
     harness.stopped(error, run)       a NaN or a signal stopped training: the log says so
     harness.close()                   closes the log: its lock is released
 
 `run` is train_gpt.py's Run (model, optimizers, train_loader, clock, probe, trial, step, the
 techniques it uses) and its settle() (log the pending train losses, check the updates): what a
-checkpoint saves and restores.
+checkpoint saves and restores. Of its own flags, stop_below (--trials N) is the campaign's
+futility stop (tools/campaign.py).
 """
 
 import contextlib
 import dataclasses
 import datetime
+import errno
 import fcntl
 import glob
 import hashlib
 import json
+import math
 import os
 import pickle
 import platform
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -60,6 +65,12 @@ from diagnostics import DiagnosticsHyperparameters, NeuronHealth
 
 HARNESS_ROOT = os.path.dirname(os.path.abspath(__file__))
 SEPARATOR = "=" * 100
+# Flags that do not exist on purpose, and why (said instead of argparse's "unrecognized").
+REFUSED_FLAGS = {
+    "--stop-above": "--stop-above is refused: stopping a campaign because its claim passes chooses "
+                    "the number of trials by the result, which inflates the chance of a false claim "
+                    "(the rules ask for non-cherry-picked runs); only a futility stop, --stop-below P, "
+                    "is offered: it can only drop claims"}
 
 
 @dataclasses.dataclass
@@ -80,55 +91,264 @@ class Hyperparameters(DiagnosticsHyperparameters):
     resume: str = dataclasses.field(default=None, metadata=dict(help=(
         "continue the run of this checkpoint (same flags and code): appends to its log, then "
         "finishes its trials")))
+    stop_below: float = dataclasses.field(default=None, metadata=dict(help=(
+        "futility stop: end the campaign after a complete trial when its chance of passing with "
+        "--trials N falls below this (0 < P < 1; default off; docs/campaign.md)")))
 
 
-def check_hyperparameters(hp, choices, techniques=()):
-    """Every range and choice, in one place (the techniques' own checks too); raises ValueError
-    naming the flag."""
+def trainer():
+    """train_gpt.py's module (imported, or the script being run): its presets and schedules."""
+    return sys.modules.get("train_gpt") or sys.modules["__main__"]
+
+
+def trainer_presets(name, flags):
+    """The trainer's overrides of --preset `name` under `flags` (plugins.py's preset_overrides)."""
+    t = trainer()
+    return t.preset_overrides(name, flags, t.PRESETS, t.Hyperparameters.train_steps)
+
+
+# The valid values of every numeric hyperparameter, as intervals. A float must also be finite (nan
+# and inf are outside every interval), every value of a tuple is checked, and None (a default that
+# follows train_steps) passes. seed's range depends on trials (check_hyperparameters).
+RANGES = dict(
+    # sizes and counts
+    batch_tokens="[1, inf)", seq_len="[1, inf)", micro_batch_seqs="[1, inf)", val_tokens="[1, inf)",
+    vocab_size="[1, inf)", n_layer="[1, inf)", d_model="[1, inf)", head_dim="[1, inf)", mlp_ratio="[1, inf)",
+    train_steps="[1, inf)", val_every="[1, inf)", val_every_late="[1, inf)", pp_iterations="[1, inf)",
+    trials="[1, inf)", diag_tokens="[1, inf)", soap_every="[1, inf)", schedule_steps="[1, inf)",
+    momentum_horizon="[1, inf)", ref_capture="[1, inf)",
+    # step counts that may be 0 (off, or from the first step)
+    momentum_warmup="[0, inf)", momentum_cooldown="[0, inf)", contra_fade="[0, inf)",
+    ema_nesterov_start="[0, inf)", ema_nesterov_stop="[0, inf)", ref_start="[0, inf)", save_every="[0, inf)",
+    val_extra="[0, inf)",
+    # model and init: fc_depth_scale 1 would zero the last block's fc, gain_split 1 half the gains
+    attn_scale="(0, inf)", logit_softcap="(0, inf)", rope_base="(0, inf)", init_var="(0, inf)",
+    fc_depth_scale="[0, 1)", gain_split="[0, 1)",
+    # schedules (their values over the steps: check_schedules)
+    cooldown_frac="[0, 1]", late_frac="[0, 1]", lr_power="(0, inf)", power_c="(0, inf)",
+    # optimizers
+    adam_betas="[0, 1)", adam_eps="(0, inf)", lr_embed="(0, inf)", lr_head="(0, inf)", lr_scalar="(0, inf)",
+    lr_matrix="(0, inf)", momentum="(0, 1)", momentum_min="(0, 1)", pp_beta="(0, 1]", contra="[0, inf)",
+    uw_floor="[0, inf)", weight_decay="[0, inf)", soap_beta2="[0, 1)", soap_v_blend="(0, 1]",
+    soap_v_floor="[0, inf)", radial_brake="[0, inf)", ema_nesterov="[0, inf)", ema_nesterov_beta="[0, 1)",
+    ref_gamma="(-inf, inf)",
+    # diagnostics and the summary
+    dead_threshold="[0, 1]", starved_threshold="[0, inf)", frozen_threshold="[0, inf)",
+    val_loss_target="(0, inf)", stop_below="(0, 1)")
+
+
+def in_interval(value, interval):
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    return (lo < value if interval[0] == "(" else lo <= value) and (value < hi if interval[-1] == ")" else value <= hi)
+
+
+def interval_words(interval):
+    """'>= 1', '> 0', 'in [0, 1)' or 'finite'."""
+    lo, hi = interval[1:-1].split(", ")
+    if hi == "inf":
+        return "finite" if lo == "-inf" else f"{'>' if interval[0] == '(' else '>='} {lo}"
+    return f"in {interval}"
+
+
+def check_ranges(hp, bad):
+    """Every numeric hyperparameter in its RANGES interval."""
+    for name, interval in RANGES.items():
+        value = getattr(hp, name)
+        values = value if isinstance(value, tuple) else () if value is None else (value,)
+        if not all(in_interval(v, interval) for v in values):
+            each = " (each value)" if isinstance(value, tuple) else ""
+            finite = "" if all(math.isfinite(v) for v in values) or interval_words(interval) == "finite" \
+                else ", a finite number"
+            bad(name, f"must be {interval_words(interval)}{each}{finite}")
+
+
+# Settings that act only with a technique on: changed on the command line while it is off, they
+# are refused (they would change nothing, yet the log's header would show them). Set by a preset
+# (or restated as the preset gives them), they are left as they are: the header shows the
+# technique off.
+NEEDS = [
+    (("schedule_steps", "lr_power", "power_c"), lambda hp: hp.lr_schedule == "power", "--lr-schedule power"),
+    (("cooldown_frac",), lambda hp: hp.lr_schedule == "linear", "--lr-schedule linear"),
+    (("momentum_min",), lambda hp: hp.momentum_warmup or hp.momentum_cooldown,
+     "--momentum-warmup or --momentum-cooldown > 0"),
+    (("momentum_horizon",), lambda hp: hp.momentum_cooldown, "--momentum-cooldown > 0"),
+    (("contra_fade",), lambda hp: hp.contra, "--contra > 0"),
+    (("soap_beta2", "soap_every", "soap_v_blend", "soap_v_floor"), lambda hp: hp.soap != "none", "--soap mlp_v"),
+    (("ema_nesterov_beta", "ema_nesterov_start", "ema_nesterov_stop"), lambda hp: hp.ema_nesterov,
+     "--ema-nesterov > 0"),
+    (("ref_capture", "ref_start"), lambda hp: hp.ref_gamma, "--ref-gamma other than 0"),
+    (("zero_biases",), lambda hp: hp.init == "torch", "--init torch (the record's init zeroes every bias)"),
+    (("diag_tokens", "dead_threshold", "starved_threshold", "frozen_threshold"), lambda hp: hp.diagnostics,
+     "--diagnostics"),
+]
+
+
+def never_acting(hp):
+    """[(field, the fields that decide it, why)] of the techniques switched on whose steps all lie
+    outside this run (steps 0..train_steps-1 train, validations run up to train_steps)."""
+    steps, out = hp.train_steps, []
+    if hp.ref_gamma and hp.ref_start > steps:
+        out.append(("ref_gamma", ("ref_gamma", "ref_start", "ref_capture"),
+                    f"its first interpolated validation, ref_start {hp.ref_start}, is after the last step {steps}"))
+    if hp.ema_nesterov and hp.ema_nesterov_start >= steps:
+        out.append(("ema_nesterov", ("ema_nesterov", "ema_nesterov_start", "ema_nesterov_stop"),
+                    f"its first look-ahead, at ema_nesterov_start {hp.ema_nesterov_start}, is after the last "
+                    f"step that trains ({steps - 1})"))
+    cooldown_start = (hp.momentum_horizon or steps) - hp.momentum_cooldown
+    if hp.momentum_cooldown and cooldown_start >= steps - 1:
+        out.append(("momentum_cooldown", ("momentum_cooldown", "momentum_horizon"),
+                    f"it starts after step {cooldown_start} (momentum_horizon {hp.momentum_horizon or steps} - "
+                    f"momentum_cooldown {hp.momentum_cooldown}), and the last step that trains is {steps - 1}"))
+    late = [s for s in hp.val_extra if s > steps]
+    if late:
+        out.append(("val_extra", ("val_extra",), f"step(s) {', '.join(map(str, late))} are after the last "
+                                                 f"step {steps}"))
+    return out
+
+
+# The scaled step counts whose 0 means off (the others are steps: 0 is the first).
+STEP_COUNTS_OFF_AT_0 = ("momentum_warmup", "momentum_cooldown", "contra_fade")
+
+
+def scaled_off(hp):
+    """[(field, the preset's value)] of the preset's step counts that round to 0 in this shorter
+    run, switching their technique off."""
+    stated = {}
+    for part in hp.preset.split("+"):
+        stated.update(trainer().PRESETS.get(part, {}))
+    scaled = trainer_presets(hp.preset, {"train_steps": hp.train_steps})
+    return [(k, stated[k]) for k in STEP_COUNTS_OFF_AT_0
+            if stated.get(k, 0) > 0 and scaled.get(k) == 0 == getattr(hp, k)]
+
+
+def inert_notes(hp):
+    """The log header's (and the dry run's) lines on what a preset switched on that does nothing in
+    this run (a shorter run than the preset's): the header still lists the value, the line says
+    why it does nothing."""
+    return ([f"no effect in this run: {name} {getattr(hp, name)!r}: {why}" for name, _, why in never_acting(hp)]
+            + [f"no effect in this run: {name}: the preset's {value} steps round to 0 in this run of "
+               f"{hp.train_steps} steps (off)" for name, value in scaled_off(hp)])
+
+
+def changed_by_flags(hp, given):
+    """The fields of `given` (set on the command line) whose value differs from the one the preset
+    (or the default) gives this run: a flag that restates it changes nothing (e.g. a record's
+    reproduce command listing a scaled preset's values)."""
+    flags = {k: getattr(hp, k) for k in ("train_steps", "lr_power") if k in given}  # what scaling reads
+    base = {**{f.name: f.default for f in dataclasses.fields(trainer().Hyperparameters)},
+            **trainer_presets(hp.preset, flags)}
+    return {k for k in given if getattr(hp, k) != base.get(k)}
+
+
+def check_inert(hp, given):
+    """Refuse a setting changed on the command line (`given`: the fields set there) that cannot act
+    in this run."""
+    given = changed_by_flags(hp, given)
+    for fields, acts, what in NEEDS:
+        for name in fields:
+            if name in given and not acts(hp):
+                raise ValueError(f"--{name.replace('_', '-')} has no effect without {what}; drop it, "
+                                 "or switch the technique on")
+    for name, fields, why in never_acting(hp):
+        if given & set(fields):
+            flags = ", ".join(f"--{f.replace('_', '-')}" for f in fields if f in given)
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(hp, name)!r} never acts in this run of "
+                             f"{hp.train_steps} steps: {why}. Change {flags}, or the run's length")
+
+
+def schedule_marks(hp):
+    """The steps that train (0..train_steps-1) where a piece of the lr or momentum schedule begins
+    or ends, and their neighbours: between them each schedule is linear or monotone, so its
+    smallest and largest values over the run are at these steps."""
+    steps = hp.train_steps
+    marks = (0, steps - 1, hp.momentum_warmup, (hp.momentum_horizon or steps) - hp.momentum_cooldown,
+             hp.momentum_horizon or steps, math.floor((1 - hp.cooldown_frac) * steps), hp.schedule_steps or steps)
+    return sorted({m + d for m in marks for d in (-1, 0, 1) if 0 <= m + d < steps})
+
+
+def check_schedules(hp):
+    """Every group's lr in [0, its initial lr] and Aurora's momentum between momentum_min and
+    momentum, at every step that trains (evaluated at schedule_marks)."""
+    lo, hi = sorted((hp.momentum_min, hp.momentum))
+    horizon = hp.momentum_horizon or hp.train_steps
+    groups = [(name, dict(initial_lr=lr, power_c=c)) for name, lr, c in zip(
+        ("lr_embed", "lr_head", "lr_scalar", "lr_matrix"),
+        (hp.lr_embed, hp.lr_head, hp.lr_scalar, hp.lr_matrix), hp.power_c)]
+    for step in schedule_marks(hp):
+        mu = trainer().momentum_at(step, hp)
+        if not lo - 1e-12 <= mu <= hi + 1e-12:
+            raise ValueError(
+                f"the momentum schedule leaves [{lo}, {hi}] (--momentum-min, --momentum): {mu:.4g} at step "
+                f"{step} of {hp.train_steps}, from --momentum-warmup {hp.momentum_warmup}, --momentum-cooldown "
+                f"{hp.momentum_cooldown} and --momentum-horizon {horizon}; the cool-down must end at or after "
+                f"the last step: --momentum-horizon >= {hp.train_steps - 1}")
+        for name, group in groups:
+            lr = trainer().lr_at(step, group, hp)
+            if not 0 <= lr <= group["initial_lr"]:
+                flags = ("--cooldown-frac" if hp.lr_schedule == "linear" else
+                         "--power-c, --lr-power, --schedule-steps")
+                raise ValueError(f"the lr schedule gives {name} = {lr!r} at step {step}, outside [0, "
+                                 f"{group['initial_lr']}]: check {flags}")
+
+
+def check_hyperparameters(hp, choices, techniques=(), given=frozenset()):
+    """Every choice, range and combination, in one place (a technique's own checks too); raises
+    ValueError naming the flag. `given`: the fields set on the command line (a setting there that
+    cannot act is refused)."""
     def bad(name, why):
         raise ValueError(f"--{name.replace('_', '-')} {why}, got {getattr(hp, name)!r}")
     for name, allowed in choices.items():
         if getattr(hp, name) not in allowed:
             bad(name, f"must be one of {', '.join(allowed)}")
-    for name in ("batch_tokens", "seq_len", "micro_batch_seqs", "val_tokens", "vocab_size", "n_layer",
-                 "d_model", "head_dim", "mlp_ratio", "train_steps", "val_every", "val_every_late",
-                 "pp_iterations", "trials", "diag_tokens"):
-        if getattr(hp, name) < 1:
-            bad(name, "must be >= 1")
-    if not 0 < hp.pp_beta <= 1:
-        bad("pp_beta", "must be in (0, 1]")
-    if not 0 < hp.momentum < 1:
-        bad("momentum", "must be in (0, 1)")
-    for name in ("lr_embed", "lr_head", "lr_scalar", "lr_matrix"):
-        if not getattr(hp, name) > 0:
-            bad(name, "must be > 0")
-    for name in ("contra", "uw_floor", "weight_decay"):
-        if getattr(hp, name) < 0:
-            bad(name, "must be >= 0")
-    if not 0 <= hp.cooldown_frac <= 1:
-        bad("cooldown_frac", "must be in [0, 1]")
+    check_ranges(hp, bad)
     if hp.d_model % hp.head_dim or hp.head_dim % 4:
         raise ValueError(f"--d-model ({hp.d_model}) must be a multiple of --head-dim ({hp.head_dim}), "
                          "itself a multiple of 4 (rotary)")
     if hp.val_tokens % hp.batch_tokens:
         raise ValueError(f"--val-tokens ({hp.val_tokens:,}) must be a multiple of the batch "
                          f"({hp.batch_tokens:,} tokens)")
+    if hp.diagnostics and hp.diag_tokens < hp.seq_len:
+        bad("diag_tokens", f"must be >= --seq-len ({hp.seq_len}): the probe uses whole sequences")
     if hp.seed is not None and not 0 <= hp.seed <= 2**63 - hp.trials:
         bad("seed", "must be in [0, 2^63 - trials] (torch.manual_seed's range)")
-    if hp.save_every < 0:
-        bad("save_every", "must be >= 0 (0: no checkpoints)")
     if hp.run_name is not None and (not hp.run_name or "/" in hp.run_name or hp.run_name.startswith(".")):
         bad("run_name", "must be a plain folder name")
+    if hp.stop_below is not None and hp.trials < 2:
+        bad("stop_below", "stops a campaign of --trials >= 2 (it acts after a trial, before the next)")
     for t in techniques:
         if hasattr(t, "check"):
             t.check(hp, bad)
+    check_schedules(hp)
+    check_inert(hp, set(given))
+
+
+def distributed_env():
+    """(rank, world size, local rank) from torchrun's RANK, WORLD_SIZE and LOCAL_RANK (unset: 0, 1,
+    0), or ValueError naming the variable that is not a whole number in its range."""
+    def read(name, default, what):
+        text = os.environ.get(name)
+        if text is None:
+            return default
+        if not re.fullmatch(r"[0-9]{1,9}", text.strip()):
+            raise ValueError(f"{name} must be {what}, got {text!r}")
+        return int(text)
+    world = read("WORLD_SIZE", 1, "a positive integer (the number of processes; torchrun sets it)")
+    if world < 1:
+        raise ValueError(f"WORLD_SIZE must be a positive integer (the number of processes; torchrun sets "
+                         f"it), got {os.environ['WORLD_SIZE']!r}")
+    rank = read("RANK", 0, f"an integer from 0 to WORLD_SIZE-1 = {world - 1}")
+    local_rank = read("LOCAL_RANK", 0, f"an integer from 0 to WORLD_SIZE-1 = {world - 1}")
+    for name, value in (("RANK", rank), ("LOCAL_RANK", local_rank)):
+        if value >= world:
+            raise ValueError(f"{name} must be an integer from 0 to WORLD_SIZE-1 = {world - 1}, got {value}")
+    return rank, world, local_rank
 
 
 def check_setup(hp, gpu_presets, cuda=None):
     """Before setup (and --dry-run): a rank's GPU; the record, small and lineage presets are GPU
     runs (unless combined with tiny): refuse to start them on a CPU by accident."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = distributed_env()[2]
     if cuda and local_rank >= torch.cuda.device_count():
         raise ValueError(f"local rank {local_rank} has no GPU: this node shows "
                          f"{torch.cuda.device_count()} GPU(s); start at most that many "
@@ -375,6 +595,9 @@ def open_record(hp, start_log):
         earlier = sorted(name for name in os.listdir(hp.records_dir)
                          if (m := RECORD_FOLDER.fullmatch(name)) and m.group(2) == run_name
                          and os.path.isdir(os.path.join(hp.records_dir, name)))
+        if os.path.lexists(record_dir) and not os.path.isdir(record_dir):
+            raise ValueError(f"the record folder {record_dir} is a file, not a folder: move it away, or "
+                             "choose another --run-name")
         if hp.append and earlier and not os.path.exists(record_dir):
             record_dir = os.path.join(hp.records_dir, earlier[-1])  # --append after midnight joins the latest
         logs = sorted(glob.glob(os.path.join(glob.escape(record_dir), "*.txt")))
@@ -399,19 +622,45 @@ def open_record(hp, start_log):
             if diff:
                 print(f"note: {config_path} held another configuration ({diff}) but {record_dir} "
                       "holds no log: it now holds this run's", file=sys.stderr)
-        os.makedirs(record_dir, exist_ok=True)
-        if not (logs and os.path.lexists(config_path)):
-            try:
+        created, begun, log = not os.path.isdir(record_dir), [], None
+        log_path = os.path.join(record_dir, f"{uuid.uuid4()}.txt")
+        try:
+            os.makedirs(record_dir, exist_ok=True)
+            if not (logs and os.path.lexists(config_path)):
                 write_atomic(config_path, lambda f: f.write(json.dumps(
                     {k: json.loads(v) for k, v in new.items()}, indent=2).encode()))
+                begun.append(config_path)
                 os.chmod(config_path, 0o644)
-            except OSError as e:
-                raise ValueError(f"cannot write {config_path}: {e.strerror or e}") from None
-        log_path = os.path.join(record_dir, f"{uuid.uuid4()}.txt")
-        log = open(log_path, "x")  # "x": fail rather than overwrite
-        fcntl.flock(log, fcntl.LOCK_EX)  # held until the run exits: its seeds are taken meanwhile
-        start_log(log, hp)
+            log = open(log_path, "x")  # "x": fail rather than overwrite
+            fcntl.flock(log, fcntl.LOCK_EX)  # held until the run exits: its seeds are taken meanwhile
+            start_log(log, hp)
+        except OSError as e:  # a full disk, a read-only folder: nothing of this run stays behind
+            if log:
+                log.close()
+            discard_begun(record_dir, created, begun + [log_path])
+            raise ValueError(f"cannot start this run's log in {record_dir}: {e.strerror or e}"
+                             f"{WRITE_FAILURE_HINTS.get(e.errno, '')}; what this run had begun there "
+                             "is removed") from None
         return record_dir, log_path, log, hp
+
+
+WRITE_FAILURE_HINTS = {errno.ENOSPC: " (the disk is full: free space on it, or use another --records-dir)",
+                       errno.EDQUOT: " (over the disk quota: free space, or use another --records-dir)",
+                       errno.EROFS: " (a read-only file system: use another --records-dir or --run-name)",
+                       errno.EACCES: " (no permission to write there: use another --records-dir or --run-name)",
+                       errno.EPERM: " (no permission to write there: use another --records-dir or --run-name)"}
+
+
+def discard_begun(record_dir, created, paths):
+    """Remove what a run that could not start its log wrote: the folder if it created it, else
+    `paths` and the files beside its log that share the log's name (<uuid>.jsonl)."""
+    if created:
+        shutil.rmtree(record_dir, ignore_errors=True)
+        return
+    log_path = paths[-1]
+    for path in paths + glob.glob(glob.escape(os.path.splitext(log_path)[0]) + ".*"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
 
 
 def config_diff(old, new):
@@ -461,6 +710,35 @@ def environment_lines(hp, ctx, setup, drawn=False):
     except (OSError, subprocess.SubprocessError):
         pass
     return lines
+
+
+def campaign_tools():
+    """tools/campaign.py, when the records toolkit sits beside this script; else None."""
+    if not os.path.exists(os.path.join(HARNESS_ROOT, "tools", "campaign.py")):
+        return None
+    if HARNESS_ROOT not in sys.path:
+        sys.path.insert(0, HARNESS_ROOT)
+    import tools.campaign
+    return tools.campaign
+
+
+def campaign_report(log, hp):
+    """After a complete trial of a --trials N run (rank 0): log the claim so far, computed from this
+    run's log as `python tools/records.py campaign LOG --trials N` computes it; return the
+    `campaign stopped:` line when --stop-below ends the campaign here, else None."""
+    campaign = campaign_tools()
+    if campaign is None:
+        return None
+    try:
+        c = campaign.campaign_of(log.file.name, hp.trials)
+    except (campaign.RecordsError, ValueError, OSError) as e:  # a report: the run goes on
+        log(f"campaign: not estimated: {e}")
+        return None
+    log(campaign.campaign_line(c))
+    stop = campaign.campaign_decision(c, hp.stop_below)
+    if stop:
+        log(stop)
+    return stop
 
 
 def refresh_summary(record_dir, log):
@@ -536,6 +814,16 @@ def write_atomic(path, write):
         os.fsync(folder)  # the rename itself, on the disk
     finally:
         os.close(folder)
+
+
+def write_failure(e):
+    """What made a write fail, in words: torch.save reports a failed write of its file (a full
+    disk) as a RuntimeError of its own ("[enforce fail at inline_container.cc:…] …"), with the
+    file's OSError as the exception it was raised in; that OSError says what happened."""
+    cause = e
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    return str(cause if cause is not None else e)
 
 
 def load_checkpoint(path):
@@ -821,6 +1109,9 @@ class Harness:
         every check passed; every rank gets the seed rank 0 drew. Returns hp with that seed."""
         ctx, log, train_files = self.ctx, self.log, self.train_files
         self.code = code
+        if hp.stop_below is not None and campaign_tools() is None:
+            raise ValueError("--stop-below needs the records toolkit (tools/campaign.py) beside "
+                             f"{os.path.join(HARNESS_ROOT, 'harness.py')}: run from a checkout")
         if hp.resume:  # every rank reads and checks it (same file, same verdict): nothing written yet
             self.resume = load_checkpoint(hp.resume)
             hp = check_resume(self.resume, hp, ctx, train_files, code)
@@ -839,13 +1130,16 @@ class Harness:
                         f.write(code + SEPARATOR + "\n")
                         for line in environment_lines(hp, ctx, setup, drawn) + [SEPARATOR, f"log: {f.name}"]:
                             log(line)
+                        if hp.diagnostics:  # one JSON object per (step, layer), next to the log
+                            self.jsonl = open(os.path.splitext(f.name)[0] + ".jsonl", "x")
+                            log(f"diagnostics file: {self.jsonl.name}")
                     self.record_dir, log_path, log.file, hp = open_record(hp, start_log)
-                    if hp.diagnostics:  # one JSON object per (step, layer), next to the log
-                        self.jsonl = open(os.path.splitext(log_path)[0] + ".jsonl", "x")
-                        log(f"diagnostics file: {self.jsonl.name}")
                 self.checkpoint = os.path.splitext(log_path)[0] + ".ckpt"
             except (ValueError, FileExistsError) as e:
                 failure = e
+                if self.jsonl:  # begun, then removed with the log (open_record)
+                    self.jsonl.close()
+                log.file = self.jsonl = None
         if ctx.world > 1:  # every rank uses the seed rank 0 drew or checked for this folder, or stops
             shared = [hp.seed, None if failure is None else str(failure)]
             dist.broadcast_object_list(shared, 0)
@@ -916,7 +1210,16 @@ class Harness:
         run.probe.report(run.trial, step, self.log)
 
     def trial_ended(self, val_loss):
+        """A trial is complete: its final loss, and with --trials N > 1 the campaign's line (rank 0
+        reads the log). Returns False when --stop-below stops the campaign here (every rank takes
+        rank 0's decision): the trials run so far end the run, complete and counted."""
         self.finals.append(val_loss)
+        stop = campaign_report(self.log, self.hp) if self.hp.trials > 1 and self.ctx.rank == 0 else None
+        if self.ctx.world > 1 and self.hp.stop_below is not None:
+            shared = [stop]
+            dist.broadcast_object_list(shared, 0)
+            stop = shared[0]
+        return stop is None
 
     def run_ended(self):
         """Every trial done: the final losses, no checkpoint left, the record's summary. The run is
@@ -942,7 +1245,8 @@ class Harness:
         if isinstance(e, Interrupted) and run and self.checkpoint and os.path.exists(self.checkpoint):
             kept += f"; continue with the same flags and --resume {self.checkpoint}"
         log(f"error: {trial}: {e}. Training stopped{kept}", error=True)
-        return 130 if isinstance(e, Interrupted) else 1
+        # a signal's exit status is 128 + its number, as a shell reports it: SIGTERM 143, SIGINT 130
+        return 128 + signal.Signals[str(e)] if isinstance(e, Interrupted) else 1
 
     def close(self):
         if self.log.file:
@@ -999,10 +1303,9 @@ class Harness:
                 write_atomic(self.checkpoint, lambda f: torch.save(state, f))
                 log(f"checkpoint: step {run.step} of trial {run.trial} saved to {self.checkpoint} "
                     f"({os.path.getsize(self.checkpoint) / 1e6:.1f} MB in {time.perf_counter() - started:.2f}s)")
-            except (OSError, RuntimeError) as e:  # torch.save reports a failed write (a full disk)
-                # as a RuntimeError; write_atomic removed the partial temporary file
-                log(f"checkpoint not written: step {run.step} of trial {run.trial}: {e}; training goes "
-                    "on, the previous checkpoint (if any) is whole", error=True)
+            except (OSError, RuntimeError) as e:  # write_atomic removed the partial temporary file
+                log(f"checkpoint not written: step {run.step} of trial {run.trial}: {write_failure(e)}; "
+                    "training goes on, the previous checkpoint (if any) is whole", error=True)
         run.clock.start()
 
     def remove_checkpoint(self):

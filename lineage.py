@@ -440,8 +440,8 @@ class Lineage:
             r = steps / stated
             for k in SCALED_STEPS:
                 if k in merged:
-                    merged[k] = (tuple(round(v * r) for v in merged[k]) if isinstance(merged[k], tuple)
-                                 else round(merged[k] * r))
+                    merged[k] = (tuple(sorted({round(v * r) for v in merged[k]})) if isinstance(merged[k], tuple)
+                                 else round(merged[k] * r))  # steps that round to one step count once
             if "power_c" not in flags:  # c (H - s)^p keeps its shape when H - s scales by r
                 power = flags.get("lr_power", merged.get("lr_power", LineageHyperparameters.lr_power))
                 merged["power_c"] = tuple(c / r ** power for c in merged.get("power_c", LineageHyperparameters.power_c))
@@ -449,25 +449,15 @@ class Lineage:
 
     @staticmethod
     def check(hp, bad):
-        """The lineage's settings: ranges, and what they do not combine with (yet)."""
-        for name in ("soap_every", "ref_capture"):
-            if getattr(hp, name) < 1:
-                bad(name, "must be >= 1")
-        for name in ("soap_beta2", "ema_nesterov_beta"):
-            if not 0 <= getattr(hp, name) < 1:
-                bad(name, "must be in [0, 1)")
-        if not 0 < hp.momentum_min < 1:
-            bad("momentum_min", "must be in (0, 1)")
-        for name in ("fc_depth_scale", "gain_split", "radial_brake", "momentum_warmup", "momentum_cooldown",
-                     "contra_fade", "ema_nesterov", "soap_v_floor"):
-            if getattr(hp, name) < 0:
-                bad(name, "must be >= 0")
-        if not 0 < hp.soap_v_blend <= 1:
-            bad("soap_v_blend", "must be in (0, 1]")
+        """The lineage's settings: what they need, and what they do not combine with (yet); their
+        ranges are harness.py's RANGES."""
         if hp.lr_schedule == "power" and (hp.schedule_steps or hp.train_steps) < hp.train_steps:
             bad("schedule_steps", f"must be >= --train-steps ({hp.train_steps}): PowerCool's lr is 0 from there")
         if hp.ref_gamma and hp.ref_capture > hp.ref_start:
             bad("ref_capture", f"must be <= --ref-start ({hp.ref_start}): the reference comes first")
+        if hp.ema_nesterov and hp.ema_nesterov_start >= hp.ema_nesterov_stop:
+            bad("ema_nesterov_start", f"must be < --ema-nesterov-stop ({hp.ema_nesterov_stop}): the look-aheads "
+                                      "run from start to before stop")
         if any(not isinstance(s, int) or s < 0 for s in hp.val_extra):
             bad("val_extra", "must be steps (integers >= 0)")
         if uses_lineage_rule({**dataclasses.asdict(hp), "soap": hp.soap != "none"}) and (

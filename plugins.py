@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import importlib
 import os
+import sys
 
 from aurora_variants import VARIANTS  # a technique (inlined in a code part only when used)
 from lineage import LINEAGE  # a technique (inlined in a code part only when used)
@@ -80,6 +81,9 @@ def parse_flags(cls, presets, choices, argv=None):
             ap.add_argument(flag, type=float, nargs=len(f.default), **kw)
         else:
             ap.add_argument(flag, type=f.type, choices=choices.get(f.name), **kw)
+    for arg in (sys.argv[1:] if argv is None else argv) if harness else ():
+        if arg.split("=", 1)[0] in harness.REFUSED_FLAGS:  # a flag left out on purpose: say why
+            ap.error(harness.REFUSED_FLAGS[arg.split("=", 1)[0]])
     args = vars(ap.parse_args(argv))
     dry_run = args.pop("dry_run")
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
@@ -87,7 +91,7 @@ def parse_flags(cls, presets, choices, argv=None):
         overrides = preset_overrides(args.get("preset", "record"), args, presets, cls.train_steps)
         hp = cls(**{**{k: v for k, v in overrides.items() if k in {f.name for f in fields}}, **args})
         if harness:
-            harness.check_hyperparameters(hp, choices, techniques(hp))
+            harness.check_hyperparameters(hp, choices, techniques(hp), frozenset(args))
     except ValueError as e:
         ap.error(str(e))
     return hp, dry_run

@@ -58,6 +58,10 @@ probe_rc=0
 probe=$("$PYTHON" -c 'import sys; print("python", sys.version_info[0])' 2>&1) || probe_rc=$?
 [[ $probe_rc == 0 && $probe == "python 3" ]] \
   || die "PYTHON=$PYTHON does not run Python 3 (exit status $probe_rc${probe:+: $(tail -n 1 <<<"$probe")})"
+# torch found without importing it (the GPU count below imports it, and hides why it failed)
+"$PYTHON" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("torch") is None)' 2>/dev/null \
+  || die "torch is not installed for PYTHON=$PYTHON ($(command -v "$PYTHON")): install the requirements" \
+         "with \`$PYTHON -m pip install -r requirements.txt\`, or set PYTHON to an interpreter that has torch"
 
 # ---- GPUs that torch can use (honours CUDA_VISIBLE_DEVICES; empty forces the CPU path) ----------
 if [[ -n ${RUN_SH_NGPU:-} ]]; then

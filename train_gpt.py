@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from aurora import Aurora, NonFiniteUpdate, ns_dtype_for
 from measure import Clock, Logger, TrainLosses
-from plugins import TECHNIQUES, call, choice, harness, parse_flags, techniques, with_plugins
+from plugins import TECHNIQUES, call, choice, harness, parse_flags, preset_overrides, techniques, with_plugins
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SEPARATOR = "=" * 100
@@ -121,7 +121,8 @@ GPU_PRESETS = ["record", "small"]
 # Header lines that may differ between the logs of one record folder (the records toolkit reads
 # this from a log's code part): the trials' seeds, the data's path, harness.py's flags.
 PER_RUN = ("seed", "trials", "data_dir", "diagnostics", "diag_tokens", "dead_threshold", "starved_threshold",
-           "frozen_threshold", "allow_cpu", "run_name", "records_dir", "append", "save_every", "resume")
+           "frozen_threshold", "allow_cpu", "run_name", "records_dir", "append", "save_every", "resume",
+           "stop_below")
 
 Hyperparameters = with_plugins(Hyperparameters, PRESETS, CHOICES, GPU_PRESETS)  # plugins.py
 
@@ -409,11 +410,12 @@ def micro_batch_plan(hp, world):
 
 def setup_distributed(hp):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (multi-node too); plain `python` is one process."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world, local_rank = harness.distributed_env() if harness else (
+        int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     micro, accum = micro_batch_plan(hp, world)  # before any process group: fail fast on every rank
     call(techniques(hp), "setup", hp)
     if torch.cuda.is_available():  # (harness.py checks LOCAL_RANK has a GPU)
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
@@ -434,11 +436,11 @@ def use_compile(hp, ctx):
 
 
 def setup_line(hp, ctx):
-    """The log header's line of what this process uses."""
-    return (f"micro_batch_seqs_used {ctx.micro}  grad_accum_steps {ctx.accum}  "
-            f"ns_dtype_used {str(ns_dtype_for(hp.ns_dtype, ctx.device)).removeprefix('torch.')}  "
-            f"activations {str(activation_dtype(ctx)).removeprefix('torch.')}  "
-            f"compile_used {use_compile(hp, ctx)}")
+    """The log header's line of what this process uses (and harness.py's notes of what does nothing)."""
+    return "\n".join([f"micro_batch_seqs_used {ctx.micro}  grad_accum_steps {ctx.accum}  "
+                      f"ns_dtype_used {str(ns_dtype_for(hp.ns_dtype, ctx.device)).removeprefix('torch.')}  "
+                      f"activations {str(activation_dtype(ctx)).removeprefix('torch.')}  "
+                      f"compile_used {use_compile(hp, ctx)}"] + (harness.inert_notes(hp) if harness else []))
 
 
 def runnable_source(hp=None):
@@ -654,10 +656,13 @@ def main(argv=None):
     try:
         if harness:  # the GPU presets refuse to start on a CPU by accident; a rank without a GPU
             harness.check_setup(hp, GPU_PRESETS)
-        micro, accum = micro_batch_plan(hp, int(os.environ.get("WORLD_SIZE", 1)))
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        micro, accum = micro_batch_plan(hp, world)
         if dry_run:
-            print(f"dry run: configuration ok (preset {hp.preset}, world size {os.environ.get('WORLD_SIZE', 1)}, "
+            print(f"dry run: configuration ok (preset {hp.preset}, world size {world}, "
                   f"{accum} micro-batch(es) of {micro} sequences per rank)")
+            for note in harness.inert_notes(hp) if harness else []:
+                print(note)
             return 0
         ctx = setup_distributed(hp)
     except ValueError as e:
@@ -668,7 +673,8 @@ def main(argv=None):
     try:
         run = prepare(hp, ctx, log, driver)
         for trial in range(driver.first_trial, run.hp.trials):
-            driver.trial_ended(train_trial(run, trial))
+            if driver.trial_ended(train_trial(run, trial)) is False:
+                break  # the harness's futility stop (--stop-below): the trials run are complete
         driver.run_ended()
         return 0
     except driver.BAD_INPUT as e:  # bad input or configuration

@@ -219,7 +219,7 @@ def test_sigterm_saves_a_checkpoint_then_exits_and_resume_finishes_the_run(data_
     records_dir = tmp_path / "run"
     args = BATCHED + ["--data-dir", data_dir, "--records-dir", str(records_dir)]
     sigterm_during(monkeypatch, 3)
-    assert train_gpt.main(FLAGS + args + ["--save-every", "100"]) == 130  # only SIGTERM saves
+    assert train_gpt.main(FLAGS + args + ["--save-every", "100"]) == 143  # only SIGTERM saves; 128 + 15
     monkeypatch.undo()
     log = the_log(records_dir)
     text = open(log).read()
@@ -271,7 +271,7 @@ def test_a_lineage_run_stopped_by_sigterm_resumes_as_the_uninterrupted_run(data_
     assert run([], "whole") == 0
     expected = open(the_log(tmp_path / "whole")).read()
     sigterm_during(monkeypatch, 11)  # the checkpoint of step 11, then the stop
-    assert run(["--save-every", "100"], "run") == 130
+    assert run(["--save-every", "100"], "run") == 143
     monkeypatch.undo()
     log = the_log(tmp_path / "run")
     assert "checkpoint: step 11 of trial 0 saved to" in open(log).read()

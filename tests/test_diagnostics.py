@@ -184,3 +184,21 @@ def test_ablation_tool_refuses_a_folder_that_is_not_empty(tmp_path):
     with pytest.raises(SystemExit, match="not empty"):
         ablate.main(["--out", str(tmp_path / "abl")])
     assert os.listdir(tmp_path / "abl") == ["ablation.md"]
+
+
+@pytest.mark.parametrize("rule", ["aurora", "muon"])
+def test_a_zero_fc_update_is_not_reported_as_starved(rule):
+    """At the first steps mlp.proj is still zero, so no gradient reaches fc and its update is zero:
+    every row's leverage is 0, which is no direction at all, not one that starves every row."""
+    hp = train_gpt.Hyperparameters(**train_gpt.PRESETS["tiny"])
+    model = train_gpt.GPT(hp, torch.float32)
+    matrices = [b.mlp.fc.weight for b in model.blocks]
+    aurora = Aurora(matrices, lr=0.1, rule=rule)
+    health = probe(model, aurora, torch.zeros(16, 128, dtype=torch.long), hp, io.StringIO())
+    health.before_step(True)
+    for p in matrices:
+        p.grad = torch.zeros_like(p)
+    aurora.step()
+    rows = health.measure()
+    assert [(r["starved"], r["leverage_cv"], r["leverage_min"]) for r in rows] == [(None, None, None)] * len(rows)
+    assert "starved:nan leverage_cv:nan leverage_min:nan" in summary_line(rows)

@@ -33,7 +33,7 @@ RECORD = dict(
     preset="record", seed=None, trials=1, compile="auto", save_every=0,
     # where data and records are (inside the repository), and the rest of a run's settings
     data_dir=os.path.join(ROOT, "data", "fineweb10B"), records_dir=os.path.join(ROOT, "records"),
-    run_name=None, append=False, allow_cpu=False, resume=None, val_loss_target=3.28,
+    run_name=None, append=False, allow_cpu=False, resume=None, val_loss_target=3.28, stop_below=None,
     # neuron-health diagnostics at validation steps (they change no training arithmetic)
     diagnostics=True, diag_tokens=65536, dead_threshold=0.001, starved_threshold=0.1,
     frozen_threshold=0.1,

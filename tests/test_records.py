@@ -106,8 +106,8 @@ def test_multi_trial_file_without_step_zero_and_seed_lines(tmp_path):
 
 def test_seed_line_starts_a_trial_even_if_the_step_increases(tmp_path):
     # trial 0 stopped at step 100; trial 1's first val line is at 125
-    path = write(tmp_path / "a.txt", ["trial:0 seed:1", val(0, 10.8), val(100, 4.0),
-                                      "trial:1 seed:2", val(125, 3.9), val(250, 3.5)])
+    path = write(tmp_path / "a.txt", ["trial:0 seed:1", val(0, 10.8, 250), val(100, 4.0, 250),
+                                      "trial:1 seed:2", val(125, 3.9, 250), val(250, 3.5, 250)])
     assert [(t["seed"], t["steps"]) for t in parse_log(path)] == [(1, [0, 100]), (2, [125, 250])]
 
 
@@ -290,12 +290,16 @@ def test_write_summary(tmp_path):
 
 
 def test_write_summary_diverged_run_is_strict_json(tmp_path):
+    # a diverged trial's nan is a bad line: the trial is left out, never pooled as mean nan
     write(tmp_path / "x.txt", [val(50, 3.5), "step:100/100 val_loss:nan train_time:1.0s step_avg:nanms"])
+    write(tmp_path / "y.txt", [val(50, 3.4), val(100, 3.27)])
     write_summary(str(tmp_path))
     text = (tmp_path / "summary.json").read_text()
     assert "NaN" not in text
     s = json.loads(text)
-    assert s["step"] is None and s["mean"] is None
+    assert s["n"] == 1 and s["mean"] == 3.27 and [i["source"] for i in s["incomplete"]] == ["x.txt"]
+    assert "val_loss nan is not a finite positive loss" in s["incomplete"][0]["reason"]
+    assert [(b["source"], b["cut"]) for b in s["bad_lines"]] == [("x.txt", False)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -309,8 +313,9 @@ def no_common_steps(d):
 
 
 def unreadable(d):
-    (d / "log.txt").mkdir()  # listed as a log, but open() fails (chmod does not stop root)
-    return str(d)
+    # a regular file that open()s but cannot be read (EIO; chmod does not stop root)
+    (d / "log.txt").symlink_to("/proc/self/mem")
+    return str(d / "log.txt")
 
 
 @pytest.mark.parametrize("setup, message", [
@@ -424,7 +429,9 @@ def test_a_cut_final_line_is_ignored_and_reported(tmp_path, cut):
     write(tmp_path / "b.txt", ["trial:0 seed:1", val(50, 3.5), val(100, 3.29)])
     s = summarize(load_runs([str(tmp_path)]))
     assert s["n"] == 1 and s["final_losses"] == [3.29]
-    assert s["bad_lines"] == [dict(source=path, line=number, text=cut)]
+    assert [dict(b, reason=None) for b in s["bad_lines"]] == [
+        dict(source=path, line=number, text=cut, reason=None, cut=True)]
+    assert s["bad_lines"][0]["reason"].startswith(("cut or garbled", "garbled"))
     assert [i["seed"] for i in s["incomplete"]] == [0]
 
 
@@ -802,12 +809,13 @@ def test_summary_write_rewrites_summary_json(tmp_path):
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["n"] == 1 and [i["source"] for i in on_disk["incomplete"]] == ["y.txt"]
     assert stat.S_IMODE(os.stat(tmp_path / "summary.json").st_mode) == 0o644
-    # a diverged run: null in summary.json, nan in the text, no crash
+    # a diverged run: its nan is a bad line, the trial is left out, and no crash
     write(tmp_path / "z.txt", ["trial:0 seed:2", val(50, 3.5),
                                "step:100/100 val_loss:nan train_time:1.0s step_avg:nanms"])
     proc = cli("summary", tmp_path, "--write")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[-1] == "record: not reached (last common step 100: mean nan, margin nan < 0.004)"
+    assert proc.stdout.splitlines()[-1] == "record: step 100  mean 3.270000  margin 0.01000 >= 0.004  (n=1)"
+    assert "bad line (ignored): z.txt line 10: " in proc.stdout and "not a finite positive loss" in proc.stdout
     proc = cli("summary", tmp_path, tmp_path / "x.txt", "--write")
     assert proc.returncode == 2 and "exactly one PATH" in proc.stderr
 
@@ -1027,7 +1035,7 @@ def test_target_from_the_logs_headers(tmp_path):
     assert data["target"] == 3.3 and "B for 3.28" in data["target_warning"]
     assert "warning" not in cli("compare", EXAMPLE_LOG, EXAMPLE_LOG).stderr
     example_copy(record / "b.txt", val_loss_target='"high"')
-    with pytest.raises(RecordsError, match="val_loss_target '\"high\"' is not a number"):
+    with pytest.raises(RecordsError, match="val_loss_target '\"high\"' is not a finite positive"):
         summary_of(str(record / "b.txt"))
 
 
@@ -1223,8 +1231,10 @@ def test_newer_published_copies_give_the_published_figures(steps):
                     "checkout or git mirror) not set")
 def test_newer_published_copies_are_the_output_parts_of_upstreams_logs():
     upstream = os.environ["MODDED_NANOGPT"]
-    for steps, folder in UPSTREAM_FOLDERS.items():
-        names = sorted(f for f in os.listdir(PUBLISHED_DIRS[steps]) if f.endswith(".txt"))
+    copies = [(PUBLISHED_DIRS[s], f) for s, f in UPSTREAM_FOLDERS.items()] + [
+        (SOAP_DIRS[s], f) for s, f in SOAP_FOLDERS.items()]
+    for copy, folder in copies:
+        names = sorted(f for f in os.listdir(copy) if f.endswith(".txt"))
         listed = subprocess.run(["git", "-C", upstream, "ls-tree", "--name-only", "HEAD",
                                  f"records/track_3_optimization/results/{folder}/"],
                                 capture_output=True, text=True, check=True).stdout.split()
@@ -1234,16 +1244,20 @@ def test_newer_published_copies_are_the_output_parts_of_upstreams_logs():
                                   f"HEAD:records/track_3_optimization/results/{folder}/{name}"],
                                  capture_output=True, check=True).stdout
             start = log.index(b"\n" + b"=" * 100 + b"\n") + 1
-            with open(os.path.join(PUBLISHED_DIRS[steps], name), "rb") as f:
+            with open(os.path.join(copy, name), "rb") as f:
                 assert f.read() == log[start:], name
 
 
 def test_parent_table():
     from tools.parents import PARENTS, parent_path
-    assert sorted(PARENTS) == ["aurora_2860", "aurora_2890", "aurora_2930", "record"]
-    for preset in PARENTS:  # each parent is there and claims the step its preset is named for
-        s = summarize(load_runs(parent_path(preset)))
-        assert s["step"] == (3175 if preset == "record" else int(preset.split("_")[1]))
+    # each parent is there and claims its step: the record a lineage preset reproduces; for the
+    # SOAP-Muon presets the record their published result built on (#44's is #41, no preset here:
+    # #40's, its nearest preset ancestor)
+    claims = dict(record=3175, aurora_2930=2930, aurora_2890=2890, aurora_2860=2860, soap_2750=2890,
+                  soap_2720=2750, soap_2690=2720)
+    assert sorted(PARENTS) == sorted(claims)
+    for preset, step in claims.items():
+        assert summary_of(parent_path(preset))[0]["step"] == step
     assert parent_path("record") == parent_path("tiny") == parent_path(None) == PUBLISHED == REFERENCE
     # a preset list (train_gpt.py applies them in order): its first preset that has a parent
     assert parent_path("aurora_2860+small") == parent_path("tiny+aurora_2860") == parent_path("aurora_2860")
@@ -1270,6 +1284,68 @@ def test_diff_compares_with_the_parent_of_the_runs_preset(tmp_path, preset, pare
     named = f"preset {preset.strip(chr(34))}" if preset else "no preset line"
     assert f"A's parent record ({named}): the published record" in proc.stdout
     assert f"B n={20 if steps == 3175 else 16} step {steps}" in proc.stdout
+
+
+@pytest.mark.parametrize("preset, parent, n, steps", [
+    ("soap_2690", "published_soap_2720", 10, 2720), ("soap_2720", "published_soap_2750", 20, 2750),
+    ("soap_2750+tiny", "published_aurora_2890", 16, 2890)])
+def test_the_soap_presets_parents(tmp_path, preset, parent, n, steps):
+    """diff and submit default to the record the preset's published result built on; soap_2750's
+    (#41) is no preset here, and both say that theirs is the nearest preset ancestor."""
+    run = write_ours(tmp_path / "a.txt", {0: [3.30, 3.285, 3.275], 1: [3.30, 3.284, 3.276]},
+                     hp=dict(preset=f'"{preset}"'))
+    d = diff_records(run)
+    assert d["b"] == os.path.join(ROOT, "records", parent)
+    assert (d["compare"]["n_b"], d["compare"]["steps_b"]) == (n, steps)
+    assert d["b_label"].startswith(f"A's parent record (preset {preset}): the published record, ")
+    note = "(the nearest preset ancestor of #41, soap_2750's published parent, which is not a preset here)"
+    assert d["b_label"].endswith(f"records/{parent}/){' ' + note if parent.endswith('2890') else ''}")
+    if preset == "soap_2750+tiny":
+        return
+    r = submit(make_submission(tmp_path / "rec", hp=dict(preset=f'"{preset}"')), "p", out=str(tmp_path / "o"),
+               date="2026-12-02")
+    assert (r["comparison"]["n_b"], r["comparison"]["steps_b"]) == (n, steps)
+    readme = open(os.path.join(r["out"], "README.md")).read()
+    assert f"records/{parent}/), the default parent of preset {preset}." in readme
+
+
+def test_the_soap_presets_note_in_submit(tmp_path):
+    r = submit(make_submission(tmp_path / "rec", hp=dict(preset='"soap_2750"')), "p", out=str(tmp_path / "o"),
+               date="2026-12-02")
+    assert ("records/published_aurora_2890/), the default parent of preset soap_2750 (the nearest preset "
+            "ancestor of #41, soap_2750's published parent, which is not a preset here).") in open(
+        os.path.join(r["out"], "README.md")).read()
+
+
+SOAP_DIRS = {steps: os.path.join(ROOT, "records", f"published_soap_{steps}") for steps in (2750, 2720, 2690)}
+SOAP_FOLDERS = {2750: "20260609_soap_f1_auxb2_clean", 2720: "20260611_tailema_2720_submission",
+                2690: "20260619_cwd_rowfloor_tailema"}
+# the summary of each folder: logs, metric, n, step, mean (6 digits), margin (5 digits)
+SOAP_SUMMARIES = {2750: (28, "val_loss", 20, 2750, 3.278857, 0.00511),
+                  2720: (10, "val_loss", 10, 2720, 3.278565, 0.00454),
+                  2690: (8, "val_ema_loss", 7, 2690, 3.278326, 0.00443)}
+
+
+@pytest.mark.parametrize("steps", sorted(SOAP_DIRS))
+def test_the_soap_frontiers_published_copies_give_the_published_figures(steps):
+    """What summary prints for each folder (its README's table), and upstream's figures where
+    they differ by what is counted: #44's A40 logs apart, #46 with its cut seed-7 log."""
+    files, metric, n, step, mean, margin = SOAP_SUMMARIES[steps]
+    s, _, record = summary_of(SOAP_DIRS[steps])
+    assert len(record["logs"]) == files and all(log["code"] == "" for log in record["logs"])
+    assert record["metric"] == metric
+    assert any(note.startswith("metric val_ema_loss: ") for note in s["notes"]) == (steps == 2690)
+    assert (s["n"], s["step"], round(s["mean"], 6), round(s["margin"], 5)) == (n, step, mean, margin)
+    if steps == 2750:  # the 8 A40 logs stop at 2850: left out; alone they pass at 2755
+        assert len(s["incomplete"]) == 8
+        a40 = summary_of([log["path"] for log in record["logs"] if "/A40_" in log["path"]])[0]
+        assert (a40["n"], a40["step"], round(a40["mean"], 6)) == (8, 2755, 3.278565)
+    if steps == 2690:  # upstream counts seed 7 (its log ends at 2765): 3.278329, margin 0.00473
+        (cut,) = s["incomplete"]
+        assert "seed7" in cut["source"] and cut["last_step"] == 2765
+        at = [r["losses"][r["steps"].index(2690)] for r in record["runs"]]
+        assert len(at) == 8 and round(sum(at) / 8, 6) == 3.278329
+        assert round((3.28 - sum(at) / 8) * math.sqrt(8), 5) == 0.00473
 
 
 def test_diff_baseline_overrides_the_preset(tmp_path):

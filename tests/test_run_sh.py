@@ -163,6 +163,18 @@ def test_a_python_that_does_not_run_is_named_first(run_sh, python, message):
         assert proc.stderr.startswith("run.sh: ") and message in proc.stderr, proc.stderr
 
 
+def test_a_python_without_torch_is_named_first(run_sh, tmp_path):
+    """An interpreter that runs but has no torch (here: ours without its site-packages)."""
+    bare = tmp_path / "python_without_site"
+    bare.write_text(f"#!/bin/sh\nexec '{sys.executable}' -S \"$@\"\n")
+    bare.chmod(0o755)
+    for gpus in (None, 8):
+        proc = run_sh("--dry-run", gpus=gpus, PYTHON=str(bare))
+        assert proc.returncode == 2 and proc.stdout == "", proc.stdout  # no "CPU run" first
+        assert proc.stderr.startswith(f"run.sh: torch is not installed for PYTHON={bare} "), proc.stderr
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize("preset, gpus", [(["--preset", "record"], None), (["--preset=small"], 0)])
 def test_cpu_refuses_gpu_presets_without_allow_cpu(run_sh, preset, gpus):
     proc = run_sh(*preset, "--train-steps", "6", gpus=gpus)

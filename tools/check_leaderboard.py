@@ -20,16 +20,41 @@ from tools.stats import claimed, summarize  # noqa: E402
 from tools.summary import summary_of  # noqa: E402
 from tools.trials import copies, screen  # noqa: E402
 
-ROW = re.compile(r"^\|\s*(\d+)\s*\|\s*(\d+)(\(!\))?\s*\|\s*([\d.]+)\s*\(n=(\d+)\)(\S*)\s*\|.*?"
+NUMBERED = re.compile(r"^\|\s*(\d+)\s*\|")  # a row of the leaderboard table: | 17 | ...
+ROW = re.compile(r"^\|\s*(\d+)\s*\|\s*(\d+)(\(!\))?\s*\|\s*(\d+\.\d+)\s*\(n=(\d+)\)(\S*)\s*\|.*?"
                  r"\[log\]\(results/([^)]+)\)")
+LINK = re.compile(r"\[log\]\(results/[^)]+\)")
 
 
 def leaderboard(track_dir):
-    """Rows of the leaderboard table: dict(number, step, mean (text), n, passes, link)."""
-    with open(os.path.join(track_dir, "README.md"), encoding="utf-8") as f:
-        rows = [ROW.match(line) for line in f]
-    return [dict(number=int(m.group(1)), step=int(m.group(2)), mean=m.group(4), n=int(m.group(5)),
-                 passes=m.group(6) != "Ⓧ", link=m.group(7)) for m in rows if m]
+    """Rows of the leaderboard table: dict(number, step, mean (text), n, passes, link), or, for a
+    numbered row that does not read as one, dict(number, problem: why)."""
+    with open(os.path.join(track_dir, "README.md"), encoding="utf-8", errors="replace") as f:
+        lines = [line.rstrip("\n") for line in f if NUMBERED.match(line)]
+    rows = []
+    for line in lines:
+        m = ROW.match(line)
+        rows.append(dict(number=int(m.group(1)), step=int(m.group(2)), mean=m.group(4),
+                         n=int(m.group(5)), passes=m.group(6) != "Ⓧ", link=m.group(7)) if m else
+                    dict(number=int(NUMBERED.match(line).group(1)), problem=row_problem(line)))
+    return rows
+
+
+def row_problem(line):
+    """Why a numbered line of the table is not a leaderboard row this check can read."""
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if len(cells) < 7:
+        return f"{len(cells)} cells, 7 expected"
+    if not re.fullmatch(r"\d+(\(!\))?", cells[1]):
+        return f"steps {cells[1]!r} is not a step count"
+    evidence = re.fullmatch(r"(\S*)\s*\(n=(\d+)\)\S*", cells[2])
+    if not evidence:
+        return f"evidence {cells[2]!r} is not 'mean (n=N)'"
+    if not re.fullmatch(r"\d+\.\d+", evidence.group(1)):
+        return f"mean {evidence.group(1)!r} is not a decimal number such as 3.2788"
+    if not LINK.search(line):
+        return "no [log](results/...) link"
+    return "not understood"
 
 
 def target_of(results, link):
@@ -65,6 +90,9 @@ def loss_at_step(run, step):
 
 
 def check(row, results):
+    if "problem" in row:
+        return dict(row, name="?", got="", match=False,
+                    notes=[f"malformed leaderboard row: {row['problem']}"])
     path = target_of(results, row["link"])
     name = os.path.relpath(path, results)
     out = dict(row, name=name, got="", match=False, notes=[])
@@ -121,7 +149,8 @@ def main(argv=None):
     rows = [check(row, results) for row in leaderboard(track)]
     print("| # | result | leaderboard | `summary` | match | notes |\n|---|---|---|---|---|---|")
     for r in rows:
-        board = f"{r['step']} {r['mean']} (n={r['n']}){'' if r['passes'] else ' no pass'}"
+        board = ("not read" if "problem" in r else
+                 f"{r['step']} {r['mean']} (n={r['n']}){'' if r['passes'] else ' no pass'}")
         notes = "; ".join(r["notes"]).replace("|", "\\|")
         print(f"| {r['number']} | `{r['name']}` | {board} | {r['got']} | "
               f"{'yes' if r['match'] else '**no**'} | {notes} |")

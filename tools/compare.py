@@ -6,6 +6,11 @@ the mean val loss at common steps (mean_curve(): over the complete trials, else 
 ones, so that a killed run can still be compared) and the same pairwise test when either side has
 more than one trial.
 """
+
+if __name__ == "__main__":  # a module of the toolkit, not a command
+    raise SystemExit("tools/compare.py is a module of the records toolkit, not a command: "
+                     "python tools/records.py --help lists the commands")
+
 import difflib
 import os
 
@@ -13,13 +18,15 @@ import numpy as np
 
 from tools.configs import config_difference, inconsistencies, run_specific
 from tools.logs import RecordsError, read_record
-from tools.parents import parent_of, published_label
+from tools.parents import default_parent, parent_note, published_label
 from tools.stats import PASS_MARGIN, compare, pair_targets
 from tools.trials import loss_at, screen
 
 
 def print_compare(c, name_a, name_b):
     print(f"A: {name_a}\nB: {name_b}")
+    metric = c["metric_a"] if c["metric_a"] == c["metric_b"] else f"A {c['metric_a']}, B {c['metric_b']}"
+    print(f"metric: {metric}  target: {c['target']:g}")
     print(f"{'step':>6} {'mean A':>9} {'mean B':>9}")
     for row in c["side_by_side"]:
         print(f"{row['step']:6d} {row['mean_a']:9.5f} {row['mean_b']:9.5f}")
@@ -50,16 +57,18 @@ def diff_records(a, b=None, target=None, metric="val_loss"):
     published record of A's preset): hyperparameters (header `name: value` lines of each side's
     first log; seed, trials and data_dir apart as run-specific), a unified diff of the code parts,
     the mean val loss at common steps side by side, and the pairwise test (compare()) when either
-    side has more than one trial. b_label says what B is when it is a published record."""
+    side has more than one trial. b_label says what B is when it is a published record. metric
+    None: val_loss."""
+    metric = "val_loss" if metric is None else metric
     logs_a = read_record(a, metric)
     by_preset = b is None
     if by_preset:
-        b, preset = parent_of(logs_a)
+        b, preset = default_parent(logs_a, "give B, or --baseline")
     logs_b = read_record(b, metric)
     b_label = published_label(b)
     if b_label and by_preset:
         b_label = (f"A's parent record ({f'preset {preset}' if preset else 'no preset line'}): "
-                   f"{b_label}")
+                   f"{b_label}{parent_note(preset)}")
     target, target_warning = pair_targets(logs_a, logs_b, target)
     runs_a = [t for log in logs_a for t in log["trials"]]
     runs_b = [t for log in logs_b for t in log["trials"]]
@@ -107,6 +116,7 @@ def print_diff(d):
             print(f"  {d['b_label']}")
         for problem in d["inconsistent_" + side]:
             print(f"  warning: {side.upper()}'s logs do not share one configuration: {problem}")
+    print(f"metric: {d['metric']}  target: {d['target']:g}")
     print("\nhyperparameters (first log of each side):")
     if not d["has_hyperparameters_a"] and not d["has_hyperparameters_b"]:
         print("  neither has hyperparameter lines (upstream logs keep them in the code): "

@@ -79,11 +79,26 @@ def assign_groups(logs, paths):
              "is summarized apart"]
     for key in members:
         if key not in (None, first):
-            code_diff = [line for line in key[0] or () if line not in set(first[0] or ())][:1]
-            conf_diff = [f"{k}: {v}" for k, v in key[1] if (k, v) not in first[1]][:2]
             notes.append(f"group {labels[key]} differs from {labels[first]} in: "
-                         + "; ".join(code_diff + conf_diff or ["line order"]))
+                         + how_groups_differ(first, key))
     return notes
+
+
+def how_groups_differ(first, other, shown=3):
+    """What differs between two configurations (code signature, hyperparameter items): the first
+    code line only the other has (or, when it only lacks lines, the first it lacks) and how many
+    more there are, and every hyperparameter that differs, the first `shown` with the other's
+    value, the rest by name ("and 4 more: ..."): nothing is left out unsaid."""
+    code_a, code_b = first[0] or (), other[0] or ()
+    added = [line for line in code_b if line not in set(code_a)]
+    lines = added or [f"without {line}" for line in code_a if line not in set(code_b)]
+    parts = [lines[0] + (f" (+{len(lines) - 1} more code lines)" if len(lines) > 1 else "")
+             ] if lines else []
+    diff = config_difference(dict(first[1]), dict(other[1]))
+    parts += [f"{k}: {b if b is not None else '(absent)'}" for k, a, b in diff[:shown]]
+    if len(diff) > shown:
+        parts.append(f"and {len(diff) - shown} more: {', '.join(k for k, a, b in diff[shown:])}")
+    return "; ".join(parts or ["line order"])
 
 
 def config_of(log, skip=None):

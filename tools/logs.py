@@ -14,24 +14,30 @@ and its logs. Which trials then count is tools/trials.py's decision, and what th
 tools/stats.py's. RecordsError, raised here and by every sibling module, is what the command
 line reports as `error: ...`.
 """
+
+if __name__ == "__main__":  # a module of the toolkit, not a command
+    raise SystemExit("tools/logs.py is a module of the records toolkit, not a command: "
+                     "python tools/records.py --help lists the commands")
+
 import ast
-import glob
 import hashlib
 import json
 import math
 import os
 import re
+import sys
 
 from tools.configs import assign_groups
 
 SEPARATOR = re.compile(r"^={50,}\s*$")
-STEP_LINE = re.compile(r"^step:(\d+)/(\d+)$")
+STEP_LINE = re.compile(r"^step:(-?\d+)/(-?\d+)$")
 SEED_LINE = re.compile(r"^trial:(\d+)\s+seed:(\S+)")
 STOP_LINE = re.compile(r"^(interrupted|failed|error):\s")
 END_LINE = re.compile(r"^final val losses:")  # our trainer's last line: every trial ended as planned
 STOP_STEP = re.compile(r"\bat step (\d+)")
 KEY = re.compile(r"^[A-Za-z_]\w*$", re.ASCII)  # a field name on a step line
 DERIVED = ("seconds",)  # a field read_step_line adds itself
+VALIDATION_FIELD = re.compile(r"^val\w*$")  # what --metric may name: a field of the val lines
 HYPERPARAMETER = re.compile(r"^([A-Za-z_]\w*): (.*)$")
 NUMBER = re.compile(r"^[-+]?((\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?|nan|inf)$", re.IGNORECASE)
 SECONDS = re.compile(r"^(\d+(?:\.\d+)?)(m?)s$")  # ours write seconds; some upstream logs ms
@@ -44,7 +50,12 @@ class RecordsError(Exception):
 
 class NotALog(RecordsError):
     """A file without validation lines of the metric (metadata, a manifest, stderr): a directory's
-    such files are skipped with a notice, a file named on its own is an error."""
+    such files are skipped with a notice, a file named on its own is an error. `metrics`: the
+    validation fields its step lines carry (another metric may be meant)."""
+
+    def __init__(self, message, metrics=()):
+        super().__init__(message)
+        self.metrics = set(metrics)
 
 
 def to_float(text):
@@ -75,37 +86,49 @@ def header_value(text):
 
 
 def read_step_line(line, metric):
-    """A line starting with 'step:': ('val', fields) for a whole line with the metric, ('other',
-    fields) for a whole line without it (training progress, another metric), or ('cut', None).
-    Whole: `step:S/T` then key:value tokens only, a well-formed train_time (s or ms) and step_avg
-    (ms), and a well-formed metric value if present. A line cut mid-write (`step:3175/3200
-    val_loss:3.27`) fails this, so it can never be read as a loss."""
+    """A line starting with 'step:': ('val', fields) for a whole line with a usable metric value,
+    ('other', fields) for a whole line without the metric (training progress, another metric),
+    ('cut', why) for a line cut mid-write or garbled, or ('bad', why) for a whole line that cannot
+    be a validation of its run. Whole: `step:S/T` then key:value tokens only, each field named
+    once, a well-formed train_time (s or ms) and step_avg (ms), and a number as the metric's value
+    if present. A line cut mid-write (`step:3175/3200 val_loss:3.27`) fails this, so it can never
+    be read as a loss. Usable: 0 <= S <= T (a step within its run), and the loss finite and
+    positive (a `val_loss:nan` of a diverged run, or a negative loss, is never pooled)."""
     tokens = line.split()
     m = STEP_LINE.match(tokens[0]) if tokens else None
     if not m:
-        return "cut", None
+        return "cut", "cut or garbled: it does not start with step:S/T"
     fields = dict(step=int(m.group(1)), total=int(m.group(2)))
     for tok in tokens[1:]:
         key, sep, value = tok.partition(":")
-        # a repeated field (`... step:1/2`, two val_loss) or a garbage key: not a line we can trust
-        if not (KEY.match(key) and sep and value) or key in fields or key in DERIVED:
-            return "cut", None
+        if not (KEY.match(key) and sep and value):
+            return "cut", f"cut or garbled at {tok[:40]!r}"
+        if key in fields or key in DERIVED:  # e.g. `... step:1/2`: two lines run together
+            return "cut", f"garbled: the field {key} appears twice"
         fields[key] = value
     time = SECONDS.match(fields.get("train_time", ""))
     if not time or not MILLISECONDS.match(fields.get("step_avg", "")):
-        return "cut", None
+        return "cut", "cut or garbled: no well-formed train_time (s) and step_avg (ms)"
     fields["seconds"] = float(time.group(1)) / (1000 if time.group(2) else 1)
+    step, total = fields["step"], fields["total"]
+    if not 0 <= step <= total:
+        return "bad", (f"step {step} is negative" if step < 0 else
+                       f"step {step} is not within its run's {total} steps")
     if metric not in fields:
         return "other", fields
     if not NUMBER.match(fields[metric]):
-        return "cut", None
+        return "cut", f"cut or garbled: {metric} {fields[metric][:40]!r} is not a number"
+    loss = float(fields[metric])
+    if not (math.isfinite(loss) and loss > 0):
+        return "bad", f"{metric} {fields[metric]} is not a finite positive loss"
     return "val", fields
 
 
 def new_trial(trials, path, seed):
     trials.append(dict(source=str(path), trial=len(trials), seed=seed, total_steps=None, steps=[],
                        losses=[], train_time=[], last_step=None, stop=None, complete=False,
-                       announced=False, finished=False, cut_end=False, end=None, bad_lines=[]))
+                       announced=False, finished=False, cut_end=False, bad_end=None, end=None,
+                       bad_lines=[]))
     return trials[-1]
 
 
@@ -113,7 +136,16 @@ def read_log(path, metric="val_loss"):
     """Everything a log says: code (the code part, text before the first '=' line), header (lines
     between the first two '=' lines), hyperparameters (its `name: value` lines, as strings),
     environment (its other lines), trials (see parse_log; incomplete ones included), bad_lines
-    (cut step lines: source, line number, text) and stops (`interrupted:`/`failed:` lines)."""
+    (step lines not counted: source, line number, text, reason, cut: True when cut or garbled,
+    False when whole but unusable) and stops (`interrupted:`/`failed:` lines). `metric` must name a
+    validation field (val_loss, val_ema_loss, ...): RecordsError otherwise."""
+    if not VALIDATION_FIELD.match(metric):  # e.g. train_loss: training lines are not validations
+        try:
+            carried = read_log(path)["metrics"]
+        except NotALog as e:
+            carried = e.metrics
+        raise RecordsError(f"--metric {metric!r}: not a validation field (a val_* field of the val "
+                           f"lines); the val lines of {path} carry: {', '.join(sorted(carried)) or 'none'}")
     try:
         with open(path, encoding="utf-8", errors="replace", newline="") as f:
             raw = f.read().splitlines(keepends=True)
@@ -150,12 +182,14 @@ def read_log(path, metric="val_loss"):
         if not (line.startswith("step:") or (line and "step:".startswith(line))):
             continue
         kind, fields = read_step_line(line, metric)
-        if kind == "cut":
-            bad = dict(source=str(path), line=number, text=line[:200])
+        if kind in ("cut", "bad"):
+            bad = dict(source=str(path), line=number, text=line[:200], reason=fields, cut=kind == "cut")
             log["bad_lines"].append(bad)
             (trials[-1]["bad_lines"] if trials else pending_bad).append(bad)
-            if trials:  # until a later whole line: this trial's log may be cut mid-line here
-                trials[-1]["cut_end"] = True
+            if trials:  # until a later counted validation: the log may be cut mid-line here, or
+                trials[-1]["cut_end"] = kind == "cut"  # its last step line is not usable
+                trials[-1]["bad_end"] = None if kind == "cut" else (
+                    f"its last step line, line {number}, is not usable: {fields}")
             continue
         log["metrics"].update(k for k in fields if k.startswith("val"))
         step, current = fields["step"], trials[-1] if trials else None
@@ -177,7 +211,7 @@ def read_log(path, metric="val_loss"):
         current["losses"].append(to_float(fields[metric]))
         current["train_time"].append(fields["seconds"])
         current["last_step"] = max(current["last_step"] or 0, step)
-        current["cut_end"] = False
+        current["cut_end"], current["bad_end"] = False, None
         current["complete"] = current["complete"] or step == current["total_steps"]
     if trials:
         trials[0]["bad_lines"][:0] = pending_bad
@@ -194,11 +228,12 @@ def read_log(path, metric="val_loss"):
     # whose trials started but have not validated yet (a run just started) is not an error.
     if not any(t["steps"] for t in trials) and (not seed_lines or other_metric):
         bad = log["bad_lines"]
-        notes = [f"{len(bad)} cut line(s) ignored, e.g. line {bad[0]['line']}: {bad[0]['text']!r}"
-                 ] if bad else []
+        notes = [f"{len(bad)} {'cut' if bad[0]['cut'] else 'bad'} line(s) ignored, e.g. line "
+                 f"{bad[0]['line']}: {bad[0]['text']!r} ({bad[0]['reason']})"] if bad else []
         notes += [f"the log says {log['stops'][-1]!r}"] if log["stops"] else []
         raise NotALog(f"{path}: no validation lines with '{metric}:' (is it a training log? "
-                      "another field can be chosen with --metric)" + "".join(f"; {n}" for n in notes))
+                      "another field can be chosen with --metric)" + "".join(f"; {n}" for n in notes),
+                      log["metrics"])
     return log
 
 
@@ -206,23 +241,69 @@ def parse_log(path, metric="val_loss"):
     """The trials of one log file, in order: a list of dicts with source, trial (index in the
     file), seed (int, `record{k}`, or None), total_steps, steps, losses (the metric), train_time
     (s), complete (a val line at the final step), finished (ours: the trainer's end line follows),
-    cut_end (the log is cut mid-line after its last validation), last_step (the last step seen),
-    end (why it ended, if not at its final step) and bad_lines (its cut lines). Whether a trial
-    counts is screen()'s decision: an upstream run may stop before its horizon on purpose."""
+    cut_end (the log is cut mid-line after its last validation), bad_end (why a whole step line
+    after its last validation is not usable), last_step (the last step seen), end (why it ended,
+    if not at its final step) and bad_lines (its step lines not counted). Whether a trial counts
+    is screen()'s decision: an upstream run may stop before its horizon on purpose."""
     return read_log(path, metric)["trials"]
 
 
 def log_files(path):
     """The log files a path stands for: itself, or every *.txt under a directory (sorted; results
-    folders keep logs in subfolders, e.g. one per seed or per configuration)."""
+    folders keep logs in subfolders, e.g. one per seed or per configuration; see walk_logs). A path
+    that is not a regular file (a FIFO, whose open() would wait for a writer forever) is refused."""
     if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(glob.escape(path), "**", "*.txt"), recursive=True))
+        files = walk_logs(path)
         if not files:
             raise RecordsError(f"no .txt logs found in directory {path}")
         return files
     if not os.path.exists(path):
         raise RecordsError(f"{path}: no such file or directory")
+    if not os.path.isfile(path):
+        raise RecordsError(f"{path}: not a regular file (a FIFO, socket or device): not read")
     return [path]
+
+
+def walk_logs(root):
+    """Every regular *.txt file under `root`, subfolders included, sorted by path; names starting
+    with '.' are left out (as glob does). A link to a folder is followed once: a link back to a
+    folder already walked (a loop such as `sub/up -> ..`) is skipped, and so is a *.txt that is
+    not a regular file (a FIFO: open() would block), each with a notice on stderr. So is a link to
+    a folder that holds `root` (`sub/top -> /`): it would walk far beyond the record."""
+    files, walked, top = [], set(), os.path.realpath(root)
+
+    def walk(folder):
+        real = os.path.realpath(folder)
+        if real in walked:
+            notice(f"skipped {folder}: a link to a folder already read ({real})")
+            return
+        if real != top and os.path.commonpath([real, top]) == real:
+            notice(f"skipped {folder}: a link to {real}, a folder that holds {root}")
+            return
+        walked.add(real)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            notice(f"skipped {folder}: cannot list it ({e.strerror or e})")
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():  # follows links: checked against `walked` above
+                walk(entry.path)
+            elif entry.name.endswith(".txt"):
+                if entry.is_file():
+                    files.append(entry.path)
+                else:
+                    notice(f"skipped {entry.path}: not a regular file (a FIFO, socket, device or "
+                           "broken link)")
+
+    walk(root)
+    return sorted(files)
+
+
+def notice(text):
+    print(f"note: {text}", file=sys.stderr)
 
 
 def readme_metric(paths, metrics):
@@ -232,6 +313,8 @@ def readme_metric(paths, metrics):
     others = sorted(m for m in metrics if m != "val_loss")
     for path in paths:
         readme = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "README.md")
+        if not os.path.isfile(readme):  # absent, or a FIFO (open() would block)
+            continue
         try:
             with open(readme, encoding="utf-8", errors="replace") as f:
                 text = f.read()
@@ -278,7 +361,7 @@ def load_record(paths, metric=None):
                 skipped.append(os.path.relpath(f, path))
         return logs, skipped
 
-    chosen, notes = metric or "val_loss", []
+    chosen, notes = "val_loss" if metric is None else metric, []
     logs, skipped = read_all(chosen)
     seen = set().union(*(log["metrics"] for log in logs))
     if metric is None and readme_metric(paths, seen):
@@ -331,7 +414,10 @@ def read_config(record_dir):
     path = os.path.join(record_dir, "config.json")
     if not os.path.lexists(path):
         return None, None
-    why = None
+    config, why = None, None
+    if os.path.exists(path) and not (os.path.isdir(path) or os.path.isfile(path)):
+        # a FIFO: open() would wait for a writer forever
+        return None, note_config(path, "not a regular file (a FIFO, socket or device)")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -346,10 +432,12 @@ def read_config(record_dir):
         why = f"unreadable: {e.strerror or e}"
     except ValueError as e:
         why = f"not valid JSON ({e})"
-    if why:
-        return None, (f"{path} is {why}: ignored here; the trainer's --append checks new runs "
-                      "against it (delete it to have the logs' headers used)")
-    return config, None
+    return (None, note_config(path, why)) if why else (config, None)
+
+
+def note_config(path, why):
+    return (f"{path} is {why}: ignored here; the trainer's --append checks new runs against it "
+            "(delete it to have the logs' headers used)")
 
 
 def load_runs(paths, metric="val_loss"):

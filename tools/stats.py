@@ -13,6 +13,11 @@
   pay for, the chance that a new set of n trials passes near the record step.
 Everything else (summary.json, compare, diff, plots, submit) calls these; none recomputes them.
 """
+
+if __name__ == "__main__":  # a module of the toolkit, not a command
+    raise SystemExit("tools/stats.py is a module of the records toolkit, not a command: "
+                     "python tools/records.py --help lists the commands")
+
 import math
 import os
 
@@ -38,6 +43,15 @@ def passes(margin):
     return margin >= PASS_MARGIN - TOLERANCE  # False for NaN (a diverged run never passes)
 
 
+def checked_target(value, what="--target"):
+    """A target as a float: a finite positive number (a val loss), else RecordsError naming `what`
+    (inf would make every step pass with margin inf, nan none, and a negative one means nothing)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value > 0):
+        raise RecordsError(f"{what} is not a finite positive val loss (e.g. 3.28): got {value!r}")
+    return float(value)
+
+
 def logged_target(logs):
     """The val_loss_target the logs' headers state (our trainer logs it), or None when none does.
     RecordsError when logs of one record state different targets, or one is not a number."""
@@ -46,10 +60,8 @@ def logged_target(logs):
         text = log["hyperparameters"].get("val_loss_target")
         if text is None:
             continue
-        value = header_value(text)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise RecordsError(f"{log['path']}: val_loss_target {text!r} is not a number")
-        found.setdefault(float(value), []).append(log["path"])
+        value = checked_target(header_value(text), f"{log['path']}: val_loss_target {text!r}")
+        found.setdefault(value, []).append(log["path"])
     if len(found) > 1:
         raise RecordsError("the logs were run for different targets (their val_loss_target lines): "
                            + "; ".join(f"{t:g} in {', '.join(files[:3])}{' ...' if len(files) > 3 else ''}"
@@ -61,7 +73,7 @@ def logged_target(logs):
 def resolve_target(logs, target=None):
     """(target, note): `target` when given, else the logs' val_loss_target, else 3.28."""
     if target is not None:
-        return float(target), None
+        return checked_target(target), None
     logged = logged_target(logs)
     if logged is None:
         return DEFAULT_TARGET, None
@@ -79,7 +91,7 @@ def pair_targets(logs_a, logs_b, target=None):
     logged_a, logged_b = logged_target(logs_a), logged_target(logs_b)
     own_a = DEFAULT_TARGET if logged_a is None else logged_a
     own_b = DEFAULT_TARGET if logged_b is None else logged_b
-    used = own_a if target is None else float(target)
+    used = own_a if target is None else checked_target(target)
     if own_a == own_b:
         return used, None
     return used, (f"A and B were run for different targets: A for {target_text(own_a, logged_a)}, "
@@ -165,7 +177,7 @@ def summarize(runs, target=DEFAULT_TARGET, new_trials=None):
     `groups` lists every group's n, step, mean and margin (or why it has none)."""
     if not runs:
         raise RecordsError("no runs to summarize")
-    target = DEFAULT_TARGET if target is None else target
+    target = DEFAULT_TARGET if target is None else checked_target(target)
     groups = groups_of(runs)
     if len(groups) > 1:
         return summarize_groups(groups, target, new_trials)

@@ -9,6 +9,11 @@ command that reproduces it) and two figures (tools/plots.py). reproduce() rebuil
 that differ from the trainer's defaults and preset (read by tools/configs.py's script_facts(),
 turned into arguments by flag_arguments()) and the seeds (seed_arguments()).
 """
+
+if __name__ == "__main__":  # a module of the toolkit, not a command
+    raise SystemExit("tools/submit.py is a module of the records toolkit, not a command: "
+                     "python tools/records.py --help lists the commands")
+
 import datetime
 import difflib
 import os
@@ -16,13 +21,15 @@ import re
 import shlex
 import shutil
 import tempfile
+import urllib.parse
 
+from tools.campaign import stop_notes
 from tools.configs import config_difference, config_of, inconsistencies, run_specific, script_facts
 from tools.logs import RecordsError, header_value, read_record
-from tools.parents import PARENTS, parent_of, published_label
+from tools.parents import PARENTS, default_parent, parent_note, published_label
 from tools.plots import plot_submission
-from tools.stats import PASS_MARGIN, compare, passes, resolve_target, summarize
-from tools.summary import needed, percent, relative_sources, seed_text, write_public
+from tools.stats import DEFAULT_TARGET, PASS_MARGIN, compare, passes, resolve_target, summarize
+from tools.summary import bad_line_kind, needed, percent, relative_sources, seed_text, write_public
 from tools.trials import loss_at, screen
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,6 +143,19 @@ def reproduce(logs, counted, name):
     return [shlex.join(["./run.sh", *seeds, *flags, "--run-name", name])], notes
 
 
+def link(path):
+    """A markdown link target: spaces and other characters a link cannot hold, %-encoded."""
+    return urllib.parse.quote(path)
+
+
+def claim_terms(metric, target):
+    """What the leaderboard row adds to its description when the claim is not on the benchmark's
+    terms (val_loss, 3.28), which its table's header states: e.g. ' (metric val_ema_loss)'."""
+    terms = ([f"metric {metric}"] if metric != "val_loss" else []) + (
+        [f"target {target:g}"] if target != DEFAULT_TARGET else [])
+    return f" ({', '.join(terms)})" if terms else ""
+
+
 def cell(text):
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -149,8 +169,8 @@ def verdict_vs_parent(c):
 def submission_readme(ctx):
     """The README.md text of a result folder (ctx: what submit() gathered)."""
     s, c, name, target = ctx["summary"], ctx["comparison"], ctx["name"], ctx["target"]
-    step, n = s["step"], s["n"]
-    out = [f"# {name}: val loss {target} in {step} steps (n={n})", "", ctx["description"], "",
+    step, n, metric = s["step"], s["n"], ctx["metric"]
+    out = [f"# {name}: {metric} {target} in {step} steps (n={n})", "", ctx["description"], "",
            f"| # | Steps to {target} | Evidence | Description | Date | Log | Contributors |",
            "|---|---|---|---|---|---|---|", ctx["row"], "",
            "## Method and difference from the parent record", "",
@@ -183,11 +203,12 @@ def submission_readme(ctx):
     i = s["steps"].index(step)
     near = rows[max(0, i - 2):i + 3]
     out += ["", "## Result", "",
-            f"Claimed: step **{step}**, mean {s['mean']:.6f} over {n} "
+            f"Claimed on `{metric}` (target {target}): step **{step}**, mean {s['mean']:.6f} over {n} "
             f"complete trials, margin ({target} - mean) * sqrt(n) = {s['margin']:.5f} >= "
             f"{PASS_MARGIN}: PASS. The benchmark's rule: n runs pass at step S when (target - "
             f"mean_S) * sqrt(n) >= {PASS_MARGIN}, and the claim is the earliest validated step, "
             "common to all runs, that passes.", "",
+            *[f"Note: the {note}." for note in ctx["stops"]], *([""] if ctx["stops"] else []),
             "| step | mean | std | margin | |", "|---|---|---|---|---|"]
     for row in near:
         label = f"**{row['step']}** (claimed)" if row["step"] == step else str(row["step"])
@@ -202,7 +223,7 @@ def submission_readme(ctx):
         per_file[r["source"]] = per_file.get(r["source"], 0) + 1
     for r in ctx["counted"]:
         base = os.path.basename(r["source"])
-        where = f"[{base}]({base})" + (f" trial {r['trial']}" if per_file[r["source"]] > 1 else "")
+        where = f"[{base}]({link(base)})" + (f" trial {r['trial']}" if per_file[r["source"]] > 1 else "")
         out.append(f"| {r['seed'] if r['seed'] is not None else '?'} | {where} | "
                    + " | ".join(f"{loss_at(r, st):.5f}" for st in steps) + " |")
     out.append("| **mean** | | " + " | ".join(f"{row['mean']:.6f}" for row in near) + " |")
@@ -214,8 +235,8 @@ def submission_readme(ctx):
                    if x.get("copy") else
                    f"- duplicate seed (counted once): {x['source']} trial "
                    f"{x['trial']} seed {x['seed']} repeats {x['duplicate_of']}" for x in s["duplicates"]]
-                + [f"- cut line (ignored): {x['source']} line {x['line']}: "
-                   f"`{x['text']}`" for x in s["bad_lines"]])
+                + [f"- {bad_line_kind(x)} (ignored): {x['source']} line {x['line']}: "
+                   f"`{x['text']}` ({x['reason']})" for x in s["bad_lines"]])
     out += ["", "Left out: " + ("none: every trial in the logs is complete, no seed repeats, no "
                                 "line is cut." if not left_out else ""), *left_out]
     pc = s["pass_chance"]
@@ -256,7 +277,7 @@ def submission_readme(ctx):
     out += ["", "## Reproduce", "", "```bash", *commands, "```", ""]
     out += [f"- {note}" for note in notes]
     out += ["", "## Files", ""]
-    out += [f"- [{f}]({f})" for f in ctx["log_names"]]
+    out += [f"- [{f}]({link(f)})" for f in ctx["log_names"]]
     out += [f"- [train_gpt_simple_{name}.py](train_gpt_simple_{name}.py): the code part of "
             f"{ctx['log_names'][0]} (the script that ran)",
             "- [figure.png](figure.png): mean val loss, whole run; "
@@ -274,6 +295,7 @@ def submit(record_dir, name, baseline=None, out=None, target=None, metric="val_l
     trials, data_dir and the trainer's PER_RUN names aside) and code part, when they hold no code,
     when no step passes, or when `out` exists and is not empty (never overwrites). The folder is
     built beside `out` and renamed into place, so a failure leaves nothing behind."""
+    metric = "val_loss" if metric is None else metric
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name or ""):
         raise RecordsError(f"--name must be a plain name (letters, digits, _ . -), got {name!r}")
     if date is None:
@@ -301,13 +323,15 @@ def submit(record_dir, name, baseline=None, out=None, target=None, metric="val_l
     runs = [t for log in logs for t in log["trials"]]
     s = summarize(runs, target)
     relative_sources(s, record_dir)
+    stops = stop_notes(logs)
     if s["step"] is None:
         raise RecordsError(f"{record_dir}: no validated step passes (last common step "
                            f"{s['final_step']}: mean {s['mean']:.6f}, margin {s['margin']:.5f} < "
-                           f"{PASS_MARGIN}, n={s['n']}): nothing to submit")
+                           f"{PASS_MARGIN}, n={s['n']}): nothing to submit"
+                           + "".join(f"; the {note}" for note in stops))
     by_preset = baseline is None
     if by_preset:
-        baseline, preset = parent_of(logs)
+        baseline, preset = default_parent(logs, "give --baseline")
     baseline_logs = read_record(baseline, metric)
     comparison = compare(runs, [t for log in baseline_logs for t in log["trials"]], target)
     hp, baseline_hp = logs[0]["hyperparameters"], baseline_logs[0]["hyperparameters"]
@@ -327,26 +351,28 @@ def submit(record_dir, name, baseline=None, out=None, target=None, metric="val_l
             description = f"{name} (optimizer {hp['optimizer']})" if "optimizer" in hp else name
     log_names = [os.path.basename(log["path"]) for log in logs]
     folder = os.path.basename(out)
-    row = (f"| ? | {s['step']} | {s['mean']:.4f} (n={s['n']})✓ | {cell(description)} | "
-           f"{date:%Y-%m-%d} | [log](/{UPSTREAM_RESULTS}/{folder}/{log_names[0]}) | "
+    row = (f"| ? | {s['step']} | {s['mean']:.4f} (n={s['n']})✓ | "
+           f"{cell(description + claim_terms(metric, target))} | {date:%Y-%m-%d} | "
+           f"[log]({link(f'/{UPSTREAM_RESULTS}/{folder}/{log_names[0]}')}) | "
            f"{cell(contributors or '?')} |")
     published = published_label(baseline)
     if published and by_preset:
-        published += f", the default parent of preset {preset}" if preset in PARENTS else ""
+        published += f", the default parent of preset {preset}{parent_note(preset)}" if preset in PARENTS else ""
     hardware = []
     for log in logs:
         for line in log["environment"]:
             if re.match(r"(python |device |Running |torch )", line.strip()) and line.strip() not in hardware:
                 hardware.append(line.strip())
     counted = screen(runs)["counted"]
-    ctx = dict(summary=s, comparison=comparison, name=name, target=target, description=description,
+    ctx = dict(summary=s, comparison=comparison, name=name, target=target, metric=metric,
+               description=description,
                row=row, logs=logs, log_names=log_names, counted=counted, hardware=hardware,
                baseline_label=published or f"`{baseline}`",
                baseline_hp=baseline_hp, baseline_code=baseline_logs[0]["code"], hp_diff=hp_diff,
                skip=skip,
                code_added=sum(line.startswith("+") for line in code_lines),
                code_removed=sum(line.startswith("-") for line in code_lines),
-               reproduce=reproduce(logs, counted, name))
+               reproduce=reproduce(logs, counted, name), stops=stops)
     try:
         os.makedirs(os.path.dirname(out), exist_ok=True)
         tmp = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=f".{folder}-")
@@ -362,7 +388,8 @@ def submit(record_dir, name, baseline=None, out=None, target=None, metric="val_l
         write_public(os.path.join(tmp, "README.md"), submission_readme(ctx))
         parent_label = "parent (published)" if published else "parent"
         plot_submission({name: runs, parent_label: [t for log in baseline_logs for t in log["trials"]]},
-                        os.path.join(tmp, "figure.png"), os.path.join(tmp, "zoomed_figure.png"), target)
+                        os.path.join(tmp, "figure.png"), os.path.join(tmp, "zoomed_figure.png"), target,
+                        metric=metric)
         for png in ("figure.png", "zoomed_figure.png"):
             os.chmod(os.path.join(tmp, png), 0o644)
         if os.path.isdir(out):
@@ -374,7 +401,8 @@ def submit(record_dir, name, baseline=None, out=None, target=None, metric="val_l
             raise RecordsError(f"cannot write {out}: {e.strerror or e}") from None
         raise
     files = sorted(os.listdir(out))
-    return dict(out=out, files=files, row=row, summary=s, comparison=comparison)
+    return dict(out=out, files=files, row=row, summary=s, comparison=comparison, metric=metric,
+                target=target, stops=stops)
 
 
 def print_submission(r):
@@ -384,7 +412,9 @@ def print_submission(r):
     print(f"wrote {r['out']}: {', '.join(r['files'])}")
     print(f"record: step {s['step']}  mean {s['mean']:.6f}  margin {s['margin']:.5f} "
           f">= {PASS_MARGIN}  (n={s['n']})")
+    for note in r["stops"]:
+        print(f"note: the {note}")
     print(f"pairwise test against the parent: z {r['comparison']['z']:+.5f}: "
           f"{verdict_vs_parent(r['comparison'])}")
-    print("leaderboard row (also in the README):")
+    print(f"leaderboard row (steps to {r['target']:g} on {r['metric']}; also in the README):")
     print(r["row"])

@@ -7,12 +7,18 @@ Also the small helpers other outputs share: json_safe() (strict JSON: NaN become
 write_public() (atomic, world-readable files), relative_sources() (names relative to the record
 folder), seed_text(), percent() and needed() (the pass-chance table's cells).
 """
+
+if __name__ == "__main__":  # a module of the toolkit, not a command
+    raise SystemExit("tools/summary.py is a module of the records toolkit, not a command: "
+                     "python tools/records.py --help lists the commands")
+
 import json
 import math
 import os
 import tempfile
 import textwrap
 
+from tools.campaign import stop_notes
 from tools.logs import RecordsError, load_record
 from tools.stats import PASS_MARGIN, PLAN_MAX_TRIALS, claimed, passes, resolve_target, summarize
 from tools.trials import screen
@@ -52,7 +58,7 @@ def summary_of(paths, target=None, metric=None, new_trials=None, pool=False):
     summary of every configuration together."""
     record = load_record(paths, metric)
     target, note = resolve_target(record["logs"], target)
-    notes = record["notes"] + ([note] if note else [])
+    notes = record["notes"] + ([note] if note else []) + stop_notes(record["logs"])
     if pool:
         for r in record["runs"]:
             r["group"] = None
@@ -120,7 +126,14 @@ def print_left_out(s):
             print(f"duplicate seed (counted once): {x['source']} trial {x['trial']} seed {x['seed']} "
                   f"repeats {x['duplicate_of']}")
     for x in s["bad_lines"]:
-        print(f"cut line (ignored): {x['source']} line {x['line']}: {x['text']!r}")
+        print(f"{bad_line_kind(x)} (ignored): {x['source']} line {x['line']}: {x['text']!r} "
+              f"({x['reason']})")
+
+
+def bad_line_kind(x):
+    """A line of bad_lines: 'cut line' (cut mid-write or garbled) or 'bad line' (whole, but its
+    step or value cannot be a validation of its run)."""
+    return "cut line" if x["cut"] else "bad line"
 
 
 def num(value, spec):
@@ -174,7 +187,7 @@ def print_summary(s):
               "larger margin); give its files alone, or --pool to pool every group")
     totals = "/".join(map(str, s["total_steps"]))
     left = len(s["incomplete"]) + len(s["duplicates"])
-    print(f"runs: n={s['n']}  target: {s['target']}  total steps: {totals}"
+    print(f"runs: n={s['n']}  metric: {s['metric']}  target: {s['target']}  total steps: {totals}"
           f"{'  (WARNING: runs of different lengths pooled)' if len(s['total_steps']) > 1 else ''}"
           f"{f'  ({left} trial(s) left out: see below)' if left else ''}")
     print(f"{'step':>6} {'mean':>9} {'std':>8} {'margin':>8}")

@@ -32,12 +32,15 @@ def horizons(runs):
 def why_incomplete(run, horizon):
     """None when the trial counts. Ours: a validation at its final step, or the trainer's end line
     after it. Upstream's: that, or its log ends cleanly (no cut line, no training step after) at
-    its last validation, the step where its siblings' logs end too."""
+    its last validation, the step where its siblings' logs end too. A trial whose last step line
+    is whole but unusable (a `val_loss:nan` of a diverged run, a step outside the run) ends there."""
     last = run["steps"][-1] if run["steps"] else None
     clean = last is not None and run["stop"] is None and not run.get("cut_end") and \
-        (run["last_step"] or 0) <= last
+        not run.get("bad_end") and (run["last_step"] or 0) <= last
     if is_complete(run) or (clean and (run.get("finished") if run.get("announced") else last == horizon)):
         return None
+    if run.get("bad_end") and not run["stop"]:
+        return run["bad_end"]
     if run["stop"] or run.get("announced") or (run.get("end") or "").startswith("the next trial"):
         return run.get("end") or "no validation at the final step"
     if run.get("cut_end"):
