@@ -12,13 +12,29 @@ An MLP's fc weight is tall, one row per hidden neuron. At every validation step,
     frozen    fraction of neurons whose fc row moved since initialization by less than
               frozen_threshold of the median row movement.
 
-Optional: the trainer makes one `NeuronHealth` per trial and calls `before_step` and `report`;
-both return at once when diagnostics are off. Nothing here changes training.
+Optional: harness.py makes one `NeuronHealth` per trial and calls `before_step` and `report` at the
+trainer's named points; both return at once when diagnostics are off. Nothing here changes
+training (a log's code part, run alone, has no diagnostics).
 """
+import dataclasses
 import json
 
 import torch
 import torch.distributed as dist
+
+
+def diag_field(default, help):
+    return dataclasses.field(default=default, metadata=dict(help=help))
+
+
+@dataclasses.dataclass
+class DiagnosticsHyperparameters:
+    """The diagnostics' flags (harness.py adds them to the trainer's: it runs the diagnostics)."""
+    diagnostics: bool = diag_field(True, "measure dead/starved/frozen MLP neurons at validation steps")
+    diag_tokens: int = diag_field(64 * 1024, "rank 0's first validation tokens used for `dead`")
+    dead_threshold: float = diag_field(0.001, "dead: positive pre-activation on < this fraction of tokens")
+    starved_threshold: float = diag_field(0.1, "starved: row leverage < this fraction of uniform")
+    frozen_threshold: float = diag_field(0.1, "frozen: moved < this fraction of the median row movement")
 
 
 class NeuronHealth:

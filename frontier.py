@@ -18,7 +18,8 @@ import functools
 
 import torch
 
-from aurora import apply_uw_floor, aurora_polar, pinned_step, polar, radial_brake
+from aurora import apply_uw_floor, aurora_polar
+from lineage import pinned_step, polar_schatten4, radial_brake
 from soap import SoapPreconditioner, schatten4
 
 # The frontier's rule, as #44's script sets it; row_floor and cwd are #46's, aurora_on the modifiers'.
@@ -76,7 +77,7 @@ def orthogonalize(u, dtype, rule=RULE):
     ("nonsquare") matrix, on the look-ahead rounded to the Newton-Schulz dtype as #30 had it. Then
     the aspect scale sqrt(rows/cols) of tall matrices, in the Newton-Schulz dtype as the scripts do."""
     rows, cols = u.shape
-    polar_s4 = functools.partial(polar, norm="schatten4")
+    polar_s4 = polar_schatten4
     if {"off": False, "wide_only": rows < cols, "nonsquare": rows != cols}[rule["aurora_on"]]:
         O = aurora_polar(u.to(dtype), rule["pp_iterations"], rule["pp_beta"], polar_fn=polar_s4, dtype=dtype)
     else:

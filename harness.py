@@ -1,18 +1,25 @@
 """The run harness of train_gpt.py: everything around training that a speedrunner does not change.
 
 It keeps the record folder (and its lock), the log (code part, environment header), the seeds of
-the trials, checkpoints (--save-every, --resume) and the record's summary. A run holds a lock on
-its log while it runs: meanwhile its seeds stay its own and its checkpoint cannot be resumed.
-train_gpt.py calls it at a few named points, and nothing else of it:
+the trials, checkpoints (--save-every, --resume), the neuron-health diagnostics (diagnostics.py),
+the checks of the flags and the data, and the record's summary. A run holds a lock on its log while
+it runs: meanwhile its seeds stay its own and its checkpoint cannot be resumed.
 
-    parse_flags(...)                  the command line, one flag per hyperparameter
-    Clock, TrainLosses                the training clock and the train losses, read a step late
-    runnable_source()                 the log's code part: the trainer with its modules inlined
-    Harness(hp, ctx, log)             installs the SIGTERM/SIGINT handler
-    harness.open(hp, code, ...)       before the first trial: opens (or, resuming, reopens) the log
+train_gpt.py imports it when it lies beside it (plugins.py), and it is not part of a log's code
+part: the code part runs alone with train_gpt.py's plain Driver. Its flags (Hyperparameters below)
+join the trainer's. train_gpt.py calls:
+
+    check_hyperparameters(hp, ...)    after parsing the flags (a ValueError: exit status 2)
+    check_setup(hp, gpu_presets)      before setup (and --dry-run): the GPU presets need CUDA
+    runnable_source(script, unused)   the log's code part: the trainer with its modules inlined
+    Harness(hp, ctx, log)             the run's Driver: installs the SIGTERM/SIGINT handler
+    harness.check_data(hp)            the shards, before anything is read or written
+    harness.open(hp, code, setup)     before the first trial: opens (or, resuming, reopens) the log
     harness.first_trial               0, or the trial a checkpoint continues
     harness.resumes(trial)            does this trial continue a checkpoint? (then no init)
-    harness.trial_started(run)        after a trial is built: restores a checkpoint's state; the step
+    harness.trial_started(run)        after a trial is built: diagnostics; restores a checkpoint's
+                                      state; returns the step the trial starts at
+    harness.validated(run, step)      after a validation: diagnostics
     harness.step_ended(run, step)     between a step's validation and the next training step
     harness.trial_ended(val_loss)     a trial's final validation loss, and the campaign's chance so
                                       far (--trials N); False: a futility stop (--stop-below) ends it
@@ -20,13 +27,12 @@ train_gpt.py calls it at a few named points, and nothing else of it:
     harness.stopped(error, run)       a NaN or a signal stopped training: the log says so
     harness.close()                   closes the log: its lock is released
 
-`run` is train_gpt.py's Run (model, optimizers, train_loader, clock, probe, jsonl, trial, step) and
-its settle() (log the pending train losses, check the updates): what a checkpoint saves and
-restores. Of the hyperparameters, the harness reads only the run's flags (records_dir, run_name,
-append, seed, trials, save_every, resume, stop_below), rule and preset (the default run name) and diagnostics
-(whether a .jsonl file goes beside the log); the header lists them all.
+`run` is train_gpt.py's Run (model, optimizers, train_loader, clock, probe, trial, step, the
+techniques it uses) and its settle() (log the pending train losses, check the updates): what a
+checkpoint saves and restores. Of its own flags, stop_below (--trials N) is the campaign's
+futility stop (tools/campaign.py).
 """
-import argparse
+
 import contextlib
 import dataclasses
 import datetime
@@ -35,6 +41,7 @@ import fcntl
 import glob
 import hashlib
 import json
+import math
 import os
 import pickle
 import platform
@@ -51,7 +58,10 @@ import zipfile
 import torch
 import torch.distributed as dist
 
-from data.shards import read_shard_header
+from aurora import _collective_device
+from data.shards import (DataError, read_shard_header, read_shard_tokens, shard_set_problems,
+                         shards_needed)
+from diagnostics import DiagnosticsHyperparameters, NeuronHealth
 
 HARNESS_ROOT = os.path.dirname(os.path.abspath(__file__))
 SEPARATOR = "=" * 100
@@ -63,79 +73,343 @@ REFUSED_FLAGS = {
                     "is offered: it can only drop claims"}
 
 
-def parse_flags(cls, presets, choices, check, argv=None):
-    """(an instance of the dataclass `cls`, dry_run) from the command line: one flag per field
-    (--train-steps sets train_steps; help from the field's metadata), the chosen preset's
-    overrides under the flags, then check(hp, given) (`given`: the names of the fields set on the
-    command line; a ValueError exits with status 2 and its message). `presets` is a dict of
-    overrides by name, or a function (name, flags) -> overrides."""
-    ap = argparse.ArgumentParser(allow_abbrev=False,  # run.sh must see the same flag names
-                                 description="Train GPT with Aurora (default: the 3175-step record). "
-                                 "Defaults are the record's (or the chosen preset's).")
-    ap.add_argument("--dry-run", action="store_true", help="check the flags and the configuration "
-                    "(world size from $WORLD_SIZE, default 1) and exit; touches no data or records")
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default {f.default})")
-        if f.type is bool:
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif f.type is tuple and not f.default:  # a list of steps
-            ap.add_argument(flag, type=int, nargs="*", **kw)
-        elif f.type is tuple:
-            ap.add_argument(flag, type=float, nargs=len(f.default), **kw)
-        else:
-            ap.add_argument(flag, type=f.type, choices=choices.get(f.name), **kw)
-    for arg in sys.argv[1:] if argv is None else argv:
-        if arg.split("=", 1)[0] in REFUSED_FLAGS:
-            ap.error(REFUSED_FLAGS[arg.split("=", 1)[0]])
-    args = vars(ap.parse_args(argv))
-    dry_run = args.pop("dry_run")
-    args = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
-    preset = args.get("preset", "record")
-    try:
-        hp = cls(**{**(presets(preset, args) if callable(presets) else presets.get(preset, {})), **args})
-        check(hp, frozenset(args))
-    except ValueError as e:
-        ap.error(str(e))
-    return hp, dry_run
+@dataclasses.dataclass
+class Hyperparameters(DiagnosticsHyperparameters):
+    """The harness's flags (after the diagnostics'): where records go, checkpoints, the CPU guard."""
+    allow_cpu: bool = dataclasses.field(default=False, metadata=dict(help=(
+        "let the record, small or aurora_* presets run without CUDA (slow: hours to days); a preset "
+        "combined with +tiny needs no flag")))
+    run_name: str = dataclasses.field(default=None, metadata=dict(help=(
+        "record folder records/<date>_<run_name>/ (default <rule>_<preset>)")))
+    records_dir: str = dataclasses.field(default=os.path.join(HARNESS_ROOT, "records"),
+                                         metadata=dict(help="parent of the record folders"))
+    append: bool = dataclasses.field(default=False, metadata=dict(help=(
+        "add this run to an existing record folder of the same configuration")))
+    save_every: int = dataclasses.field(default=0, metadata=dict(help=(
+        "write a checkpoint of the running trial every N steps and on SIGTERM, beside the log "
+        "(<uuid>.ckpt); 0 = off (the record)")))
+    resume: str = dataclasses.field(default=None, metadata=dict(help=(
+        "continue the run of this checkpoint (same flags and code): appends to its log, then "
+        "finishes its trials")))
+    stop_below: float = dataclasses.field(default=None, metadata=dict(help=(
+        "futility stop: end the campaign after a complete trial when its chance of passing with "
+        "--trials N falls below this (0 < P < 1; default off; docs/campaign.md)")))
 
 
-class Logger:
-    """Rank 0 writes to stdout and the log file; errors go to stderr (every rank) and the log."""
+def trainer():
+    """train_gpt.py's module (imported, or the script being run): its presets and schedules."""
+    return sys.modules.get("train_gpt") or sys.modules["__main__"]
 
-    def __init__(self, rank):
-        self.rank, self.file = rank, None
 
-    def __call__(self, msg, error=False):
-        if error or self.rank == 0:
-            print(msg, file=sys.stderr if error else sys.stdout, flush=True)
-        if self.file:
-            self.file.write(msg + "\n")
-            self.file.flush()
+def trainer_presets(name, flags):
+    """The trainer's overrides of --preset `name` under `flags` (plugins.py's preset_overrides)."""
+    t = trainer()
+    return t.preset_overrides(name, flags, t.PRESETS, t.Hyperparameters.train_steps)
+
+
+# The valid values of every numeric hyperparameter, as intervals. A float must also be finite (nan
+# and inf are outside every interval), every value of a tuple is checked, and None (a default that
+# follows train_steps) passes. seed's range depends on trials (check_hyperparameters).
+RANGES = dict(
+    # sizes and counts
+    batch_tokens="[1, inf)", seq_len="[1, inf)", micro_batch_seqs="[1, inf)", val_tokens="[1, inf)",
+    vocab_size="[1, inf)", n_layer="[1, inf)", d_model="[1, inf)", head_dim="[1, inf)", mlp_ratio="[1, inf)",
+    train_steps="[1, inf)", val_every="[1, inf)", val_every_late="[1, inf)", pp_iterations="[1, inf)",
+    trials="[1, inf)", diag_tokens="[1, inf)", soap_every="[1, inf)", schedule_steps="[1, inf)",
+    momentum_horizon="[1, inf)", ref_capture="[1, inf)",
+    # step counts that may be 0 (off, or from the first step)
+    momentum_warmup="[0, inf)", momentum_cooldown="[0, inf)", contra_fade="[0, inf)",
+    ema_nesterov_start="[0, inf)", ema_nesterov_stop="[0, inf)", ref_start="[0, inf)", save_every="[0, inf)",
+    val_extra="[0, inf)",
+    # model and init: fc_depth_scale 1 would zero the last block's fc, gain_split 1 half the gains
+    attn_scale="(0, inf)", logit_softcap="(0, inf)", rope_base="(0, inf)", init_var="(0, inf)",
+    fc_depth_scale="[0, 1)", gain_split="[0, 1)",
+    # schedules (their values over the steps: check_schedules)
+    cooldown_frac="[0, 1]", late_frac="[0, 1]", lr_power="(0, inf)", power_c="(0, inf)",
+    # optimizers
+    adam_betas="[0, 1)", adam_eps="(0, inf)", lr_embed="(0, inf)", lr_head="(0, inf)", lr_scalar="(0, inf)",
+    lr_matrix="(0, inf)", momentum="(0, 1)", momentum_min="(0, 1)", pp_beta="(0, 1]", contra="[0, inf)",
+    uw_floor="[0, inf)", weight_decay="[0, inf)", soap_beta2="[0, 1)", soap_v_blend="(0, 1]",
+    soap_v_floor="[0, inf)", radial_brake="[0, inf)", ema_nesterov="[0, inf)", ema_nesterov_beta="[0, 1)",
+    ref_gamma="(-inf, inf)",
+    # diagnostics and the summary
+    dead_threshold="[0, 1]", starved_threshold="[0, inf)", frozen_threshold="[0, inf)",
+    val_loss_target="(0, inf)", stop_below="(0, 1)")
+
+
+def in_interval(value, interval):
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    return (lo < value if interval[0] == "(" else lo <= value) and (value < hi if interval[-1] == ")" else value <= hi)
+
+
+def interval_words(interval):
+    """'>= 1', '> 0', 'in [0, 1)' or 'finite'."""
+    lo, hi = interval[1:-1].split(", ")
+    if hi == "inf":
+        return "finite" if lo == "-inf" else f"{'>' if interval[0] == '(' else '>='} {lo}"
+    return f"in {interval}"
+
+
+def check_ranges(hp, bad):
+    """Every numeric hyperparameter in its RANGES interval."""
+    for name, interval in RANGES.items():
+        value = getattr(hp, name)
+        values = value if isinstance(value, tuple) else () if value is None else (value,)
+        if not all(in_interval(v, interval) for v in values):
+            each = " (each value)" if isinstance(value, tuple) else ""
+            finite = "" if all(math.isfinite(v) for v in values) or interval_words(interval) == "finite" \
+                else ", a finite number"
+            bad(name, f"must be {interval_words(interval)}{each}{finite}")
+
+
+# Settings that act only with a technique on: changed on the command line while it is off, they
+# are refused (they would change nothing, yet the log's header would show them). Set by a preset
+# (or restated as the preset gives them), they are left as they are: the header shows the
+# technique off.
+NEEDS = [
+    (("schedule_steps", "lr_power", "power_c"), lambda hp: hp.lr_schedule == "power", "--lr-schedule power"),
+    (("cooldown_frac",), lambda hp: hp.lr_schedule == "linear", "--lr-schedule linear"),
+    (("momentum_min",), lambda hp: hp.momentum_warmup or hp.momentum_cooldown,
+     "--momentum-warmup or --momentum-cooldown > 0"),
+    (("momentum_horizon",), lambda hp: hp.momentum_cooldown, "--momentum-cooldown > 0"),
+    (("contra_fade",), lambda hp: hp.contra, "--contra > 0"),
+    (("soap_beta2", "soap_every", "soap_v_blend", "soap_v_floor"), lambda hp: hp.soap != "none", "--soap mlp_v"),
+    (("ema_nesterov_beta", "ema_nesterov_start", "ema_nesterov_stop"), lambda hp: hp.ema_nesterov,
+     "--ema-nesterov > 0"),
+    (("ref_capture", "ref_start"), lambda hp: hp.ref_gamma, "--ref-gamma other than 0"),
+    (("zero_biases",), lambda hp: hp.init == "torch", "--init torch (the record's init zeroes every bias)"),
+    (("diag_tokens", "dead_threshold", "starved_threshold", "frozen_threshold"), lambda hp: hp.diagnostics,
+     "--diagnostics"),
+]
+
+
+def never_acting(hp):
+    """[(field, the fields that decide it, why)] of the techniques switched on whose steps all lie
+    outside this run (steps 0..train_steps-1 train, validations run up to train_steps)."""
+    steps, out = hp.train_steps, []
+    if hp.ref_gamma and hp.ref_start > steps:
+        out.append(("ref_gamma", ("ref_gamma", "ref_start", "ref_capture"),
+                    f"its first interpolated validation, ref_start {hp.ref_start}, is after the last step {steps}"))
+    if hp.ema_nesterov and hp.ema_nesterov_start >= steps:
+        out.append(("ema_nesterov", ("ema_nesterov", "ema_nesterov_start", "ema_nesterov_stop"),
+                    f"its first look-ahead, at ema_nesterov_start {hp.ema_nesterov_start}, is after the last "
+                    f"step that trains ({steps - 1})"))
+    cooldown_start = (hp.momentum_horizon or steps) - hp.momentum_cooldown
+    if hp.momentum_cooldown and cooldown_start >= steps - 1:
+        out.append(("momentum_cooldown", ("momentum_cooldown", "momentum_horizon"),
+                    f"it starts after step {cooldown_start} (momentum_horizon {hp.momentum_horizon or steps} - "
+                    f"momentum_cooldown {hp.momentum_cooldown}), and the last step that trains is {steps - 1}"))
+    late = [s for s in hp.val_extra if s > steps]
+    if late:
+        out.append(("val_extra", ("val_extra",), f"step(s) {', '.join(map(str, late))} are after the last "
+                                                 f"step {steps}"))
+    return out
+
+
+# The scaled step counts whose 0 means off (the others are steps: 0 is the first).
+STEP_COUNTS_OFF_AT_0 = ("momentum_warmup", "momentum_cooldown", "contra_fade")
+
+
+def scaled_off(hp):
+    """[(field, the preset's value)] of the preset's step counts that round to 0 in this shorter
+    run, switching their technique off."""
+    stated = {}
+    for part in hp.preset.split("+"):
+        stated.update(trainer().PRESETS.get(part, {}))
+    scaled = trainer_presets(hp.preset, {"train_steps": hp.train_steps})
+    return [(k, stated[k]) for k in STEP_COUNTS_OFF_AT_0
+            if stated.get(k, 0) > 0 and scaled.get(k) == 0 == getattr(hp, k)]
+
+
+def inert_notes(hp):
+    """The log header's (and the dry run's) lines on what a preset switched on that does nothing in
+    this run (a shorter run than the preset's): the header still lists the value, the line says
+    why it does nothing."""
+    return ([f"no effect in this run: {name} {getattr(hp, name)!r}: {why}" for name, _, why in never_acting(hp)]
+            + [f"no effect in this run: {name}: the preset's {value} steps round to 0 in this run of "
+               f"{hp.train_steps} steps (off)" for name, value in scaled_off(hp)])
+
+
+def changed_by_flags(hp, given):
+    """The fields of `given` (set on the command line) whose value differs from the one the preset
+    (or the default) gives this run: a flag that restates it changes nothing (e.g. a record's
+    reproduce command listing a scaled preset's values)."""
+    flags = {k: getattr(hp, k) for k in ("train_steps", "lr_power") if k in given}  # what scaling reads
+    base = {**{f.name: f.default for f in dataclasses.fields(trainer().Hyperparameters)},
+            **trainer_presets(hp.preset, flags)}
+    return {k for k in given if getattr(hp, k) != base.get(k)}
+
+
+def check_inert(hp, given):
+    """Refuse a setting changed on the command line (`given`: the fields set there) that cannot act
+    in this run."""
+    given = changed_by_flags(hp, given)
+    for fields, acts, what in NEEDS:
+        for name in fields:
+            if name in given and not acts(hp):
+                raise ValueError(f"--{name.replace('_', '-')} has no effect without {what}; drop it, "
+                                 "or switch the technique on")
+    for name, fields, why in never_acting(hp):
+        if given & set(fields):
+            flags = ", ".join(f"--{f.replace('_', '-')}" for f in fields if f in given)
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(hp, name)!r} never acts in this run of "
+                             f"{hp.train_steps} steps: {why}. Change {flags}, or the run's length")
+
+
+def schedule_marks(hp):
+    """The steps that train (0..train_steps-1) where a piece of the lr or momentum schedule begins
+    or ends, and their neighbours: between them each schedule is linear or monotone, so its
+    smallest and largest values over the run are at these steps."""
+    steps = hp.train_steps
+    marks = (0, steps - 1, hp.momentum_warmup, (hp.momentum_horizon or steps) - hp.momentum_cooldown,
+             hp.momentum_horizon or steps, math.floor((1 - hp.cooldown_frac) * steps), hp.schedule_steps or steps)
+    return sorted({m + d for m in marks for d in (-1, 0, 1) if 0 <= m + d < steps})
+
+
+def check_schedules(hp):
+    """Every group's lr in [0, its initial lr] and Aurora's momentum between momentum_min and
+    momentum, at every step that trains (evaluated at schedule_marks)."""
+    lo, hi = sorted((hp.momentum_min, hp.momentum))
+    horizon = hp.momentum_horizon or hp.train_steps
+    groups = [(name, dict(initial_lr=lr, power_c=c)) for name, lr, c in zip(
+        ("lr_embed", "lr_head", "lr_scalar", "lr_matrix"),
+        (hp.lr_embed, hp.lr_head, hp.lr_scalar, hp.lr_matrix), hp.power_c)]
+    for step in schedule_marks(hp):
+        mu = trainer().momentum_at(step, hp)
+        if not lo - 1e-12 <= mu <= hi + 1e-12:
+            raise ValueError(
+                f"the momentum schedule leaves [{lo}, {hi}] (--momentum-min, --momentum): {mu:.4g} at step "
+                f"{step} of {hp.train_steps}, from --momentum-warmup {hp.momentum_warmup}, --momentum-cooldown "
+                f"{hp.momentum_cooldown} and --momentum-horizon {horizon}; the cool-down must end at or after "
+                f"the last step: --momentum-horizon >= {hp.train_steps - 1}")
+        for name, group in groups:
+            lr = trainer().lr_at(step, group, hp)
+            if not 0 <= lr <= group["initial_lr"]:
+                flags = ("--cooldown-frac" if hp.lr_schedule == "linear" else
+                         "--power-c, --lr-power, --schedule-steps")
+                raise ValueError(f"the lr schedule gives {name} = {lr!r} at step {step}, outside [0, "
+                                 f"{group['initial_lr']}]: check {flags}")
+
+
+def check_hyperparameters(hp, choices, techniques=(), given=frozenset()):
+    """Every choice, range and combination, in one place (a technique's own checks too); raises
+    ValueError naming the flag. `given`: the fields set on the command line (a setting there that
+    cannot act is refused)."""
+    def bad(name, why):
+        raise ValueError(f"--{name.replace('_', '-')} {why}, got {getattr(hp, name)!r}")
+    for name, allowed in choices.items():
+        if getattr(hp, name) not in allowed:
+            bad(name, f"must be one of {', '.join(allowed)}")
+    check_ranges(hp, bad)
+    if hp.d_model % hp.head_dim or hp.head_dim % 4:
+        raise ValueError(f"--d-model ({hp.d_model}) must be a multiple of --head-dim ({hp.head_dim}), "
+                         "itself a multiple of 4 (rotary)")
+    if hp.val_tokens % hp.batch_tokens:
+        raise ValueError(f"--val-tokens ({hp.val_tokens:,}) must be a multiple of the batch "
+                         f"({hp.batch_tokens:,} tokens)")
+    if hp.diagnostics and hp.diag_tokens < hp.seq_len:
+        bad("diag_tokens", f"must be >= --seq-len ({hp.seq_len}): the probe uses whole sequences")
+    if hp.seed is not None and not 0 <= hp.seed <= 2**63 - hp.trials:
+        bad("seed", "must be in [0, 2^63 - trials] (torch.manual_seed's range)")
+    if hp.run_name is not None and (not hp.run_name or "/" in hp.run_name or hp.run_name.startswith(".")):
+        bad("run_name", "must be a plain folder name")
+    if hp.stop_below is not None and hp.trials < 2:
+        bad("stop_below", "stops a campaign of --trials >= 2 (it acts after a trial, before the next)")
+    for t in techniques:
+        if hasattr(t, "check"):
+            t.check(hp, bad)
+    check_schedules(hp)
+    check_inert(hp, set(given))
+
+
+def distributed_env():
+    """(rank, world size, local rank) from torchrun's RANK, WORLD_SIZE and LOCAL_RANK (unset: 0, 1,
+    0), or ValueError naming the variable that is not a whole number in its range."""
+    def read(name, default, what):
+        text = os.environ.get(name)
+        if text is None:
+            return default
+        if not re.fullmatch(r"[0-9]{1,9}", text.strip()):
+            raise ValueError(f"{name} must be {what}, got {text!r}")
+        return int(text)
+    world = read("WORLD_SIZE", 1, "a positive integer (the number of processes; torchrun sets it)")
+    if world < 1:
+        raise ValueError(f"WORLD_SIZE must be a positive integer (the number of processes; torchrun sets "
+                         f"it), got {os.environ['WORLD_SIZE']!r}")
+    rank = read("RANK", 0, f"an integer from 0 to WORLD_SIZE-1 = {world - 1}")
+    local_rank = read("LOCAL_RANK", 0, f"an integer from 0 to WORLD_SIZE-1 = {world - 1}")
+    for name, value in (("RANK", rank), ("LOCAL_RANK", local_rank)):
+        if value >= world:
+            raise ValueError(f"{name} must be an integer from 0 to WORLD_SIZE-1 = {world - 1}, got {value}")
+    return rank, world, local_rank
+
+
+def check_setup(hp, gpu_presets, cuda=None):
+    """Before setup (and --dry-run): a rank's GPU; the record, small and lineage presets are GPU
+    runs (unless combined with tiny): refuse to start them on a CPU by accident."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    local_rank = distributed_env()[2]
+    if cuda and local_rank >= torch.cuda.device_count():
+        raise ValueError(f"local rank {local_rank} has no GPU: this node shows "
+                         f"{torch.cuda.device_count()} GPU(s); start at most that many "
+                         "processes per node (--nproc_per_node), or set "
+                         "CUDA_VISIBLE_DEVICES= to train on the CPU")
+    parts = hp.preset.split("+")
+    if "tiny" not in parts and any(p in gpu_presets for p in parts) and not cuda and not hp.allow_cpu:
+        raise ValueError(
+            f"the {hp.preset} preset trains the 124M model and needs CUDA GPUs, and none is "
+            "available: on a CPU it would take days (or run out of memory). Use --preset tiny for "
+            "a CPU smoke run, or pass --allow-cpu to start it anyway")
+
+
+def find_shards(data_dir, split):
+    """The split's shards, or DataError: none, or a set that is not the one written (a gap, a
+    shard missing from or not in meta.json: data/shards.py's shard_set_problems)."""
+    files = sorted(glob.glob(os.path.join(glob.escape(data_dir), f"fineweb_{split}_*.bin")))
+    problems = shard_set_problems(data_dir) if files else []
+    if not files:
+        raise DataError(
+            f"no {split} shards (fineweb_{split}_*.bin) in {data_dir}. Download FineWeb with "
+            "`python data/cached_fineweb10B.py` or write synthetic shards with "
+            f"`python data/synthetic.py --out {data_dir}`")
+    if problems:
+        meta = os.path.join(data_dir, "meta.json")
+        synthetic = os.path.isfile(meta) and "entropy_nats_per_token" in open(meta).read()
+        raise DataError(f"the shards in {data_dir} are not the set that was written: {'; '.join(problems)}. "
+                        "Write it again: " + (f"`python data/synthetic.py --out {data_dir} --if-needed`"
+                                              if synthetic else "`python data/cached_fineweb10B.py`"))
+    return files
+
+
+def printed(hp):
+    """The hyperparameters a log lists: all but those of the techniques the run does not use."""
+    return {f.name: getattr(hp, f.name) for f in dataclasses.fields(hp)
+            if f.metadata.get("used") is None or f.metadata["used"](hp)}
 
 
 # --- the code part of a log -------------------------------------------------------------------
 
-LOCAL_IMPORT = re.compile(r"^from (aurora|data\.shards|diagnostics|harness|soap) import .*$", re.M)
+# A local module's import (one line, or a parenthesized list over several).
+LOCAL_IMPORT = re.compile(r"^from (aurora|aurora_variants|lineage|measure|plugins|soap) import (\([^)]*\)|.*)$", re.M)
 
 
-def runnable_source(script=None):
-    """The trainer (`script`; default: train_gpt when imported, else the script being run) with
-    each local module it imports inlined in place of the import line, and the local imports of
-    those inlined in turn, each module once: the benchmark wants all code a run used in its log,
-    as one script that runs on its own. A script cut from a log has nothing left to inline: its
-    logs carry it byte for byte."""
-    if script is None:
-        trainer = sys.modules.get("train_gpt") or sys.modules["__main__"]
-        script = trainer.__file__
-    with open(os.path.abspath(script)) as f:
+def runnable_source(script, unused=()):
+    """The trainer (`script`) with each local module it imports inlined in place of the import
+    line, and the local imports of those inlined in turn, each module once: the benchmark wants
+    all code a run used in its log, as one script that runs on its own. The import of a module
+    in `unused` (a technique the run does not use, e.g. "lineage.py") becomes `NAME = None`. A
+    script cut from a log has nothing left to inline: its logs carry it byte for byte."""
+    with open(script) as f:
         source = f.read()
-    root, done = os.path.dirname(os.path.abspath(script)), set()
+    root, done = os.path.dirname(script), set()
 
     def inline(match):
         name = match.group(1).replace(".", "/") + ".py"
+        if name in unused:
+            names = match.group(2).strip("()").split("#")[0].replace(",", " ").split()
+            return f"{' = '.join(names)} = None  # {name}: not used by this run"
         if name in done:
-            return f"# {match.group(0)}  (inlined above)"
+            return "\n".join(f"# {line}" for line in match.group(0).splitlines()) + "  (inlined above)"
         done.add(name)
         with open(os.path.join(root, name)) as f:
             module = LOCAL_IMPORT.sub(inline, f.read().rstrip("\n"))
@@ -145,14 +419,14 @@ def runnable_source(script=None):
 
 # --- record folders, seeds, the log's header ----------------------------------------------------
 
-# Hyperparameters that may differ between the logs of one record folder.
-PER_RUN = ("seed", "trials", "data_dir", "records_dir", "run_name", "append", "allow_cpu",
-           "save_every", "resume", "stop_below")
+# Hyperparameters that may differ between the logs of one record folder: the seeds, the data's
+# path, and the harness's own (train_gpt.py's PER_RUN says the same to the records toolkit).
+PER_RUN = ("seed", "trials", "data_dir") + tuple(f.name for f in dataclasses.fields(Hyperparameters))
 
 
 def record_config(hp):
     """The hyperparameters every log of one record folder must share, as the log prints them."""
-    return {k: json.dumps(v) for k, v in dataclasses.asdict(hp).items() if k not in PER_RUN}
+    return {k: json.dumps(v) for k, v in printed(hp).items() if k not in PER_RUN}
 
 
 def header_lines(log_path):
@@ -429,7 +703,7 @@ def environment_lines(hp, ctx, setup, drawn=False):
     lines.append(setup)
     lines.append(f"seeds {trial_seeds(hp)}" + (" (drawn from the OS entropy; run trial i again with "
                                                "--seed <its seed> --trials 1)" if drawn else ""))
-    lines += [f"{k}: {json.dumps(v)}" for k, v in dataclasses.asdict(hp).items()]
+    lines += [f"{k}: {json.dumps(v)}" for k, v in printed(hp).items()]
     try:
         smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=10).stdout
         lines += smi.rstrip().splitlines() if smi else []
@@ -478,73 +752,6 @@ def refresh_summary(record_dir, log):
             else f"summary not written: {proc.stderr.strip()}", error=proc.returncode != 0)
 
 
-# --- the clock and the train losses: what a record measures, as the record's loop does -------
-
-
-class Clock:
-    """Training time with validation excluded. It stops and starts where the record's does: at a
-    dist.barrier() when distributed (with NCCL the barrier returns once the GPU work queued before
-    it is done), at torch.cuda.synchronize() on one GPU. Nothing between a start and a stop waits
-    for the device: elapsed() is host time, the record's approx_training_time."""
-
-    def __init__(self, ctx):
-        self.ctx, self.total, self.started = ctx, 0.0, None
-        self.last_val_time, self.last_val_step = 0.0, 0
-
-    def _sync(self):
-        if self.ctx.world > 1:
-            dist.barrier()
-        elif self.ctx.device.type == "cuda":
-            torch.cuda.synchronize(self.ctx.device)
-
-    def start(self):
-        self._sync()
-        self.started = time.perf_counter()
-
-    def stop(self):
-        self._sync()
-        self.total += time.perf_counter() - self.started
-        self.started = None
-
-    def elapsed(self):
-        return self.total + (time.perf_counter() - self.started if self.started else 0.0)
-
-    def val_fields(self, step):
-        """train_time and step_avg (mean step time since the previous validation) of a val line."""
-        steps = step - self.last_val_step
-        avg = 1000 * (self.total - self.last_val_time) / steps if steps else float("nan")
-        self.last_val_time, self.last_val_step = self.total, step
-        return f"train_time:{self.total:.3f}s step_avg:{avg:.2f}ms"
-
-
-class TrainLosses:
-    """Each step's train loss, read without stalling the device. The step's summed loss (already
-    all-reduced) is copied with non_blocking=True into a host buffer (pinned on CUDA, where an
-    event marks the copy's arrival) and read one step later, when the device is past it, or with
-    the clock stopped. Two buffers: a step's copy never overwrites the unread loss before it."""
-
-    def __init__(self, device):
-        cuda = device.type == "cuda"
-        self.buffers = [torch.zeros((), dtype=torch.float32, pin_memory=cuda) for _ in range(2)]
-        self.events = [torch.cuda.Event() if cuda else None for _ in range(2)]
-        self.pending = []  # (buffer, step, train time after the step), oldest first
-
-    def put(self, loss, step, elapsed):
-        i = step % 2
-        assert all(j != i for j, _, _ in self.pending), "read the step before first"
-        self.buffers[i].copy_(loss, non_blocking=True)
-        if self.events[i] is not None:
-            self.events[i].record()
-        self.pending.append((i, step, elapsed))
-
-    def take(self):
-        """(step, summed loss, train time) of the oldest unread step; waits for its copy only."""
-        i, step, elapsed = self.pending.pop(0)
-        if self.events[i] is not None:
-            self.events[i].synchronize()
-        return step, self.buffers[i].item(), elapsed  # a host tensor: no device sync
-
-
 # --- signals ----------------------------------------------------------------------------------
 
 
@@ -572,9 +779,10 @@ class StopRequest:
 # log, written atomically by rank 0; a resumed run continues bit for bit, with any world size that
 # splits the batch (Aurora's momentum is gathered from the ranks that hold it: no per-rank files).
 
-CHECKPOINT_FORMAT = "train_gpt.py checkpoint 2"  # 2: the sha256 of the log (and jsonl) it continues
+CHECKPOINT_FORMAT = "train_gpt.py checkpoint 3"  # 2: the sha256 of the log (and jsonl) it continues;
+# 3: the techniques' state under "techniques"
 CHECKPOINT_KEYS = ("config", "code", "trial", "seed", "step", "finals", "world_size", "torch", "model",
-                   "adam", "aurora", "loader", "rng", "clock", "fc_init", "log", "log_bytes", "log_sha256",
+                   "adam", "aurora", "loader", "rng", "clock", "fc_init", "techniques", "log", "log_bytes", "log_sha256",
                    "jsonl_bytes", "jsonl_sha256")
 # Lines of an interrupted run's log that stay as they are when a resumed run marks the lines it
 # wrote after the checkpoint: they say what happened to it (or were marked by an earlier resume);
@@ -658,12 +866,108 @@ def load_checkpoint(path):
     return ckpt
 
 
+# Aurora's state in a checkpoint: the same whatever the world size or path. A variant says what it
+# keeps (STATE_KEYS, _state_shape, _held_state, _load_held, _check_saved); owners() who holds it.
+
+@torch.no_grad()
+def state_keys(aurora):
+    """What a checkpoint keeps of each matrix: the momentum, and a variant's own (its STATE_KEYS)."""
+    return getattr(aurora, "STATE_KEYS", ("momentum",))
+
+
+def state_shape(aurora, p, key):
+    """(shape, dtype) of matrix p's saved state `key`."""
+    return aurora._state_shape(p, key) if hasattr(aurora, "_state_shape") else (tuple(p.shape), torch.float32)
+
+
+def held_state(aurora, p):
+    """This rank's state of matrix p, by state key (empty if it has not stepped it)."""
+    if hasattr(aurora, "_held_state"):
+        return aurora._held_state(p)
+    return {key: aurora.state[p][key] for key in state_keys(aurora) if key in aurora.state[p]}
+
+
+def load_held(aurora, i, p, state):
+    """Put matrix p's saved state (matrix i of the saved groups) back on this rank."""
+    if hasattr(aurora, "_load_held"):
+        return aurora._load_held(i, p, state)
+    for key in state_keys(aurora):
+        if key in state:
+            aurora.state[p][key] = state[key].to(device=p.device, dtype=torch.float32, copy=True)
+
+
+def aurora_state_dict(aurora):
+    """Aurora's (or a variant's) state, every matrix's as CPU copies, in torch's format (state by parameter index, then the
+    groups' hyperparameters), the same whatever the world size or path: checkpoints resume with
+    another world size. Under torch.distributed a rank holds only the matrices it updates, so
+    this is a collective: every rank calls it, and every rank gets the whole state."""
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    params = [p for group in aurora.param_groups for p in group["params"]]
+    held = [held_state(aurora, p) for p in params]
+    # who holds what: rank + 1 where this rank has the state, 0 elsewhere; summed over ranks
+    holder = torch.tensor([[rank + 1 if key in mine else 0 for key in state_keys(aurora)] for mine in held],
+                          dtype=torch.int64).reshape(len(params), len(state_keys(aurora)))
+    if distributed:
+        holder = holder.to(_collective_device())
+        dist.all_reduce(holder)
+    state = {}
+    for i, (p, mine, holders) in enumerate(zip(params, held, holder.tolist())):
+        for key, h in zip(state_keys(aurora), holders):
+            if not h:
+                continue  # not stepped yet: no state, as in a fresh optimizer
+            shape, dtype = state_shape(aurora, p, key)
+            buf = mine[key] if h == rank + 1 else torch.empty(shape, dtype=dtype, device=p.device)
+            if distributed:  # contiguous: a collective sends the storage as it lies (QR's Q is
+                buf = buf.to(_collective_device()).contiguous()  # column-major)
+                dist.broadcast(buf, h - 1)
+            state.setdefault(i, {})[key] = buf.to("cpu", copy=True)  # a copy, never a view
+    groups, start = [], 0
+    for group in aurora.param_groups:
+        n = len(group["params"])
+        groups.append({**{k: v for k, v in group.items() if k != "params"},
+                       "params": list(range(start, start + n))})
+        start += n
+    return dict(state=state, param_groups=groups)
+
+def load_aurora_state_dict(aurora, state_dict):
+    """The inverse of aurora_state_dict() for this process's world size and path: this rank keeps the
+    state of the matrices it updates; the groups' hyperparameters are the saved ones. Raises
+    ValueError if the state does not fit."""
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    saved_groups = state_dict["param_groups"]
+    if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in aurora.param_groups]:
+        raise ValueError("Aurora.load_state_dict: the saved groups hold "
+                         f"{[len(g['params']) for g in saved_groups]} matrices, this optimizer "
+                         f"{[len(g['params']) for g in aurora.param_groups]}")
+    aurora.state.clear()
+    aurora._first_bad, aurora._kept = {}, {}
+    i = 0
+    for group, saved in zip(aurora.param_groups, saved_groups):
+        group.update({k: v for k, v in saved.items() if k != "params"})
+        for p, owner in zip(group["params"], aurora.owners(group, world)):
+            state = state_dict["state"].get(i, {})
+            for key, value in state.items():
+                where = f"Aurora.load_state_dict: matrix {i} ({tuple(p.shape)}) has saved"
+                if key not in state_keys(aurora):  # a variant's state: its keys start with its name
+                    kind = key.split("_")[0].upper()
+                    raise ValueError(f"{where} {kind} state, and this optimizer does not run {kind} on it")
+                if tuple(value.shape) != state_shape(aurora, p, key)[0]:
+                    raise ValueError(f"{where} {key!r} of shape {tuple(value.shape)}")
+            if hasattr(aurora, "_check_saved"):  # e.g. the lineage's: SOAP state where SOAP runs
+                aurora._check_saved(i, p, state)
+            if owner == rank:
+                load_held(aurora, i, p, state)
+            i += 1
+
+
 def resume_config(hp, ctx, train_files):
     """What a resumed run must share with the checkpoint's run to continue it bit for bit: the
     record's configuration, the trials (seed, count), the device type (activation and
     Newton-Schulz dtypes follow it) and the train shards (names and sizes). Not the world size."""
     config = record_config(hp)
-    config.update({k: json.dumps(getattr(hp, k)) for k in ("seed", "trials")})
+    config.update({k: json.dumps(getattr(hp, k)) for k in ("seed", "trials", "diagnostics")})
     config["device"] = json.dumps(ctx.device.type)
     config["train_shards"] = json.dumps([f"{os.path.basename(f)}:{read_shard_header(f)}"
                                          for f in train_files])
@@ -775,7 +1079,10 @@ def resumed_line(hp, ctx, ckpt, lost):
 
 
 class Harness:
-    """One run's harness (every trial of the process); see the module's docstring for the calls."""
+    """One run's harness (every trial of the process), train_gpt.py's Driver; see the module's
+    docstring for the calls."""
+    BAD_INPUT = (DataError, ValueError, FileExistsError)  # exit status 2, before anything is written
+    STOPPED = (FloatingPointError, Interrupted)  # a NaN/inf, or killed: stop, keep the log
 
     def __init__(self, hp, ctx, log):
         self.hp, self.ctx, self.log = hp, ctx, log
@@ -786,13 +1093,22 @@ class Harness:
         # notebook) gets its own SIGTERM/SIGINT behaviour back when the run is over
         self.previous = {s: signal.signal(s, self.stop) for s in (signal.SIGTERM, signal.SIGINT)}
 
-    def open(self, hp, code, train_files, setup):
+    def check_data(self, hp):
+        """Every shard the run will read, before anything is read or written: the sets (train and
+        val), enough train tokens, every train token id below the vocabulary."""
+        self.train_files = shards_needed(find_shards(hp.data_dir, "train"), hp.batch_tokens, hp.train_steps,
+                                         f"train data in {hp.data_dir}")
+        for f in self.train_files:
+            read_shard_tokens(f, hp.vocab_size)
+        find_shards(hp.data_dir, "val")
+
+    def open(self, hp, code, setup):
         """Before the first trial, after the data was checked: with --resume, read and check the
         checkpoint, and reopen its log; else open the record folder and write the log's code part
         (`code`) and header (`setup`: the trainer's line of what it uses). Nothing is written before
         every check passed; every rank gets the seed rank 0 drew. Returns hp with that seed."""
-        ctx, log = self.ctx, self.log
-        self.code, self.train_files = code, train_files
+        ctx, log, train_files = self.ctx, self.log, self.train_files
+        self.code = code
         if hp.stop_below is not None and campaign_tools() is None:
             raise ValueError("--stop-below needs the records toolkit (tools/campaign.py) beside "
                              f"{os.path.join(HARNESS_ROOT, 'harness.py')}: run from a checkout")
@@ -847,8 +1163,11 @@ class Harness:
         """The step `run`'s trial starts at: 0, or, resuming, the checkpoint's, with the trial's
         state put back where the checkpoint left it: weights, optimizer states (each rank keeps
         its share of Aurora's), data position, random generators (the next trial's initialization
-        draws from them), clock, diagnostics' initial rows, the lineage's EMA-Nesterov state and
-        reference weights."""
+        draws from them), clock, diagnostics' initial rows, the techniques' state (the lineage's
+        EMA-Nesterov state and reference weights). First the diagnostics' probe of the trial."""
+        hp, ctx = self.hp, run.ctx
+        tokens = run.val[0][:hp.diag_tokens // hp.seq_len * hp.seq_len].view(-1, hp.seq_len) if ctx.rank == 0 else None
+        run.probe = NeuronHealth(run.model, run.optimizers[1], tokens, hp, ctx, self.jsonl)
         ckpt, self.resume = self.resume, None  # (the checkpoint's memory goes with the trial)
         if ckpt is None:
             self.start = 0
@@ -856,7 +1175,7 @@ class Harness:
         adam, aurora = run.optimizers
         run.model.load_state_dict(ckpt["model"])
         adam.load_state_dict(ckpt["adam"])
-        aurora.load_state_dict(ckpt["aurora"])
+        load_aurora_state_dict(aurora, ckpt["aurora"])
         run.train_loader.reset(**ckpt["loader"])
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if run.ctx.device.type == "cuda":
@@ -866,10 +1185,9 @@ class Harness:
             clock["total"], clock["last_val_time"], clock["last_val_step"])
         if run.probe.enabled and run.ctx.rank == 0:
             run.probe.fc_init = [t.to(run.ctx.device) for t in ckpt["fc_init"]]
-        if run.ema:
-            run.ema.load(ckpt["ema"])
-        if ckpt["reference"] is not None:
-            run.reference = [t.to(run.ctx.device) for t in ckpt["reference"]]
+        for t in run.techniques:
+            if hasattr(t, "load_checkpoint_state"):
+                t.load_checkpoint_state(run, ckpt["techniques"][t.name])
         run.step = aurora.step_index = self.start = ckpt["step"]  # Aurora names a non-finite update by its step
         return self.start
 
@@ -877,14 +1195,19 @@ class Harness:
         """Between the validation of `step` and the next training step: with --save-every, write a
         checkpoint every save_every steps (not at the step the trial started or resumed at:
         nothing new), and when a signal asked to stop, save, then raise Interrupted. Every rank
-        takes the same decisions."""
-        if not self.hp.save_every:
-            return
-        stop = self.stop_requested()
-        if stop or (step % self.hp.save_every == 0 and step != self.start):
-            self.save_checkpoint(run)
-        if stop:
-            raise Interrupted(stop)
+        takes the same decisions. Then the diagnostics' probe learns whether the next step's
+        update is the one a validation reports."""
+        if self.hp.save_every:
+            stop = self.stop_requested()
+            if stop or (step % self.hp.save_every == 0 and step != self.start):
+                self.save_checkpoint(run)
+            if stop:
+                raise Interrupted(stop)
+        run.probe.before_step(run.validates(step + 1))
+
+    def validated(self, run, step):
+        """After the validation of `step`: the diagnostics (a collective)."""
+        run.probe.report(run.trial, step, self.log)
 
     def trial_ended(self, val_loss):
         """A trial is complete: its final loss, and with --trials N > 1 the campaign's line (rank 0
@@ -956,7 +1279,7 @@ class Harness:
         adam, aurora = run.optimizers
         run.settle()  # train losses in the log before the checkpoint (a resumed run does not redo
         # them), and never a non-finite state saved
-        aurora_state = aurora.state_dict()  # collective
+        aurora_state = aurora_state_dict(aurora)  # collective
         if ctx.rank == 0:
             state = dict(
                 format=CHECKPOINT_FORMAT, config=resume_config(hp, ctx, self.train_files),
@@ -969,8 +1292,8 @@ class Harness:
                 clock=dict(total=run.clock.total, last_val_time=run.clock.last_val_time,
                            last_val_step=run.clock.last_val_step),
                 fc_init=run.probe.fc_init if hp.diagnostics else None,
-                ema=run.ema.state() if run.ema else None,  # the lineage's EMA-Nesterov, its reference
-                reference=None if run.reference is None else [t.cpu() for t in run.reference],
+                techniques={t.name: t.checkpoint_state(run) for t in run.techniques  # e.g. the lineage's
+                            if hasattr(t, "checkpoint_state")},  # EMA-Nesterov, its reference weights
                 # how far the log and the diagnostics file were written: a resumed run redoes the rest
                 log=os.path.abspath(log.file.name))
             for name, f in (("log", log.file), ("jsonl", self.jsonl)):  # and what they held then

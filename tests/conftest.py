@@ -58,6 +58,23 @@ def matrix(m, n, seed, cond=10.0, skew_rows=False):
     return A
 
 
+# Gradient scales at which the rules are checked against their written-out references: order 1
+# (where no floor acts), training's (entries ~1e-6: the Newton-Schulz eps and SOAP's eps
+# act), and far below (the 1e-10 and 1e-8 clamps of the norms and the u/w floor act).
+GRADIENT_SCALES = {"unit": 1.0, "training": 1e-6, "tiny": 1e-12, "clamps": 1e-20}
+
+
+def training_gradient(shape, seed, scale):
+    """A gradient as training gives a matrix, `scale` per entry: rank 2 plus noise, its rows spread
+    over ten orders of magnitude (starved neurons), one row exactly zero (a dead neuron)."""
+    g = torch.Generator().manual_seed(seed)
+    m, n = shape
+    G = torch.randn(m, 2, generator=g) @ torch.randn(2, n, generator=g) + 0.1 * torch.randn(m, n, generator=g)
+    G = G * torch.logspace(0, -10, m)[torch.randperm(m, generator=g)][:, None]
+    G[torch.randint(m, (1,), generator=g)] = 0
+    return G * scale
+
+
 def cv(r):
     """Coefficient of variation (std / mean)."""
     return (r.std() / r.mean()).item()

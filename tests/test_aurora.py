@@ -13,9 +13,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import aurora
-from aurora import (RECORD, Aurora, apply_uw_floor, aurora_direction, aurora_polar, aurora_update,
-                    ns_dtype_for, orthogonalize, polar, polar_cans12, row_leverage)
-from conftest import cv, free_port, matrix, reference_polar, reference_update, rel_diff
+from aurora import RECORD, apply_uw_floor, aurora_polar, aurora_update, ns_dtype_for, polar, row_leverage
+from aurora_variants import VariantAurora as Aurora, polar_cans12
+from aurora_variants import variant_direction as aurora_direction, variant_orthogonalize as orthogonalize
+from conftest import (GRADIENT_SCALES, cv, free_port, matrix, reference_polar, reference_update, rel_diff,
+                      training_gradient)
 
 DTYPES = [torch.bfloat16, torch.float32]
 NS_DTYPES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}  # the optimizer's names
@@ -238,6 +240,34 @@ def test_optimizer_steps_match_rule_written_out(dtype, rule, batched):
     print(f"{dtype} {rule} batched={batched}: largest relative weight difference {worst:.2e}")
     if batched:  # stacked matmuls and norms may round differently: measured 3.9e-8 relative
         assert worst < 4e-7
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", ["training", "tiny", "clamps"])
+def test_the_rule_at_training_scale_is_the_rule_written_out(dtype, scale):
+    """The optimizer (per-matrix path, the record's rule) against the rule written out, bit for
+    bit, at gradient scales where every eps and clamp of the rule acts: 4 steps on a tall, a wide
+    and two square matrices; step 0's gradients are zero (as behind a zero-initialized *proj*
+    weight), later ones training_gradient()s; the weights at the record's init scale, the wide one
+    zero (a *proj* weight) and one square one large (the u/w floor lifts its update)."""
+    g = torch.Generator().manual_seed(5)
+    shapes, scales = [(64, 16), (16, 64), (16, 16), (16, 16)], [1.0, 0.0, 1.0, 1000.0]
+    weights = [torch.randn(s, generator=g) * (0.33 / s[1]) ** 0.5 * k for s, k in zip(shapes, scales)]
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    momenta = [torch.zeros(s) for s in shapes]
+    opt = aurora.Aurora(params, lr=0.0375, ns_dtype=NS_DTYPES[dtype])
+    for step in range(4):
+        lr = opt.param_groups[0]["lr"] = 0.0375 * (1 - step / 8)
+        grads = [training_gradient(s, 10 * step + i, GRADIENT_SCALES[scale] * (step > 0))
+                 for i, s in enumerate(shapes)]
+        for p, G in zip(params, grads):
+            p.grad = G.clone()
+        opt.step()
+        for i, G in enumerate(grads):
+            U, momenta[i] = reference_update(G, momenta[i], weights[i], dtype)
+            weights[i] = torch.add(weights[i], U, alpha=-lr)
+            assert_equal(opt.state[params[i]]["momentum"], momenta[i])
+            assert_equal(params[i].detach(), weights[i])
 
 
 def test_uw_floor_lifts_small_updates_to_the_floor():

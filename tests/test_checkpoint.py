@@ -22,7 +22,9 @@ import torch.multiprocessing as mp
 import harness
 import train_gpt
 from conftest import free_port, sigterm_during
-from aurora import Aurora
+from aurora_variants import VariantAurora as Aurora
+from harness import aurora_state_dict, load_aurora_state_dict
+from lineage import LineageAurora
 from tools import records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -349,8 +351,8 @@ def test_another_configuration_or_code_is_refused_and_nothing_is_written(data_di
         err = capsys.readouterr().err
         assert "configuration differs from the checkpoint's in " + message in err, err
         assert "Resume with the flags of the run that wrote it" in err
-    source = train_gpt.runnable_source()
-    monkeypatch.setattr(train_gpt, "runnable_source", lambda: source.replace("init_var: float", "init_var:  float"))
+    source = train_gpt.runnable_source  # the run's code part (it depends on the run's flags), edited
+    monkeypatch.setattr(train_gpt, "runnable_source", lambda hp: source(hp).replace("init_var: float", "init_var:  float"))
     assert resume_in_process([], data_dir, tmp_path, ckpt) == 2
     err = capsys.readouterr().err
     assert re.search(r"the code differs .* first at line \d+ of the one-file source: '    init_var: float", err), err
@@ -436,7 +438,7 @@ def optimizer(params, batched, rule, lr=0.02):
     attn.v's options), its bases refreshed every 3rd step."""
     if rule == "soap":
         soap = {params[0]: {}, params[3]: dict(blend=0.95, floor=0.55, renorm="scale")}
-        return Aurora(params, lr=lr, ns_dtype="float32", soap=soap, soap_every=3)
+        return LineageAurora(params, lr=lr, ns_dtype="float32", soap=soap, soap_every=3)
     return Aurora(params, lr=lr, batched=batched, rule=rule, ns_dtype="float32")
 
 
@@ -446,7 +448,7 @@ def stepped(batched, rule, steps, state=None):
     params = [torch.nn.Parameter(torch.randn(*shape)) for shape in ((24, 8), (8, 8), (24, 8), (8, 24))]
     opt = optimizer(params, batched, rule)
     if state is not None:
-        opt.load_state_dict(state)
+        load_aurora_state_dict(opt, state)
     grads = torch.Generator().manual_seed(1)
     for _ in range(steps):
         for p in params:
@@ -464,7 +466,7 @@ def test_aurora_state_dict_round_trip_continues_bit_for_bit(batched, rule):
     """3 steps, then the 4th from the saved state equals the 4th of the original (for SOAP the
     4th step refreshes the bases: its count must come back too)."""
     params, opt = stepped(batched, rule, 3)
-    state = opt.state_dict()
+    state = aurora_state_dict(opt)
     keys = {"momentum", "row_v"} if rule == "normuon" else {"momentum"}
     assert sorted(state["state"]) == [0, 1, 2, 3]
     assert [set(s) for s in state["state"].values()] == (
@@ -484,7 +486,7 @@ def test_aurora_state_dict_round_trip_continues_bit_for_bit(batched, rule):
     if rule == "soap":
         assert int(state["state"][0]["soap_count"]) == 3
     other = optimizer(fresh, batched, rule, lr=0.5)
-    other.load_state_dict(state)
+    load_aurora_state_dict(other, state)
     assert other.param_groups[0]["lr"] == 0.02  # the saved hyperparameters
     for p in fresh:
         p.grad = torch.ones_like(p)
@@ -495,7 +497,7 @@ def test_aurora_state_dict_round_trip_continues_bit_for_bit(batched, rule):
 def test_aurora_state_is_the_same_for_both_paths_and_refuses_a_misfit():
     _, per_matrix = stepped(False, "aurora", 2)
     _, batched = stepped(True, "aurora", 2)
-    a, b = per_matrix.state_dict(), batched.state_dict()
+    a, b = aurora_state_dict(per_matrix), aurora_state_dict(batched)
     assert sorted(a["state"]) == sorted(b["state"]) == [0, 1, 2, 3]
     assert all(set(s) == {"momentum"} for s in b["state"].values())  # no *_stack: world-size free
     for i in a["state"]:  # momentum does not depend on the path
@@ -503,15 +505,15 @@ def test_aurora_state_is_the_same_for_both_paths_and_refuses_a_misfit():
     torch.manual_seed(0)
     wrong = Aurora([torch.nn.Parameter(torch.randn(24, 8))], lr=0.02)
     with pytest.raises(ValueError, match="saved groups hold"):
-        wrong.load_state_dict(a)
+        load_aurora_state_dict(wrong, a)
     transposed = Aurora([torch.nn.Parameter(torch.randn(*s)) for s in ((8, 24), (8, 8), (24, 8), (8, 24))], lr=0.02)
     with pytest.raises(ValueError, match=r"matrix 0 \(\(8, 24\)\) has saved 'momentum' of shape \(24, 8\)"):
-        transposed.load_state_dict(a)
+        load_aurora_state_dict(transposed, a)
     soap_params, soap = stepped(False, "soap", 1)
     with pytest.raises(ValueError, match=r"matrix 0 \(\(24, 8\)\) has saved SOAP state, and this optimizer does not"):
-        optimizer(soap_params, False, "aurora").load_state_dict(soap.state_dict())
+        load_aurora_state_dict(optimizer(soap_params, False, "aurora"), aurora_state_dict(soap))
     with pytest.raises(ValueError, match=r"matrix 0 \(\(24, 8\)\) has no saved SOAP state, and this optimizer runs"):
-        optimizer(soap_params, False, "soap").load_state_dict(a)
+        load_aurora_state_dict(optimizer(soap_params, False, "soap"), a)
 
 
 def _rank(rank, port, out_dir):
@@ -523,17 +525,17 @@ def _rank(rank, port, out_dir):
     try:
         for batched, rule in COMBINATIONS:
             _, opt = stepped(batched, rule, 3)
-            gathered = opt.state_dict()  # collective: every rank gets every matrix's state
+            gathered = aurora_state_dict(opt)  # collective: every rank gets every matrix's state
             reference = torch.load(os.path.join(out_dir, f"reference_{batched}_{rule}.pt"))
             params = [torch.nn.Parameter(w.clone()) for w in reference["weights"]]
             opt = optimizer(params, batched, rule)
-            opt.load_state_dict(reference["state"])
+            load_aurora_state_dict(opt, reference["state"])
             held = sorted(i for i, p in enumerate(params) if opt.state[p])
             for p, g in zip(params, reference["grads"]):
                 p.grad = g.clone()
             opt.step()
             torch.save(dict(gathered=gathered, held=held, weights=[p.detach() for p in params],
-                            after=opt.state_dict()), os.path.join(out_dir, f"rank{rank}_{batched}_{rule}.pt"))
+                            after=aurora_state_dict(opt)), os.path.join(out_dir, f"rank{rank}_{batched}_{rule}.pt"))
     finally:
         dist.barrier()  # leave together (see test_aurora.py)
         dist.destroy_process_group()
@@ -547,14 +549,14 @@ def test_aurora_state_with_two_ranks_is_the_one_rank_state(tmp_path):
     expected = {}
     for batched, rule in COMBINATIONS:
         params, opt = stepped(batched, rule, 3)
-        state = opt.state_dict()
+        state = aurora_state_dict(opt)
         grads = [torch.randn(p.shape) for p in params]
         torch.save(dict(state=state, weights=[p.detach().clone() for p in params], grads=grads),
                    tmp_path / f"reference_{batched}_{rule}.pt")
         for p, g in zip(params, grads):
             p.grad = g.clone()
         opt.step()
-        expected[batched, rule] = params, opt, state, opt.state_dict()
+        expected[batched, rule] = params, opt, state, aurora_state_dict(opt)
     mp.spawn(_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for (batched, rule), (params, opt, state, after) in expected.items():
         ranks = [torch.load(tmp_path / f"rank{r}_{batched}_{rule}.pt") for r in range(2)]

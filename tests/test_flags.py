@@ -16,7 +16,8 @@ import torch
 
 import harness
 import train_gpt
-from train_gpt import RANGES, Hyperparameters, parse_args
+from harness import RANGES
+from train_gpt import Hyperparameters, parse_args
 
 NUMERIC = (int, float, tuple)
 
@@ -90,7 +91,7 @@ def test_a_momentum_horizon_before_the_end_is_refused(capsys):
 def test_the_schedule_check_catches_a_negative_lr_by_itself():
     hp, _ = parse_args(["--preset", "aurora_2860+tiny"])
     with pytest.raises(ValueError, match=r"the lr schedule gives lr_head = -"):
-        train_gpt.check_schedules(dataclasses.replace(hp, power_c=(1e-5, -1e-7, 1e-6, 1e-6)))
+        harness.check_schedules(dataclasses.replace(hp, power_c=(1e-5, -1e-7, 1e-6, 1e-6)))
 
 
 def test_the_schedule_marks_hold_each_schedules_extremes_over_every_step():
@@ -110,7 +111,7 @@ def test_the_schedule_marks_hold_each_schedules_extremes_over_every_step():
         for f in [lambda s: train_gpt.momentum_at(s, hp)] + [lambda s, g=g: train_gpt.lr_at(s, g, hp)
                                                               for g in groups]:
             every = [f(s) for s in range(steps)]
-            marked = [f(s) for s in train_gpt.schedule_marks(hp)]
+            marked = [f(s) for s in harness.schedule_marks(hp)]
             assert (min(marked), max(marked)) == (min(every), max(every)), hp
 
 
@@ -291,7 +292,7 @@ def test_a_checkpoint_write_on_a_full_disk_says_so(tmp_path):
 def test_a_signal_exits_with_128_plus_its_number(name, status, capsys):
     ctx = train_gpt.Context(rank=0, world=1, device=torch.device("cpu"), micro=1, accum=1)
     handlers = [harness.signal.getsignal(s) for s in (harness.signal.SIGTERM, harness.signal.SIGINT)]
-    h = harness.Harness(parse_args(["--preset", "tiny"])[0], ctx, harness.Logger(0))
+    h = harness.Harness(parse_args(["--preset", "tiny"])[0], ctx, train_gpt.Logger(0))
     try:
         assert h.stopped(harness.Interrupted(name), None) == status
         assert h.stopped(FloatingPointError("nan"), None) == 1

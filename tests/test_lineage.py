@@ -14,12 +14,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import plugins
 import train_gpt
-from aurora import Aurora, contra_strength
-from train_gpt import (GPT, EMANesterov, Hyperparameters, is_val_step, lr_at, momentum_at, parse_args,
-                       reference_interpolation)
-from conftest import reference_polar
-from test_train import SEPARATOR, only_log, val_losses
+from lineage import EMANesterov, LineageAurora, contra_strength, init_lineage, reference_interpolation, scale_init
+from train_gpt import GPT, Hyperparameters, is_val_step, lr_at, momentum_at, parse_args
+from conftest import GRADIENT_SCALES, reference_polar, training_gradient
+from test_train import (NOT_IN_THE_RECORD, SEPARATOR, code_part, computation_flags, only_log, redefined,
+                        runs_alone, val_losses)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = ("aurora_2930", "aurora_2890", "aurora_2860")
@@ -151,16 +152,20 @@ MATRICES = (("fc", (64, 16), "mlp"), ("proj", (16, 64), "mlp"), ("v", (16, 16), 
 
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_matrix_rule_is_the_published_one(preset, dtype):
+@pytest.mark.parametrize("scale", list(GRADIENT_SCALES))
+def test_the_matrix_rule_is_the_published_one(preset, dtype, scale):
     """Our Aurora with the preset's settings (every=3 and fade=4 so that 6 steps see a QR refresh
     and the Contra-Muon strength reach 0) against spec_step, 6 steps with a changing lr and
-    momentum: max abs diff 0 in float32 and in bfloat16 Newton-Schulz."""
+    momentum: max abs diff 0 in float32 and in bfloat16 Newton-Schulz. Gradients of order 1, and
+    at the scales where SOAP's, the norms' and the floors' epsilons act (conftest's
+    GRADIENT_SCALES): there step 0's gradients are zero, as behind a zero-initialized *proj*
+    weight, and later ones training_gradient()s."""
     hp, _ = parse_args(["--preset", preset, "--ns-dtype", "float32" if dtype == torch.float32 else "bfloat16"])
     g = torch.Generator().manual_seed(0)
     weights = [torch.randn(shape, generator=g) * (0 if name == "proj" else 0.1) for name, shape, _ in MATRICES]
     params = [nn.Parameter(w.clone()) for w in weights]
     soap = dict(blend=hp.soap_v_blend, floor=hp.soap_v_floor, renorm="lerp" if ROUNDING[preset] == "2930" else "scale")
-    opt = Aurora(params, lr=hp.lr_matrix, momentum=hp.momentum, pp_iterations=hp.pp_iterations, pp_beta=hp.pp_beta,
+    opt = LineageAurora(params, lr=hp.lr_matrix, momentum=hp.momentum, pp_iterations=hp.pp_iterations, pp_beta=hp.pp_beta,
                  contra=hp.contra, uw_floor=hp.uw_floor, aurora_on=hp.aurora_on, ns_dtype=hp.ns_dtype,
                  norm_estimate=hp.norm_estimate, contra_fade=4, radial_brake=hp.radial_brake,
                  radius_pin=hp.radius_pin, lineage_rounding=hp.lineage_rounding, soap_every=3,
@@ -171,7 +176,9 @@ def test_the_matrix_rule_is_the_published_one(preset, dtype):
     for step in range(6):
         lr, mu = 0.0375 * (1 - step / 10), 0.85 + step / 100
         opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"] = lr, mu
-        grads = [torch.randn(shape, generator=g) for _, shape, _ in MATRICES]
+        grads = [torch.randn(shape, generator=g) if scale == "unit" else
+                 training_gradient(shape, 10 * step + i, GRADIENT_SCALES[scale] * (step > 0))
+                 for i, (_, shape, _) in enumerate(MATRICES)]
         for p, G in zip(params, grads):
             p.grad = G.clone()
         opt.step()
@@ -229,8 +236,8 @@ def test_the_init_and_norms_are_the_published_ones():
         hp, _ = parse_args(["--preset", preset + "+tiny", "--n-layer", "2", "--d-model", "32", "--head-dim", "8"])
         model = GPT(hp, torch.float32)
         torch.manual_seed(5)
-        model.init_lineage(hp)
-        model.scale_init(hp)
+        init_lineage(model, hp)
+        scale_init(model, hp)
         torch.manual_seed(5)  # the spec: modules built in construction order draw the default init
         d, vocab = 32, hp.vocab_size
         expected = {"embed.weight": nn.Embedding(vocab, d).bfloat16().weight}
@@ -313,7 +320,7 @@ def test_a_preset_scales_its_steps_with_the_run_and_flags_switch_techniques_off(
     off, _ = parse_args(["--preset", "aurora_2860", "--ema-nesterov", "0", "--no-radius-pin", "--soap", "none"])
     assert (off.ema_nesterov, off.radius_pin, off.soap, off.ref_gamma) == (0.0, False, "none", -0.075)
     assert parse_args(["--preset", "aurora_2930", "--train-steps", "100", "--contra-fade", "7"])[0].contra_fade == 7
-    assert Hyperparameters().preset == "record" and train_gpt.preset_overrides("record", {}) == {}
+    assert Hyperparameters().preset == "record" and plugins.preset_overrides("record", {}, train_gpt.PRESETS, 3200) == {}
     parse_args(["--preset", "tiny", "--aurora-batched", "--rule", "normuon"])  # the record's rule: no lineage
     with pytest.raises(SystemExit):  # the lineage's rule runs per matrix
         parse_args(["--preset", "aurora_2930", "--aurora-batched"])
@@ -340,21 +347,12 @@ def test_a_tiny_run_of_each_preset_trains_and_its_code_part_runs_alone(data_dir,
         assert losses[-1][1] < math.log(1024)  # it learns
         alone = tmp_path / "alone" / preset
         alone.mkdir(parents=True)
-        (alone / f"train_{preset}.py").write_text(logs[preset].split("\n" + SEPARATOR + "\n", 1)[0] + "\n")
-        runs.append((str(alone / f"train_{preset}.py"), args + ["--records-dir", str(tmp_path / "b" / preset)]))
-    driver = ("import runpy, sys\n"  # each code part run as __main__, as `python train.py` would, in turn
-              f"sys.path[:] = [p for p in sys.path if p and p != {ROOT!r}]\n"  # nothing of the repository
-              f"for script, args in {runs!r}:\n"
-              "    sys.argv = [script, *args]\n"
-              "    try:\n"
-              "        runpy.run_path(script, run_name='__main__')\n"
-              "    except SystemExit as e:\n"
-              "        assert e.code == 0, (script, e.code)\n")
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH="", OMP_NUM_THREADS="1")
-    alone = subprocess.run([sys.executable, "-c", driver], cwd=tmp_path, capture_output=True, text=True,
-                           timeout=300, env=env)
-    assert alone.returncode == 0, alone.stderr[-2000:]
-    for preset in PRESETS:
-        log_b = open(only_log(glob.glob(str(tmp_path / "b" / preset / "*"))[0])).read()
+        (alone / f"train_{preset}.py").write_text(code_part(logs[preset]))
+        runs.append((str(alone / f"train_{preset}.py"), computation_flags(args)))
+        code = code_part(logs[preset])  # the lineage's module, and nothing of the harness or the variants
+        assert "lineage.py (inlined)" in code and "soap.py (inlined)" in code and "VARIANTS = None" in code
+        assert redefined(code) == ["Hyperparameters"]
+        assert not [m for m in NOT_IN_THE_RECORD["harness"] + NOT_IN_THE_RECORD["variants"] if m in code]
+    for preset, log_b in zip(PRESETS, runs_alone(runs, tmp_path)):
         assert log_b.split(SEPARATOR, 1)[0] == logs[preset].split(SEPARATOR, 1)[0]
         assert val_losses(log_b) == val_losses(logs[preset]), preset

@@ -1,5 +1,7 @@
 """train_gpt.py: the record's configuration, init and forward at the bit level, end-to-end tiny
 runs, one-file logs, record folders, failure modes, 2 gloo ranks."""
+import ast
+import dataclasses
 import glob
 import json
 import math
@@ -313,14 +315,45 @@ def logged_run(data_dir, tmp_path_factory):
     return only_log(glob.glob(str(records_dir / "*_e2e"))[0]), proc.stdout, args
 
 
+# What a code part must not carry: the harness (record folders, locks, seeds, checkpoints), and the
+# code of techniques the run does not use (the lineage; the batched path, cans12, NorMuon).
+NOT_IN_THE_RECORD = {"harness": ("def save_checkpoint", "records_lock", "def open_record", "reopen_record",
+                                 "class Harness"),
+                     "lineage": ("class LineageAurora", "class EMANesterov", "SoapPreconditioner"),
+                     "variants": ("class VariantAurora", "polar_cans12", "NORMUON_BETA2", "_shape_stacks")}
+
+
+def redefined(code):
+    """Top-level names a code part defines more than once (the inlined modules share one namespace:
+    a clash would make the code part compute something else than the run did)."""
+    names = []
+    for node in ast.parse(code).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.append(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            names += [t.id for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                      if isinstance(t, ast.Name)]
+    return sorted({n for n in names if names.count(n) > 1})
+
+
+def code_part(log_text):
+    return log_text.split("\n" + SEPARATOR + "\n", 1)[0] + "\n"
+
+
 def test_a_run_writes_a_one_file_log_and_loss_falls(logged_run):
     log, stdout, _ = logged_run
     text = open(log).read()
     code, header = text.split("\n" + SEPARATOR + "\n", 1)
     assert code + "\n" == train_gpt.runnable_source()
-    for module in ("aurora.py", "data/shards.py", "diagnostics.py"):  # inlined, not imported
+    for module in ("aurora.py", "measure.py", "plugins.py"):  # inlined, not imported
         assert f"{module} (inlined)" in code
-    assert not re.search(r"^from (aurora|data\.shards|diagnostics) import", code, re.M)
+    assert not re.search(r"^from (aurora|data\.shards|diagnostics|measure|plugins) import", code, re.M)
+    for part, marks in NOT_IN_THE_RECORD.items():  # the record's computation, nothing around it
+        assert not [m for m in marks if m in code], part
+    assert "LINEAGE = None  # lineage.py: not used by this run" in code
+    assert train_gpt.PER_RUN == harness.PER_RUN  # what the toolkit reads from the code part
+    assert len(code.splitlines()) <= 1300  # measured 1272 (README); upstream's largest script: 981
+    assert redefined(code) == ["Hyperparameters"]  # one namespace: no module's name shadows another's
     for expected in ("torch 2.", "world_size 1", "seeds [3]\n", "lr_matrix: 0.0375", "train_steps: 6",
                      "vocab_size: 1024", 'rule: "aurora"', "trial:0 seed:3", "ns_dtype_used float32"):
         assert expected in header, expected
@@ -333,36 +366,79 @@ def test_a_run_writes_a_one_file_log_and_loss_falls(logged_run):
     assert "step:6/6 val_loss" in stdout
 
 
-def test_the_code_part_of_a_log_runs_on_its_own(logged_run, tmp_path):
-    """The code part alone (no repository on the path) reruns the run: the same code, the same
-    val losses."""
+def computation_flags(args):
+    """The flags of a run without harness.py's (record folders, diagnostics: a code part run alone
+    has none of them)."""
+    fields = {f"--{f.name.replace('_', '-')}": f for f in dataclasses.fields(harness.Hyperparameters)}
+    out, skip_value = [], False
+    for a in args:
+        if skip_value:
+            skip_value = False
+        elif a in fields:
+            skip_value = fields[a].type is not bool
+        elif not (a.startswith("--no-") and "--" + a[5:] in fields):
+            out.append(a)
+    return out
+
+
+def runs_alone(runs, cwd):
+    """Run each (code part, flags) as a script of its own, in its own folder, with nothing of the
+    repository on the path (one process runs them all, each as __main__, as `python x.py` would);
+    returns each one's log: logs/<uuid>.txt in its folder, upstream's form."""
+    driver = ("import os, runpy, sys\n"
+              f"sys.path[:] = [p for p in sys.path if p and p != {ROOT!r}]\n"
+              f"for script, args in {runs!r}:\n"
+              "    os.chdir(os.path.dirname(script))\n"
+              "    sys.argv = [script, *args]\n"
+              "    try:\n"
+              "        runpy.run_path(script, run_name='__main__')\n"
+              "    except SystemExit as e:\n"
+              "        assert e.code == 0, (script, e.code)\n")
+    env = dict(SUBPROCESS_ENV, OMP_NUM_THREADS="1")
+    alone = subprocess.run([sys.executable, "-c", driver], cwd=cwd, capture_output=True, text=True,
+                           timeout=300, env=env)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    return [open(only_log(os.path.join(os.path.dirname(script), "logs"))).read() for script, _ in runs]
+
+
+def test_the_code_part_of_a_log_runs_on_its_own(logged_run, data_dir, tmp_path):
+    """The code part alone (no repository on the path) reruns the run and writes its own log,
+    logs/<uuid>.txt, the code then the output: the same code, the same val losses; for the record
+    and for an ablation (NorMuon on the batched path), whose code part adds the variants' module
+    and nothing of the lineage."""
     log, _, args = logged_run
-    log_a = open(log).read()
-    alone = tmp_path / "alone"
-    alone.mkdir()
-    (alone / "train.py").write_text(log_a.split("\n" + SEPARATOR + "\n", 1)[0] + "\n")
-    second = subprocess.run([sys.executable, "train.py", *args, "--records-dir", str(tmp_path / "b")],
-                            cwd=alone, capture_output=True, text=True, timeout=300, env=SUBPROCESS_ENV)
-    assert second.returncode == 0, second.stderr[-2000:]
-    log_b = open(only_log(glob.glob(str(tmp_path / "b" / "*"))[0])).read()
-    assert log_b.split(SEPARATOR, 1)[0] == log_a.split(SEPARATOR, 1)[0]  # byte-identical code
-    assert val_losses(log_b) == val_losses(log_a) and len(val_losses(log_a)) == 3
+    ablation = ["--preset", "tiny"] + SMALL + ["--data-dir", data_dir, "--seed", "4", "--rule", "normuon",
+                                              "--aurora-batched", "--no-diagnostics"]
+    assert train_gpt.main(ablation + ["--records-dir", str(tmp_path / "ablation")]) == 0
+    logs_a = [open(log).read(), open(only_log(glob.glob(str(tmp_path / "ablation" / "*"))[0])).read()]
+    runs = []
+    for name, text, flags in zip(("record", "ablation"), logs_a, (args, ablation)):
+        (tmp_path / "alone" / name).mkdir(parents=True)
+        (tmp_path / "alone" / name / "train.py").write_text(code_part(text))
+        runs.append((str(tmp_path / "alone" / name / "train.py"), computation_flags(flags)))
+    ablation_code = code_part(logs_a[1])
+    assert "aurora_variants.py (inlined)" in ablation_code and "LINEAGE = None" in ablation_code
+    assert redefined(ablation_code) == ["Hyperparameters"]
+    assert not [m for m in NOT_IN_THE_RECORD["lineage"] + NOT_IN_THE_RECORD["harness"] if m in ablation_code]
+    for log_a, log_b in zip(logs_a, runs_alone(runs, tmp_path)):
+        assert log_b.split(SEPARATOR, 1)[0] == log_a.split(SEPARATOR, 1)[0]  # byte-identical code
+        assert val_losses(log_b) == val_losses(log_a) and len(val_losses(log_a)) == 3
 
 
 def test_a_one_constant_variant_diffs_from_the_baseline_in_one_code_line(logged_run, tmp_path):
     """A speedrunner's change to one constant of train_gpt.py is the one changed line of the code
     part that `tools/records.py diff` shows between the variant's log and the baseline's."""
     log_a, _, args = logged_run
-    code = open(log_a).read().split("\n" + SEPARATOR + "\n", 1)[0] + "\n"
+    code = code_part(open(log_a).read())
     assert code.count("return self.proj(F.relu(self.fc(x)).square())") == 1
     variant = tmp_path / "variant"
     variant.mkdir()
     (variant / "train_gpt.py").write_text(code.replace("return self.proj(F.relu(self.fc(x)).square())",
                                                        "return self.proj(F.relu(self.fc(x)).square() * 0.5)"))
-    other = subprocess.run([sys.executable, "train_gpt.py", *args, "--records-dir", str(tmp_path / "b")],
+    other = subprocess.run([sys.executable, "train_gpt.py", *computation_flags(args)],
                            cwd=variant, capture_output=True, text=True, timeout=300, env=SUBPROCESS_ENV)
     assert other.returncode == 0, other.stderr[-2000:]
-    log_b = only_log(glob.glob(str(tmp_path / "b" / "*"))[0])
+    log_b = only_log(str(variant / "logs"))
     diff = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "records.py"), "diff", log_a, log_b, "--json"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert diff.returncode == 0, diff.stderr[-2000:]
@@ -697,7 +773,7 @@ def test_a_signal_during_the_final_summary_leaves_the_run_complete(monkeypatch):
     ctx = train_gpt.Context(rank=0, world=1, device=torch.device("cpu"), micro=1, accum=1)
     handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     try:
-        h = harness.Harness(tiny_hp(), ctx, harness.Logger(0))
+        h = harness.Harness(tiny_hp(), ctx, train_gpt.Logger(0))
         monkeypatch.setattr(harness, "refresh_summary", lambda *a: os.kill(os.getpid(), signal.SIGTERM))
         h.run_ended()  # no Interrupted: the log gets no `interrupted:` line, the exit status is 0
         assert h.stop.signum == signal.SIGTERM
