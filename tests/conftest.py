@@ -1,5 +1,6 @@
 """Shared test helpers. Test modules import the plain functions with `from conftest import ...`
 (pytest puts tests/ on sys.path); `data_dir` is a fixture available to every test module."""
+import contextlib
 import math
 import os
 import signal
@@ -15,6 +16,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 # Make the repository root importable (train_gpt, aurora, data.*, tools.*) whatever pytest's cwd.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,6 +161,33 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gloo_rank(rank, world, port):
+    """A spawned test process as gloo rank `rank` of `world`. On success it waits for its peers,
+    then exits at once: gloo's teardown (the process group's destructor, or C++ statics at
+    interpreter exit) can abort a rank with "terminate called without an active exception" after
+    its results are written (a barrier before destroy_process_group still let a CI run abort).
+    os._exit skips that teardown; the results are files the rank has already closed. A failure
+    tears down normally and raises, so the spawn reports it."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        yield
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    dist.barrier()
+    exit_now()
+
+
+def exit_now():
+    """End a spawned test process with status 0 without interpreter or C++ teardown (see gloo_rank)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def sigterm_during(monkeypatch, step):

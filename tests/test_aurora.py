@@ -9,14 +9,13 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import aurora
 from aurora import RECORD, apply_uw_floor, aurora_polar, aurora_update, ns_dtype_for, polar, row_leverage
 from aurora_variants import VariantAurora as Aurora, polar_cans12
 from aurora_variants import variant_direction as aurora_direction, variant_orthogonalize as orthogonalize
-from conftest import (GRADIENT_SCALES, cv, free_port, matrix, reference_polar, reference_update, rel_diff,
+from conftest import (GRADIENT_SCALES, cv, free_port, gloo_rank, matrix, reference_polar, reference_update, rel_diff,
                       training_gradient)
 
 DTYPES = [torch.bfloat16, torch.float32]
@@ -558,18 +557,9 @@ def test_batched_momentum_state_is_per_matrix():
 
 
 def _worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:  # both paths in one process group (a spawn costs seconds)
+    with gloo_rank(rank, world, port):  # both paths in one process group (a spawn costs seconds)
         for batched in (False, True):
             torch.save(run_steps(batched), os.path.join(out_dir, f"rank{rank}_{batched}.pt"))
-    finally:
-        # Leave together: a gloo rank still tearing down when its peer exits can abort
-        # ("terminate called without an active exception"; 3 of 100 runs without this barrier,
-        # 0 of 110 with it, on our 2-core machine).
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_match_single_process(tmp_path, one_thread):

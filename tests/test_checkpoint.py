@@ -16,12 +16,11 @@ import time
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import harness
 import train_gpt
-from conftest import free_port, sigterm_during
+from conftest import free_port, gloo_rank, sigterm_during
 from aurora_variants import VariantAurora as Aurora
 from harness import aurora_state_dict, load_aurora_state_dict
 from lineage import LineageAurora
@@ -519,10 +518,7 @@ def test_aurora_state_is_the_same_for_both_paths_and_refuses_a_misfit():
 def _rank(rank, port, out_dir):
     """One of 2 gloo ranks, for each (batched, rule): the state of 3 steps, gathered; then one
     step from a world-1 state. (One process group for all four: spawning costs seconds.)"""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
+    with gloo_rank(rank, 2, port):
         for batched, rule in COMBINATIONS:
             _, opt = stepped(batched, rule, 3)
             gathered = aurora_state_dict(opt)  # collective: every rank gets every matrix's state
@@ -536,9 +532,6 @@ def _rank(rank, port, out_dir):
             opt.step()
             torch.save(dict(gathered=gathered, held=held, weights=[p.detach() for p in params],
                             after=aurora_state_dict(opt)), os.path.join(out_dir, f"rank{rank}_{batched}_{rule}.pt"))
-    finally:
-        dist.barrier()  # leave together (see test_aurora.py)
-        dist.destroy_process_group()
 
 
 def test_aurora_state_with_two_ranks_is_the_one_rank_state(tmp_path):

@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import harness
 import train_gpt
-from conftest import free_port, sigterm_during
+from conftest import exit_now, free_port, sigterm_during
 from data.shards import write_shard
 from train_gpt import GPT, Hyperparameters, build_optimizers
 
@@ -619,6 +619,7 @@ def _rank_with_its_own_generator(rank, runs):
     for port, args in runs:
         os.environ["MASTER_PORT"] = str(port)
         assert train_gpt.main(args) == 0
+    exit_now()  # skip gloo's teardown at exit (see conftest.gloo_rank)
 
 
 def test_two_gloo_ranks_with_different_generators_match_one_process(data_dir, tmp_path):
