@@ -8,9 +8,7 @@ and iterates D until the rows have uniform norm. On square matrices Aurora is ex
 
 The record's rule, top to bottom: `polar`, `aurora_polar`, `aurora_direction` (steps 1-5, what
 the record compiles), `apply_uw_floor` (step 6); `Aurora` holds the momentum and deals the
-matrices to the ranks. Variants are subclasses beside it that change one step (aurora_variants.py:
-NorMuon, cans12, the batched path; lineage.py: the later records' rule), in a log's code part only
-when its run uses them.
+matrices to the ranks. Variants subclass it (aurora_variants.py, lineage.py).
 """
 import torch
 import torch.distributed as dist
@@ -156,13 +154,6 @@ def aurora_update(grad, momentum, weight, hp=RECORD):
     return apply_uw_floor(aurora_direction(grad, momentum, hp), weight, hp["uw_floor"])
 
 
-def row_leverage(O):
-    """Row leverage ||O_i||^2 / (n/m) of O in its tall orientation (1: uniform). Diagnostics."""
-    O = O.float()
-    rows, cols = O.size(-2), O.size(-1)
-    return (O if rows >= cols else O.mT).square().sum(dim=-1) * (max(rows, cols) / min(rows, cols))
-
-
 class NonFiniteUpdate(FloatingPointError):
     """Aurora.check_finite(): the first step whose update was NaN/inf, and its matrices' shapes."""
 
@@ -181,19 +172,15 @@ class Aurora(torch.optim.Optimizer):
     each round, and each round is all-gathered; momentum lives on the owning rank; the look-ahead
     is left in p.grad. compile="auto" compiles steps 1-5 on CUDA, as the record. step() never
     syncs with the device: it notes each matrix's first non-finite step there, and check_finite()
-    (a host sync and a collective) raises naming them. `step_index` counts step() calls.
-
-    A variant subclasses it and changes one step: `orthogonalize` (step 3), `_update` (one
-    matrix's rule), `_step_group` (how matrices are dealt; `owners`), and says what per-matrix
-    state a checkpoint keeps (harness.py's aurora_state_dict: STATE_KEYS and the like).
+    (a host sync and a collective) raises naming them. `step_index` counts step() calls. A variant
+    changes one step: `orthogonalize` (step 3), `_update` (one matrix), `_step_group` (the dealing).
     """
     RULES = ("aurora", "muon")
     orthogonalize = staticmethod(orthogonalize)
-    batched = False
 
     def __init__(self, params, lr, momentum=0.95, nesterov=True, pp_iterations=2, pp_beta=0.5,
                  contra=0.4, uw_floor=0.35, weight_decay=0.0, rule="aurora", aurora_on="nonsquare",
-                 ns_iteration="quintic12", ns_dtype="auto", compile="auto", **extra):
+                 ns_iteration="quintic12", ns_dtype="auto", compile="auto"):
         for ok, what in ((lr > 0, f"lr must be > 0, got {lr}"),
                          (0 < momentum < 1, f"momentum must be in (0, 1), got {momentum}"),
                          (int(pp_iterations) == pp_iterations >= 1,
@@ -212,35 +199,18 @@ class Aurora(torch.optim.Optimizer):
                 raise ValueError(f"Aurora: {name} must be one of {allowed}, got {value!r}")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, pp_iterations=int(pp_iterations),
                         pp_beta=pp_beta, contra=contra, uw_floor=uw_floor, weight_decay=weight_decay,
-                        rule=rule, aurora_on=aurora_on, ns_iteration=ns_iteration, ns_dtype=ns_dtype, **extra)
+                        rule=rule, aurora_on=aurora_on, ns_iteration=ns_iteration, ns_dtype=ns_dtype)
         super().__init__(params, defaults)
         self.compile, self._compiled = compile, None
         self.step_index = 0
         self._step_flags = []  # (finite flags, matrices) of the running step
         self._first_bad = {}   # matrices -> device vector: first non-finite step of each, or -1
-        self._keep, self._kept = False, {}  # what pop_leverage() orthogonalizes, by matrix
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim != 2:
                     raise ValueError(
                         f"Aurora: parameter of shape {tuple(p.shape)} is not a 2-D matrix; "
                         "give biases, gains and embeddings to Adam instead")
-
-    def track_leverage(self, on=True):
-        """Ask for the row leverage of the next step's updates (diagnostics): the step only keeps
-        each look-ahead it orthogonalizes; pop_leverage() does the work, later."""
-        self._keep = on
-
-    @torch.no_grad()
-    def pop_leverage(self):
-        """{matrix: row leverage} of the last tracked step's orthogonalized updates (this rank's
-        matrices), recomputed uncompiled from the kept look-aheads; then forgotten."""
-        kept, self._kept = self._kept, {}
-        return {p: row_leverage(orthogonalize(u, hp) if state is None else orthogonalize(u, hp, state))
-                for p, (orthogonalize, u, hp, state) in kept.items()}
-
-    def _keep_lookahead(self, p, orthogonalize, u, hp, state=None):
-        self._kept[p] = (orthogonalize, u, hp, state)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -257,7 +227,6 @@ class Aurora(torch.optim.Optimizer):
                     raise RuntimeError(f"Aurora: parameter of shape {tuple(p.shape)} has no gradient")
             self._step_group(group, rank, world, distributed)
         self._note_finite()
-        self._keep = False
         self.step_index += 1
         return loss
 
@@ -272,15 +241,7 @@ class Aurora(torch.optim.Optimizer):
     def _apply(self, group, params, grads, momenta, weights, state=None):
         """The rule on one matrix (or a variant's stack of same-shape ones); notes finite flags."""
         hp = {k: group[k] for k in RECORD}
-        if self._keep and state is not None:
-            state_before = state.clone()  # the variant's state as the step's orthogonalize saw it
         U = self._direction(weights.device)(grads, momenta, hp, state, orthogonalize=self.orthogonalize)
-        if self._keep:  # the look-ahead the rule orthogonalized (grads now holds it, as in the record)
-            lookahead = grads if hp["nesterov"] else momenta
-            for j, p in enumerate(params):
-                one = (lambda t: t) if lookahead.ndim == 2 else (lambda t: t[j])
-                self._keep_lookahead(p, self.orthogonalize, one(lookahead), hp,
-                                     None if state is None else one(state_before))
         U = apply_uw_floor(U, weights, group["uw_floor"])  # outside the compiled part, as the record
         self._step_flags.append((torch.isfinite(U).flatten(-2).all(-1).reshape(-1), params))
         if group["weight_decay"]:
@@ -326,11 +287,6 @@ class Aurora(torch.optim.Optimizer):
     def _record_order(params):
         """By shape, largest first (a stable sort: equal shapes keep model order)."""
         return sorted(params, key=lambda p: p.size(), reverse=True)
-
-    def owners(self, group, world):
-        """The rank that updates each matrix of `group` (matrix j of the record's order: j % world)."""
-        owner = {p: j % world for j, p in enumerate(self._record_order(group["params"]))}
-        return [owner[p] for p in group["params"]]
 
     def _note_finite(self):
         """Fold this step's finite flags into each matrix's first non-finite step, on the device

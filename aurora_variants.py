@@ -133,10 +133,8 @@ class VariantAurora(Aurora):
         return stack
 
     def owners(self, group, world):
-        """As Aurora's; the batched path deals each shape's matrices in turn, carrying the offset
-        from shape to shape (as _step_group does)."""
-        if not self.batched:
-            return super().owners(group, world)
+        """The batched path's rank of each matrix of `group` (harness.owners: either path's): each
+        shape's matrices in turn, the offset carried from shape to shape (as _step_group deals)."""
         owner = {p: r for _, same, owners in self._shape_stacks(group["params"], world)
                  for p, r in zip(same, owners)}
         return [owner[p] for p in group["params"]]

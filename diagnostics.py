@@ -13,14 +13,17 @@ An MLP's fc weight is tall, one row per hidden neuron. At every validation step,
               frozen_threshold of the median row movement.
 
 Optional: harness.py makes one `NeuronHealth` per trial and calls `before_step` and `report` at the
-trainer's named points; both return at once when diagnostics are off. Nothing here changes
-training (a log's code part, run alone, has no diagnostics).
+trainer's named points; both return at once when diagnostics are off. The leverage comes from a
+`LeverageProbe`, which wraps the trial's Aurora from outside. Nothing here changes training (a
+log's code part, run alone, has no diagnostics).
 """
 import dataclasses
 import json
 
 import torch
 import torch.distributed as dist
+
+from aurora import RECORD
 
 
 def diag_field(default, help):
@@ -37,26 +40,77 @@ class DiagnosticsHyperparameters:
     frozen_threshold: float = diag_field(0.1, "frozen: moved < this fraction of the median row movement")
 
 
+def row_leverage(O):
+    """Row leverage ||O_i||^2 / (n/m) of O in its tall orientation (1: uniform)."""
+    O = O.float()
+    rows, cols = O.size(-2), O.size(-1)
+    return (O if rows >= cols else O.mT).square().sum(dim=-1) * (max(rows, cols) / min(rows, cols))
+
+
+class LeverageProbe:
+    """The row leverage of an Aurora's (or a variant's) orthogonalized updates, on the steps asked
+    for, from outside the optimizer: it wraps the optimizer's `_apply` (one matrix's rule, or a
+    stack's), which leaves the look-ahead it orthogonalized in its `grads` (Nesterov; else the
+    momentum), and keeps a reference to it; the lineage's per-matrix rule hands it over itself
+    (LineageAurora.probe). Nothing is computed during the step and nothing compiled changes:
+    pop_leverage() recomputes the orthogonalization, eagerly, later. Tracking lasts one step."""
+
+    def __init__(self, aurora):
+        self.aurora, self.tracking, self.kept = aurora, False, {}
+        aurora.register_step_post_hook(lambda *args: setattr(self, "tracking", False))
+        aurora.probe = self
+        apply = aurora._apply
+
+        def probed(group, params, grads, momenta, weights, state=None):
+            if not self.tracking:
+                return apply(group, params, grads, momenta, weights, state)
+            before = None if state is None else state.clone()  # a variant's state, as step 3 sees it
+            apply(group, params, grads, momenta, weights, state)
+            hp = {k: group[k] for k in RECORD}
+            lookahead = grads if hp["nesterov"] else momenta
+            for j, p in enumerate(params):
+                one = (lambda t: t) if lookahead.ndim == 2 else (lambda t: t[j])  # a stack: matrix j
+                self.keep(p, aurora.orthogonalize, one(lookahead), hp, None if state is None else one(before))
+        aurora._apply = probed
+
+    def track_leverage(self):
+        """Keep the look-aheads of the next step (the one whose result a validation reports)."""
+        self.tracking = True
+
+    def keep(self, p, orthogonalize, u, hp, state=None):
+        if self.tracking:
+            self.kept[p] = (orthogonalize, u, hp, state)
+
+    @torch.no_grad()
+    def pop_leverage(self):
+        """{matrix: row leverage} of the last tracked step's orthogonalized updates (this rank's
+        matrices), recomputed uncompiled from the kept look-aheads; then forgotten."""
+        kept, self.kept = self.kept, {}
+        return {p: row_leverage(orthogonalize(u, hp) if state is None else orthogonalize(u, hp, state))
+                for p, (orthogonalize, u, hp, state) in kept.items()}
+
+
 class NeuronHealth:
     """Rank 0 measures (it keeps the initial fc rows and counts activations on `tokens`, its
-    first validation inputs, shape (n, seq_len)); every rank joins the all-reduce of the leverage,
-    which lives on the rank that updated each fc matrix."""
+    first validation inputs, shape (n, seq_len)); every rank joins the all-reduce of the leverage
+    (from `leverage`, the trial's LeverageProbe), which lives on the rank that updated each fc
+    matrix."""
 
-    def __init__(self, model, aurora, tokens, hp, ctx, jsonl=None):
+    def __init__(self, model, leverage, tokens, hp, ctx, jsonl=None):
         self.enabled = hp.diagnostics
         if not self.enabled:
             return
-        self.model, self.aurora, self.hp, self.ctx, self.jsonl = model, aurora, hp, ctx, jsonl
+        self.model, self.leverage, self.hp, self.ctx, self.jsonl = model, leverage, hp, ctx, jsonl
         self.fcs = [block.mlp.fc for block in model.blocks]
         self.tokens = tokens
         self.fc_init = ([fc.weight.detach().float().clone() for fc in self.fcs]
                         if ctx.rank == 0 else None)
 
     def before_step(self, next_step_validates):
-        """Ask the optimizer to keep the look-ahead of the step whose result the next validation
+        """Ask the probe to keep the look-ahead of the step whose result the next validation
         reports (a reference: nothing is computed in the step; report() computes the leverage)."""
         if self.enabled and next_step_validates:
-            self.aurora.track_leverage()
+            self.leverage.track_leverage()
 
     def report(self, trial, step, log):
         """Measure (collective), write one JSON object per layer and one summary line to the log."""
@@ -74,7 +128,7 @@ class NeuronHealth:
     def measure(self):
         """One dict per layer on rank 0 (see the module docstring), None on other ranks."""
         hidden, device = self.fcs[0].weight.size(0), self.fcs[0].weight.device
-        leverage = self.aurora.pop_leverage()
+        leverage = self.leverage.pop_leverage()
         lev = torch.zeros(len(self.fcs), hidden, device=device)
         have = torch.zeros(len(self.fcs), device=device)
         for i, fc in enumerate(self.fcs):

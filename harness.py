@@ -11,10 +11,10 @@ join the trainer's. train_gpt.py calls:
 
     check_hyperparameters(hp, ...)    after parsing the flags (a ValueError: exit status 2)
     check_setup(hp, gpu_presets)      before setup (and --dry-run): the GPU presets need CUDA
-    runnable_source(script, unused)   the log's code part: the trainer with its modules inlined
+    code_part(hp)                     the log's code part: the trainer with its modules inlined
     Harness(hp, ctx, log)             the run's Driver: installs the SIGTERM/SIGINT handler
     harness.check_data(hp)            the shards, before anything is read or written
-    harness.open(hp, code, setup)     before the first trial: opens (or, resuming, reopens) the log
+    harness.open(hp, setup)           before the first trial: opens (or, resuming, reopens) the log
     harness.first_trial               0, or the trial a checkpoint continues
     harness.resumes(trial)            does this trial continue a checkpoint? (then no init)
     harness.trial_started(run)        after a trial is built: diagnostics; restores a checkpoint's
@@ -27,7 +27,7 @@ join the trainer's. train_gpt.py calls:
     harness.stopped(error, run)       a NaN or a signal stopped training: the log says so
     harness.close()                   closes the log: its lock is released
 
-`run` is train_gpt.py's Run (model, optimizers, train_loader, clock, probe, trial, step, the
+`run` is train_gpt.py's Run (model, optimizers, train_loader, clock, trial, step, the
 techniques it uses) and its settle() (log the pending train losses, check the updates): what a
 checkpoint saves and restores. Of its own flags, stop_below (--trials N) is the campaign's
 futility stop (tools/campaign.py).
@@ -61,7 +61,7 @@ import torch.distributed as dist
 from aurora import _collective_device
 from data.shards import (DataError, read_shard_header, read_shard_tokens, shard_set_problems,
                          shards_needed)
-from diagnostics import DiagnosticsHyperparameters, NeuronHealth
+from diagnostics import DiagnosticsHyperparameters, LeverageProbe, NeuronHealth
 
 HARNESS_ROOT = os.path.dirname(os.path.abspath(__file__))
 SEPARATOR = "=" * 100
@@ -391,6 +391,13 @@ def printed(hp):
 
 # A local module's import (one line, or a parenthesized list over several).
 LOCAL_IMPORT = re.compile(r"^from (aurora|aurora_variants|lineage|measure|plugins|soap) import (\([^)]*\)|.*)$", re.M)
+
+
+def code_part(hp=None):
+    """A log's code part: the trainer with the modules the run (default: the record) uses inlined."""
+    import plugins  # (it imports this module)
+    unused = [t.name for t in plugins.TECHNIQUES if t not in plugins.techniques(hp or trainer().Hyperparameters())]
+    return runnable_source(os.path.abspath(trainer().__file__), unused)
 
 
 def runnable_source(script, unused=()):
@@ -869,6 +876,15 @@ def load_checkpoint(path):
 # Aurora's state in a checkpoint: the same whatever the world size or path. A variant says what it
 # keeps (STATE_KEYS, _state_shape, _held_state, _load_held, _check_saved); owners() who holds it.
 
+def owners(aurora, group, world):
+    """The rank that updates each matrix of `group`: matrix j of the record's order goes to rank
+    j % world (Aurora._step_group); the batched path deals its own way (VariantAurora.owners)."""
+    if getattr(aurora, "batched", False):
+        return aurora.owners(group, world)
+    owner = {p: j % world for j, p in enumerate(aurora._record_order(group["params"]))}
+    return [owner[p] for p in group["params"]]
+
+
 @torch.no_grad()
 def state_keys(aurora):
     """What a checkpoint keeps of each matrix: the momentum, and a variant's own (its STATE_KEYS)."""
@@ -942,11 +958,11 @@ def load_aurora_state_dict(aurora, state_dict):
                          f"{[len(g['params']) for g in saved_groups]} matrices, this optimizer "
                          f"{[len(g['params']) for g in aurora.param_groups]}")
     aurora.state.clear()
-    aurora._first_bad, aurora._kept = {}, {}
+    aurora._first_bad = {}
     i = 0
     for group, saved in zip(aurora.param_groups, saved_groups):
         group.update({k: v for k, v in saved.items() if k != "params"})
-        for p, owner in zip(group["params"], aurora.owners(group, world)):
+        for p, owner in zip(group["params"], owners(aurora, group, world)):
             state = state_dict["state"].get(i, {})
             for key, value in state.items():
                 where = f"Aurora.load_state_dict: matrix {i} ({tuple(p.shape)}) has saved"
@@ -1102,13 +1118,15 @@ class Harness:
             read_shard_tokens(f, hp.vocab_size)
         find_shards(hp.data_dir, "val")
 
-    def open(self, hp, code, setup):
+    def open(self, hp, setup):
         """Before the first trial, after the data was checked: with --resume, read and check the
         checkpoint, and reopen its log; else open the record folder and write the log's code part
-        (`code`) and header (`setup`: the trainer's line of what it uses). Nothing is written before
-        every check passed; every rank gets the seed rank 0 drew. Returns hp with that seed."""
+        (code_part) and header (`setup`: the trainer's line of what it uses, then inert_notes).
+        Nothing is written before every check passed; every rank gets the seed rank 0 drew.
+        Returns hp with that seed."""
         ctx, log, train_files = self.ctx, self.log, self.train_files
-        self.code = code
+        code = self.code = code_part(hp)
+        setup = "\n".join([setup] + inert_notes(hp))
         if hp.stop_below is not None and campaign_tools() is None:
             raise ValueError("--stop-below needs the records toolkit (tools/campaign.py) beside "
                              f"{os.path.join(HARNESS_ROOT, 'harness.py')}: run from a checkout")
@@ -1167,7 +1185,8 @@ class Harness:
         EMA-Nesterov state and reference weights). First the diagnostics' probe of the trial."""
         hp, ctx = self.hp, run.ctx
         tokens = run.val[0][:hp.diag_tokens // hp.seq_len * hp.seq_len].view(-1, hp.seq_len) if ctx.rank == 0 else None
-        run.probe = NeuronHealth(run.model, run.optimizers[1], tokens, hp, ctx, self.jsonl)
+        leverage = LeverageProbe(run.optimizers[1]) if hp.diagnostics else None
+        self.health = NeuronHealth(run.model, leverage, tokens, hp, ctx, self.jsonl)
         ckpt, self.resume = self.resume, None  # (the checkpoint's memory goes with the trial)
         if ckpt is None:
             self.start = 0
@@ -1183,8 +1202,8 @@ class Harness:
         clock = ckpt["clock"]
         run.clock.total, run.clock.last_val_time, run.clock.last_val_step = (
             clock["total"], clock["last_val_time"], clock["last_val_step"])
-        if run.probe.enabled and run.ctx.rank == 0:
-            run.probe.fc_init = [t.to(run.ctx.device) for t in ckpt["fc_init"]]
+        if self.health.enabled and run.ctx.rank == 0:
+            self.health.fc_init = [t.to(run.ctx.device) for t in ckpt["fc_init"]]
         for t in run.techniques:
             if hasattr(t, "load_checkpoint_state"):
                 t.load_checkpoint_state(run, ckpt["techniques"][t.name])
@@ -1203,11 +1222,11 @@ class Harness:
                 self.save_checkpoint(run)
             if stop:
                 raise Interrupted(stop)
-        run.probe.before_step(run.validates(step + 1))
+        self.health.before_step(run.validates(step + 1))
 
     def validated(self, run, step):
         """After the validation of `step`: the diagnostics (a collective)."""
-        run.probe.report(run.trial, step, self.log)
+        self.health.report(run.trial, step, self.log)
 
     def trial_ended(self, val_loss):
         """A trial is complete: its final loss, and with --trials N > 1 the campaign's line (rank 0
@@ -1291,7 +1310,7 @@ class Harness:
                          if ctx.device.type == "cuda" else None),
                 clock=dict(total=run.clock.total, last_val_time=run.clock.last_val_time,
                            last_val_step=run.clock.last_val_step),
-                fc_init=run.probe.fc_init if hp.diagnostics else None,
+                fc_init=self.health.fc_init if hp.diagnostics else None,
                 techniques={t.name: t.checkpoint_state(run) for t in run.techniques  # e.g. the lineage's
                             if hasattr(t, "checkpoint_state")},  # EMA-Nesterov, its reference weights
                 # how far the log and the diagnostics file were written: a resumed run redoes the rest

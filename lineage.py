@@ -213,6 +213,7 @@ class LineageAurora(Aurora):
     p.grad then keeps the raw gradient; SOAP's statistics are in a checkpoint with the momentum.
     With all of them off it is the record's Aurora."""
     STATE_KEYS = ("momentum",) + tuple(f"soap_{k}" for k in SoapPreconditioner.STATE)
+    probe = None
 
     def __init__(self, params, lr, norm_estimate="record", contra_fade=0, radial_brake=1.0, radius_pin=False,
                  lineage_rounding="none", soap=None, soap_beta2=0.9, soap_every=10, **kwargs):
@@ -222,7 +223,10 @@ class LineageAurora(Aurora):
                 raise ValueError(f"Aurora: {name} must be one of {allowed}, got {value!r}")
         rule = dict(norm_estimate=norm_estimate, contra_fade=contra_fade, radial_brake=radial_brake,
                     radius_pin=radius_pin, lineage_rounding=lineage_rounding)
-        super().__init__(params, lr, **kwargs, **rule)
+        super().__init__(params, lr, **kwargs)
+        self.defaults.update(rule)  # each group's hyperparameters, after the record's
+        for group in self.param_groups:
+            group.update(rule)
         # SOAP: {matrix: SoapPreconditioner keyword arguments} for the matrices it preconditions
         self.soap, self.soap_beta2, self.soap_every = soap or {}, soap_beta2, soap_every
         self.lineage = uses_lineage_rule({**rule, "soap": self.soap})
@@ -246,8 +250,8 @@ class LineageAurora(Aurora):
             if soap is None:
                 soap = self.state[p]["soap"] = self._soap_for(p)
             u = soap.precondition(u)
-        if self._keep:
-            self._keep_lookahead(p, lineage_orthogonalize, u, hp)
+        if self.probe:  # diagnostics.py's LeverageProbe: the look-ahead this step orthogonalizes
+            self.probe.keep(p, lineage_orthogonalize, u, hp)
         U = lineage_direction(u, hp, self.step_index)
         if hp["radial_brake"] != 1:
             U = radial_brake(U, p, hp["radial_brake"])

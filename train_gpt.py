@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from aurora import Aurora, NonFiniteUpdate, ns_dtype_for
 from measure import Clock, Logger, TrainLosses
-from plugins import TECHNIQUES, call, choice, harness, parse_flags, preset_overrides, techniques, with_plugins
+from plugins import call, choice, harness, parse_flags, preset_overrides, techniques, with_plugins
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SEPARATOR = "=" * 100
@@ -436,21 +436,10 @@ def use_compile(hp, ctx):
 
 
 def setup_line(hp, ctx):
-    """The log header's line of what this process uses (and harness.py's notes of what does nothing)."""
-    return "\n".join([f"micro_batch_seqs_used {ctx.micro}  grad_accum_steps {ctx.accum}  "
-                      f"ns_dtype_used {str(ns_dtype_for(hp.ns_dtype, ctx.device)).removeprefix('torch.')}  "
-                      f"activations {str(activation_dtype(ctx)).removeprefix('torch.')}  "
-                      f"compile_used {use_compile(hp, ctx)}"] + (harness.inert_notes(hp) if harness else []))
-
-
-def runnable_source(hp=None):
-    """A log's code part: this file with the modules the run (default: the record) uses inlined;
-    run alone (a code part itself), this file as it is."""
-    if harness:
-        unused = [t.name for t in TECHNIQUES if t not in techniques(hp or Hyperparameters())]
-        return harness.runnable_source(os.path.abspath(__file__), unused)
-    with open(os.path.abspath(__file__)) as f:
-        return f.read()
+    """The log header's line of what this process uses."""
+    return (f"micro_batch_seqs_used {ctx.micro}  grad_accum_steps {ctx.accum}  "
+            f"ns_dtype_used {str(ns_dtype_for(hp.ns_dtype, ctx.device)).removeprefix('torch.')}  "
+            f"activations {str(activation_dtype(ctx)).removeprefix('torch.')}  compile_used {use_compile(hp, ctx)}")
 
 
 class Driver:
@@ -463,8 +452,9 @@ class Driver:
     def __init__(self, hp, ctx, log):
         self.hp, self.ctx, self.log = hp, ctx, log
 
-    def open(self, hp, code, setup):
-        """Before the first trial: draw the seed (rank 0's for every rank), write the log's head."""
+    def open(self, hp, setup):
+        """Before the first trial: draw the seed (rank 0's for every rank), write the log's head:
+        this file (a log's code part, run alone), the setup line, the hyperparameters."""
         seed = [secrets.randbelow(2 ** 32) if hp.seed is None else hp.seed]
         if self.ctx.world > 1:
             dist.broadcast_object_list(seed, 0)
@@ -472,7 +462,8 @@ class Driver:
         if self.ctx.rank == 0:
             os.makedirs("logs", exist_ok=True)
             self.log.file = open(os.path.join("logs", f"{uuid.uuid4()}.txt"), "x")
-            self.log.file.write(code + SEPARATOR + "\n")
+            with open(os.path.abspath(__file__)) as f:
+                self.log.file.write(f.read() + SEPARATOR + "\n")
             for line in [setup, *(f"{k}: {json.dumps(v)}" for k, v in dataclasses.asdict(hp).items()), SEPARATOR]:
                 self.log(line)
         return hp
@@ -506,8 +497,7 @@ class Run:
     val: tuple                     # this rank's validation (inputs, targets)
     trial: int = 0                 # where training is, for messages and checkpoints
     step: int = 0
-    optimizers: tuple = None       # the running trial's (adam, aurora), diagnostics (the harness's),
-    probe: object = None           # clock and unread train losses
+    optimizers: tuple = None       # the running trial's (adam, aurora), clock and unread train losses
     clock: object = None
     losses: object = None
     driver: object = None          # the Driver: the loop calls it at its named points
@@ -643,7 +633,7 @@ def prepare(hp, ctx, log, driver):
     driver.check_data(hp)
     train_files = find_shards(hp.data_dir, "train")
     val = load_val_tokens(find_shards(hp.data_dir, "val"), hp, ctx)
-    hp = driver.open(hp, runnable_source(hp), setup_line(hp, ctx))
+    hp = driver.open(hp, setup_line(hp, ctx))
     model = build_model(hp, ctx)
     log(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
     compiled = torch.compile(model, dynamic=False) if use_compile(hp, ctx) else model

@@ -12,9 +12,10 @@ import torch
 import torch.multiprocessing as mp
 
 import aurora
-from aurora import RECORD, apply_uw_floor, aurora_polar, aurora_update, ns_dtype_for, polar, row_leverage
+from aurora import RECORD, apply_uw_floor, aurora_polar, aurora_update, ns_dtype_for, polar
 from aurora_variants import VariantAurora as Aurora, polar_cans12
 from aurora_variants import variant_direction as aurora_direction, variant_orthogonalize as orthogonalize
+from diagnostics import LeverageProbe, row_leverage
 from conftest import (GRADIENT_SCALES, cv, free_port, gloo_rank, matrix, reference_polar, reference_update, rel_diff,
                       training_gradient)
 
@@ -364,13 +365,14 @@ def test_track_leverage_reports_the_next_step_only(batched):
     params = three_matrices(seed=3) + three_matrices(seed=4)  # stacks of 2 when batched
     grads = [p.grad.clone() for p in params]
     opt = Aurora(params, lr=0.1, batched=batched)
+    probe = LeverageProbe(opt)
     opt.step()
-    assert opt.pop_leverage() == {}  # not asked for
+    assert probe.pop_leverage() == {}  # not asked for
     for p, g in zip(params, grads):
         p.grad = g.clone()
-    opt.track_leverage()
+    probe.track_leverage()
     opt.step()
-    leverage = opt.pop_leverage()
+    leverage = probe.pop_leverage()
     assert sorted(map(id, leverage)) == sorted(map(id, params))
     hp = hp_for(torch.float32)
     for p, g in zip(params, grads):
@@ -380,9 +382,9 @@ def test_track_leverage_reports_the_next_step_only(batched):
         expected = row_leverage(orthogonalize(lookahead, hp))
         assert leverage[p].shape == (max(p.shape),)  # rows of the tall orientation
         assert_equal(leverage[p], expected)  # measured 0.0, batched (stacks of 2) too
-    assert opt.pop_leverage() == {}  # popped
+    assert probe.pop_leverage() == {}  # popped
     opt.step()
-    assert opt.pop_leverage() == {}  # tracking was for one step
+    assert probe.pop_leverage() == {}  # tracking was for one step
 
 
 # --- argument checks and failure modes ---
@@ -590,15 +592,17 @@ def test_leverage_is_measured_in_the_tall_orientation(shape):
     p = torch.nn.Parameter(torch.zeros(shape))
     p.grad = G.clone()
     opt = Aurora([p], lr=0.1)
-    opt.track_leverage()
+    probe = LeverageProbe(opt)
+    probe.track_leverage()
     opt.step()
-    lev = opt.pop_leverage()[p]
+    lev = probe.pop_leverage()[p]
     assert lev.shape == (max(shape),)
     assert abs(lev.mean().item() - 1) < 1e-5  # orthogonal: the leverage averages 1
     muon = Aurora([torch.nn.Parameter(torch.zeros(shape))], lr=0.1, rule="muon")
     muon.param_groups[0]["params"][0].grad = G.clone()
-    muon.track_leverage()
+    probe = LeverageProbe(muon)
+    probe.track_leverage()
     muon.step()
-    lev_muon = next(iter(muon.pop_leverage().values()))
+    lev_muon = next(iter(probe.pop_leverage().values()))
     # measured: Aurora CV 0.076 after 2 D iterations (both orientations); plain polar > 0.5
     assert cv(lev) < 0.2 and cv(lev_muon) > 0.5, (cv(lev), cv(lev_muon))

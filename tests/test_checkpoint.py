@@ -22,7 +22,7 @@ import harness
 import train_gpt
 from conftest import free_port, gloo_rank, sigterm_during
 from aurora_variants import VariantAurora as Aurora
-from harness import aurora_state_dict, load_aurora_state_dict
+from harness import aurora_state_dict, load_aurora_state_dict, owners
 from lineage import LineageAurora
 from tools import records
 
@@ -350,8 +350,8 @@ def test_another_configuration_or_code_is_refused_and_nothing_is_written(data_di
         err = capsys.readouterr().err
         assert "configuration differs from the checkpoint's in " + message in err, err
         assert "Resume with the flags of the run that wrote it" in err
-    source = train_gpt.runnable_source  # the run's code part (it depends on the run's flags), edited
-    monkeypatch.setattr(train_gpt, "runnable_source", lambda hp: source(hp).replace("init_var: float", "init_var:  float"))
+    source = harness.code_part  # the run's code part (it depends on the run's flags), edited
+    monkeypatch.setattr(harness, "code_part", lambda hp: source(hp).replace("init_var: float", "init_var:  float"))
     assert resume_in_process([], data_dir, tmp_path, ckpt) == 2
     err = capsys.readouterr().err
     assert re.search(r"the code differs .* first at line \d+ of the one-file source: '    init_var: float", err), err
@@ -536,7 +536,7 @@ def _rank(rank, port, out_dir):
 
 def test_aurora_state_with_two_ranks_is_the_one_rank_state(tmp_path):
     """state_dict() gathers each matrix from the rank that updates it; load_state_dict() gives each
-    rank the matrices it updates (owners()): a world-1 state continues on 2 ranks as on 1, on both
+    rank the matrices it updates (harness.owners): a world-1 state continues on 2 ranks as on 1, on both
     paths, for Aurora and NorMuon, and for the lineage's rule with SOAP."""
     torch.set_num_threads(1)
     expected = {}
@@ -553,13 +553,13 @@ def test_aurora_state_with_two_ranks_is_the_one_rank_state(tmp_path):
     mp.spawn(_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for (batched, rule), (params, opt, state, after) in expected.items():
         ranks = [torch.load(tmp_path / f"rank{r}_{batched}_{rule}.pt") for r in range(2)]
-        owners = opt.owners(opt.param_groups[0], 2)
+        owned = owners(opt, opt.param_groups[0], 2)
         for r, got in enumerate(ranks):
             for which, want in (("gathered", state), ("after", after)):
                 assert sorted(got[which]["state"]) == sorted(want["state"])
                 for i, keys in want["state"].items():
                     for key, value in keys.items():
                         assert torch.equal(got[which]["state"][i][key], value), (batched, rule, which, i, key)
-            assert got["held"] == [i for i, o in enumerate(owners) if o == r]  # its share only
+            assert got["held"] == [i for i, o in enumerate(owned) if o == r]  # its share only
             for w, p in zip(got["weights"], params):  # per matrix: the same computation; batched:
                 assert torch.equal(w, p) if not batched else torch.allclose(w, p, rtol=0, atol=1e-6)

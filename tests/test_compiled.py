@@ -11,6 +11,8 @@ import torch
 import aurora
 import train_gpt
 from aurora import Aurora
+from diagnostics import LeverageProbe
+from harness import owners
 from test_distributed import TRAIN_GPT, clean_env, the_log, val_losses
 
 # One block of width 64: a tall, a wide and square matrices (Aurora's three compiled graphs); 2
@@ -43,15 +45,17 @@ RECOMPILE_MARGIN = 3  # room left below Dynamo's limit
 
 def aurora_trial(shapes, steps, device="meta"):
     """A trial of the record's Aurora (per-matrix, compiled) on matrices of `shapes`: `steps` steps,
-    the last one tracking leverage as a diagnostics step does. Returns the optimizer."""
+    the last one tracking leverage as a diagnostics step does. Returns the leverage probe."""
     params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in shapes]
     opt = Aurora(params, lr=0.05, ns_dtype="float32", compile=True)
+    probe = LeverageProbe(opt)
     for step in range(steps):
         for p in params:
             p.grad = torch.randn(p.shape, device=device)
-        opt.track_leverage(step == steps - 1)
+        if step == steps - 1:
+            probe.track_leverage()
         opt.step()
-    return opt
+    return probe
 
 
 @pytest.fixture
@@ -87,15 +91,15 @@ def test_record_shapes_compile_three_graphs_far_below_the_recompile_limit(traced
     assert graphs == 3 and graphs <= limit - RECOMPILE_MARGIN, (graphs, limit)
     # the next trial (a new Aurora): a plain step, then a diagnostics step, then pop_leverage
     # (eager); one matrix of each shape, as every shape hits the same cached graph
-    opt = aurora_trial([(3072, 768), (768, 3072), (768, 768)], steps=2)
-    assert len(opt.pop_leverage()) == 3
+    probe = aurora_trial([(3072, 768), (768, 3072), (768, 768)], steps=2)
+    assert len(probe.pop_leverage()) == 3
     assert counters["stats"]["unique_graphs"] == 3
     # 8 ranks: each rank updates its share (matrix j of the record's order on rank j % 8) and
     # visits the shape classes in world 1's order (tall, wide, square), so it compiles the same
     # 3 graphs, once each.
     params = [torch.nn.Parameter(torch.empty(s, device="meta")) for s in RECORD_SHAPES]
     opt = Aurora(params, lr=0.05)
-    owner = {id(p): r for p, r in zip(params, opt.owners(opt.param_groups[0], 8))}
+    owner = {id(p): r for p, r in zip(params, owners(opt, opt.param_groups[0], 8))}
     order = Aurora._record_order(params)
     for rank in range(8):
         mine = [tuple(p.shape) for p in order if owner[id(p)] == rank]

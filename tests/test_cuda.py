@@ -25,8 +25,9 @@ import torch.multiprocessing as mp
 import aurora
 import train_gpt
 from aurora import RECORD, Aurora, aurora_direction, aurora_polar, polar
+from aurora_variants import VariantAurora
 from conftest import cv, free_port, matrix, reference_update, rel_diff
-from aurora import row_leverage
+from diagnostics import row_leverage
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -58,9 +59,9 @@ def make_params(shapes, device, seed=0, scales=None):
 
 def run_steps(shapes, device, steps=3, lr=0.05, **kwargs):
     """`steps` optimizer steps on `device` with the same CPU-drawn gradients everywhere; returns
-    the weights (on the CPU) and the Aurora instance."""
+    the weights (on the CPU) and the Aurora instance (with batched=..., the variants' Aurora)."""
     params = make_params(shapes, device)
-    opt = Aurora(params, lr=lr, **kwargs)
+    opt = (VariantAurora if "batched" in kwargs else Aurora)(params, lr=lr, **kwargs)
     for step in range(steps):
         gen = torch.Generator().manual_seed(100 + step)
         for p in params:

@@ -11,7 +11,7 @@ import torch
 
 import train_gpt
 from aurora import Aurora
-from diagnostics import NeuronHealth, summary_line
+from diagnostics import LeverageProbe, NeuronHealth, summary_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +25,7 @@ def cv(r):
 
 
 class GivenLeverage:
-    """Stands in for Aurora: hands the probe a fixed leverage once, as pop_leverage() does."""
+    """Stands in for a LeverageProbe: hands a fixed leverage once, as pop_leverage() does."""
 
     def __init__(self, leverage):
         self.leverage, self.tracking = leverage, False
@@ -82,7 +82,8 @@ def test_leverage_is_asked_for_before_the_step_a_validation_reports(rule):
     model = train_gpt.GPT(hp, torch.float32)
     matrices = [b.mlp.fc.weight for b in model.blocks]
     aurora = Aurora(matrices, lr=0.1, rule=rule)
-    health = probe(model, aurora, torch.zeros(16, 128, dtype=torch.long), hp, io.StringIO())
+    leverage = LeverageProbe(aurora)
+    health = probe(model, leverage, torch.zeros(16, 128, dtype=torch.long), hp, io.StringIO())
     gen = torch.Generator().manual_seed(0)
 
     def step(next_step_validates):
@@ -94,7 +95,7 @@ def test_leverage_is_asked_for_before_the_step_a_validation_reports(rule):
         aurora.step()
 
     step(False)
-    assert aurora.pop_leverage() == {}  # not asked for: not kept
+    assert leverage.pop_leverage() == {}  # not asked for: not kept
     step(True)
     rows = health.measure()  # the tracked step's leverage reached the probe
     lev_cv = [r["leverage_cv"] for r in rows]
@@ -194,7 +195,7 @@ def test_a_zero_fc_update_is_not_reported_as_starved(rule):
     model = train_gpt.GPT(hp, torch.float32)
     matrices = [b.mlp.fc.weight for b in model.blocks]
     aurora = Aurora(matrices, lr=0.1, rule=rule)
-    health = probe(model, aurora, torch.zeros(16, 128, dtype=torch.long), hp, io.StringIO())
+    health = probe(model, LeverageProbe(aurora), torch.zeros(16, 128, dtype=torch.long), hp, io.StringIO())
     health.before_step(True)
     for p in matrices:
         p.grad = torch.zeros_like(p)

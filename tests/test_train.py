@@ -344,7 +344,7 @@ def test_a_run_writes_a_one_file_log_and_loss_falls(logged_run):
     log, stdout, _ = logged_run
     text = open(log).read()
     code, header = text.split("\n" + SEPARATOR + "\n", 1)
-    assert code + "\n" == train_gpt.runnable_source()
+    assert code + "\n" == harness.code_part()
     for module in ("aurora.py", "measure.py", "plugins.py"):  # inlined, not imported
         assert f"{module} (inlined)" in code
     assert not re.search(r"^from (aurora|data\.shards|diagnostics|measure|plugins) import", code, re.M)

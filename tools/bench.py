@@ -22,7 +22,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train_gpt  # noqa: E402
-from aurora import Aurora  # noqa: E402
+from aurora_variants import VariantAurora  # noqa: E402
 
 H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA's H100 SXM figure for dense bf16 tensor-core math
 
@@ -65,7 +65,7 @@ def bench_optimizer(hp, device, iters, warmup):
                       for s in shapes]
             for p, g in zip(params, grads):
                 p.grad = g
-            opt = Aurora(params, lr=hp.lr_matrix, rule=rule, batched=batched)
+            opt = VariantAurora(params, lr=hp.lr_matrix, rule=rule, batched=batched)
             results[rule, batched] = timed(opt.step, device, iters, warmup)
             opt.check_finite()
     return shapes, results
