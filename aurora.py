@@ -4,11 +4,9 @@ Muon replaces a matrix's momentum by its polar factor (the nearest orthogonal ma
 matrix (e.g. an MLP's fc weight, one row per hidden neuron) an orthogonal update can still give
 some rows persistently tiny norms ("leverage"), and those neurons die early. Aurora rescales the
 rows by a positive diagonal D before the polar step (polar(D G) is orthogonal for any positive D)
-and iterates D until the rows have uniform norm. On square matrices Aurora is exactly Muon.
-
-The record's rule, top to bottom: `polar`, `aurora_polar`, `aurora_direction` (steps 1-5, what
-the record compiles), `apply_uw_floor` (step 6); `Aurora` holds the momentum and deals the
-matrices to the ranks. Variants subclass it (aurora_variants.py, lineage.py).
+and iterates D until the rows have uniform norm. On square matrices Aurora is exactly Muon. The
+record's rule, top to bottom: `polar`, `aurora_polar`, `aurora_direction` (steps 1-5, compiled),
+`apply_uw_floor` (step 6); `Aurora` holds the momentum and deals the matrices to the ranks.
 """
 import torch
 import torch.distributed as dist
@@ -147,11 +145,6 @@ def apply_uw_floor(U, weight, floor):
     u_fro = frobenius(U.float()).clamp_min(1e-8)
     scale = torch.where(u_fro / p_fro < floor, floor * p_fro / u_fro, torch.ones_like(p_fro))
     return U * scale.to(U.dtype)
-
-
-def aurora_update(grad, momentum, weight, hp=RECORD):
-    """The record's whole per-matrix rule, steps 1-6: U (float32) of W.add_(U, alpha=-lr)."""
-    return apply_uw_floor(aurora_direction(grad, momentum, hp), weight, hp["uw_floor"])
 
 
 class NonFiniteUpdate(FloatingPointError):

@@ -132,13 +132,6 @@ class VariantAurora(Aurora):
             first[key + "_stack"] = stack
         return stack
 
-    def owners(self, group, world):
-        """The batched path's rank of each matrix of `group` (harness.owners: either path's): each
-        shape's matrices in turn, the offset carried from shape to shape (as _step_group deals)."""
-        owner = {p: r for _, same, owners in self._shape_stacks(group["params"], world)
-                 for p, r in zip(same, owners)}
-        return [owner[p] for p in group["params"]]
-
 
 # all_gather_single replaces all_gather_into_tensor in newer torch; same arguments.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

@@ -28,8 +28,7 @@ join the trainer's. train_gpt.py calls:
     harness.close()                   closes the log: its lock is released
 
 `run` is train_gpt.py's Run (model, optimizers, train_loader, clock, trial, step, the
-techniques it uses) and its settle() (log the pending train losses, check the updates): what a
-checkpoint saves and restores. Of its own flags, stop_below (--trials N) is the campaign's
+techniques it uses): what a checkpoint saves and restores. Of its own flags, stop_below (--trials N) is the campaign's
 futility stop (tools/campaign.py).
 """
 
@@ -878,10 +877,12 @@ def load_checkpoint(path):
 
 def owners(aurora, group, world):
     """The rank that updates each matrix of `group`: matrix j of the record's order goes to rank
-    j % world (Aurora._step_group); the batched path deals its own way (VariantAurora.owners)."""
+    j % world (Aurora._step_group); the batched path deals each shape's matrices in turn
+    (VariantAurora._shape_stacks)."""
     if getattr(aurora, "batched", False):
-        return aurora.owners(group, world)
-    owner = {p: j % world for j, p in enumerate(aurora._record_order(group["params"]))}
+        owner = {p: r for _, same, ranks in aurora._shape_stacks(group["params"], world) for p, r in zip(same, ranks)}
+    else:
+        owner = {p: j % world for j, p in enumerate(aurora._record_order(group["params"]))}
     return [owner[p] for p in group["params"]]
 
 
@@ -1222,7 +1223,7 @@ class Harness:
                 self.save_checkpoint(run)
             if stop:
                 raise Interrupted(stop)
-        self.health.before_step(run.validates(step + 1))
+        self.health.before_step(trainer().is_val_step(step + 1, run.hp))
 
     def validated(self, run, step):
         """After the validation of `step`: the diagnostics (a collective)."""
@@ -1296,8 +1297,8 @@ class Harness:
         run.clock.stop()
         started = time.perf_counter()
         adam, aurora = run.optimizers
-        run.settle()  # train losses in the log before the checkpoint (a resumed run does not redo
-        # them), and never a non-finite state saved
+        trainer().log_train_losses(run)  # train losses in the log before the checkpoint (a resumed
+        trainer().check_updates(aurora)  # run does not redo them), and never a non-finite state saved
         aurora_state = aurora_state_dict(aurora)  # collective
         if ctx.rank == 0:
             state = dict(

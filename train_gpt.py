@@ -2,20 +2,12 @@
 
 The default configuration is the published Aurora record (validation loss <= 3.28 in 3175 steps,
 20 trials on 8xH100): the same model, initialization calls, data order, optimizer rule and
-schedule. Read top to bottom, in the record's order: hyperparameters, data, model, optimizers and
-schedule, setup, the training loop with its validation, main.
-
-    torchrun --standalone --nproc_per_node=8 train_gpt.py          # the record (or ./run.sh)
-    python train_gpt.py --preset tiny                              # CPU smoke run on synthetic data
-    torchrun --standalone --nproc_per_node=8 train_gpt.py --preset aurora_2860   # a later record
-    python train_gpt.py --preset aurora_2860+tiny                  # its CPU smoke run
-    python train_gpt.py --help                                     # every hyperparameter as a flag
-
-This file is the run's computation. Techniques beyond the record (plugins.py: aurora_variants.py,
-lineage.py) plug in at the loop's named points; around it, a Driver is called at those points:
-harness.py's when it lies beside this file (record folders, seeds, checkpoints, diagnostics), else
-the plain one below. A run's log is its code part (this file with the modules the run uses
-inlined: a script that runs alone, writing logs/<uuid>.txt as upstream's do), header and output.
+schedule, in the record's order. `torchrun --standalone --nproc_per_node=8 train_gpt.py` runs it
+(./run.sh too); `--preset tiny` is a CPU smoke run, `--preset aurora_2860` a later record, `--help`
+lists every hyperparameter as a flag. This file is the run's computation: techniques beyond the
+record (plugins.py) plug in at the loop's named points, and a Driver runs around it (harness.py's
+when it lies beside this file, else the plain one below). A log's code part is this file with the
+modules the run uses inlined: a script that runs alone, writing logs/<uuid>.txt as upstream's do.
 """
 import contextlib
 import dataclasses
@@ -160,7 +152,6 @@ class TokenLoader:
         self.reset()
 
     def reset(self, shard=0, pos=0):
-        """Start of the data, or (resuming) where a checkpoint left it."""
         self.shard, self.pos = shard, pos
         self.tokens = load_shard(self.files[shard])
 
@@ -503,14 +494,6 @@ class Run:
     driver: object = None          # the Driver: the loop calls it at its named points
     techniques: list = dataclasses.field(default_factory=list)  # those the run uses
 
-    def validates(self, step):
-        return is_val_step(step, self.hp)
-
-    def settle(self):
-        """With the clock stopped: log the train losses not yet read, check Aurora's updates."""
-        log_train_losses(self)
-        check_updates(self.optimizers[1])
-
 
 @torch.no_grad()
 def evaluate(run):
@@ -576,8 +559,8 @@ def check_updates(aurora, before=None):
 
 
 def train_trial(run, trial):
-    """One trial (one seed of a record): seed and re-initialize (or, resuming, the checkpoint's
-    state), then the record's loop: validate (clock paused) on schedule, stop after the last
+    """One trial (one seed of a record): seed and re-initialize (unless the driver restores the
+    trial), then the record's loop: validate (clock paused) on schedule, stop after the last
     validation, else train one step. No host sync while the clock runs."""
     hp, ctx, log, model, driver = run.hp, run.ctx, run.log, run.model, run.driver
     run.trial, run.step = trial, 0
@@ -595,13 +578,14 @@ def train_trial(run, trial):
     call(run.techniques, "trial_started", run)
     clock = run.clock = Clock(ctx)
     run.losses = TrainLosses(ctx.device)
-    start = driver.trial_started(run)  # 0, or the step of the checkpoint it continues
+    start = driver.trial_started(run)  # 0, or the step where the driver restored the trial
     clock.start()
     for step in range(start, hp.train_steps + 1):
         run.step = step
         if is_val_step(step, hp) and not (resumed and step == start):  # that one is in the log
             clock.stop()
-            run.settle()
+            log_train_losses(run)  # with the clock stopped: the losses not yet read, and a host sync
+            check_updates(aurora)  # (and a collective) to check Aurora's updates
             with contextlib.ExitStack() as around:  # e.g. the lineage's reference interpolation
                 for t in run.techniques:
                     if hasattr(t, "validating"):
@@ -623,18 +607,13 @@ def train_trial(run, trial):
     return val_loss
 
 
-def build_model(hp, ctx):
-    """As the record: default init, moved to the device (each trial re-initializes it there)."""
-    return GPT(hp, activation_dtype(ctx)).to(ctx.device)
-
-
 def prepare(hp, ctx, log, driver):
     """The data (checked first by the harness: a bad input leaves no stub log), the log, the model."""
     driver.check_data(hp)
     train_files = find_shards(hp.data_dir, "train")
     val = load_val_tokens(find_shards(hp.data_dir, "val"), hp, ctx)
     hp = driver.open(hp, setup_line(hp, ctx))
-    model = build_model(hp, ctx)
+    model = GPT(hp, activation_dtype(ctx)).to(ctx.device)  # as the record: each trial re-initializes it there
     log(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
     compiled = torch.compile(model, dynamic=False) if use_compile(hp, ctx) else model
     loader = TokenLoader(train_files, hp.batch_tokens, ctx, hp.vocab_size)

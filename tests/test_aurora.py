@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 import aurora
-from aurora import RECORD, apply_uw_floor, aurora_polar, aurora_update, ns_dtype_for, polar
+from aurora import RECORD, apply_uw_floor, aurora_polar, ns_dtype_for, polar
 from aurora_variants import VariantAurora as Aurora, polar_cans12
 from aurora_variants import variant_direction as aurora_direction, variant_orthogonalize as orthogonalize
 from diagnostics import LeverageProbe, row_leverage
@@ -175,6 +175,12 @@ def test_cpu_default_is_float32_newton_schulz_exactly():
 # --- the per-matrix rule against the rule written out (conftest.reference_update) ---
 
 RULES = [dict(rule="aurora"), dict(rule="muon"), dict(rule="aurora", aurora_on="tall")]
+
+
+def aurora_update(grad, momentum, weight, hp=RECORD):
+    """The record's whole per-matrix rule, steps 1-6, as Aurora._apply runs it: U (float32) of
+    W.add_(U, alpha=-lr)."""
+    return apply_uw_floor(aurora.aurora_direction(grad, momentum, hp), weight, hp["uw_floor"])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
