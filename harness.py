@@ -229,6 +229,11 @@ def inert_notes(hp):
                f"{hp.train_steps} steps (off)" for name, value in scaled_off(hp)])
 
 
+def setup_lines(hp, setup):
+    """The header's lines of what this process uses: the trainer's setup line, then inert_notes."""
+    return "\n".join([setup] + inert_notes(hp))
+
+
 def changed_by_flags(hp, given):
     """The fields of `given` (set on the command line) whose value differs from the one the preset
     (or the default) gives this run: a flag that restates it changes nothing (e.g. a record's
@@ -1127,7 +1132,7 @@ class Harness:
         Returns hp with that seed."""
         ctx, log, train_files = self.ctx, self.log, self.train_files
         code = self.code = code_part(hp)
-        setup = "\n".join([setup] + inert_notes(hp))
+        setup = setup_lines(hp, setup)
         if hp.stop_below is not None and campaign_tools() is None:
             raise ValueError("--stop-below needs the records toolkit (tools/campaign.py) beside "
                              f"{os.path.join(HARNESS_ROOT, 'harness.py')}: run from a checkout")

@@ -161,10 +161,11 @@ def test_what_a_preset_set_and_this_run_makes_inert_is_said_in_the_header(capsys
     # a technique a preset switched on whose steps lie beyond the run (no flag of it given)
     never = dataclasses.replace(parse_args(["--preset", "aurora_2860+tiny"])[0], ref_start=500, ref_capture=400)
     ctx = train_gpt.Context(0, 1, torch.device("cpu"), 16, 2)
-    header = train_gpt.setup_line(never, ctx).splitlines()
+    header = harness.setup_lines(never, train_gpt.setup_line(never, ctx)).splitlines()
     assert header[1] == ("no effect in this run: ref_gamma -0.075: its first interpolated validation, "
                          "ref_start 500, is after the last step 200"), header
-    assert train_gpt.setup_line(parse_args(["--preset", "aurora_2860+tiny"])[0], ctx).count("\n") == 0
+    plain = parse_args(["--preset", "aurora_2860+tiny"])[0]
+    assert harness.setup_lines(plain, train_gpt.setup_line(plain, ctx)).count("\n") == 0
 
 
 # --- torchrun's environment --------------------------------------------------------------------------
