@@ -12,7 +12,7 @@ schedule, setup, the training loop with its validation, main.
     python train_gpt.py --help                                     # every hyperparameter as a flag
 
 This file is the run's computation. Techniques beyond the record (plugins.py: aurora_variants.py,
-lineage.py) plug in at the loop's named points; around it, a Driver is called at those points:
+lineage.py, ...) plug in at the loop's named points; around it, a Driver is called at those points:
 harness.py's when it lies beside this file (record folders, seeds, checkpoints, diagnostics), else
 the plain one below. A run's log is its code part (this file with the modules the run uses
 inlined: a script that runs alone, writing logs/<uuid>.txt as upstream's do), header and output.
@@ -332,7 +332,7 @@ class GPT(nn.Module):
 def build_optimizers(model, hp, device):
     matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
     scalars = [p for p in model.parameters() if p.ndim < 2]
-    adam = torch.optim.AdamW(
+    adam = choice(hp, "make_adam", model, hp, device) or torch.optim.AdamW(  # e.g. the frontier's raw Adam
         [dict(params=[model.embed.weight], lr=hp.lr_embed),
          dict(params=[model.proj.weight], lr=hp.lr_head),
          dict(params=scalars, lr=hp.lr_scalar)],
@@ -613,11 +613,11 @@ def train_trial(run, trial):
             clock.stop()
             run.settle()
             with contextlib.ExitStack() as around:  # e.g. the lineage's reference interpolation
-                for t in run.techniques:
-                    if hasattr(t, "validating"):
-                        around.enter_context(t.validating(run, step))
+                for t in [t for t in run.techniques if hasattr(t, "validating")]:
+                    around.enter_context(t.validating(run, step))
                 val_loss = evaluate(run)
-            log(f"step:{step}/{hp.train_steps} val_loss:{val_loss:.5f} {clock.val_fields(step)}")
+            readout = choice(hp, "val_readout", run, step, val_loss, evaluate) or ""  # e.g. val_ema_loss
+            log(f"step:{step}/{hp.train_steps} val_loss:{val_loss:.5f} {readout}{clock.val_fields(step)}")
             if not math.isfinite(val_loss):
                 raise FloatingPointError(f"non-finite val loss ({val_loss}) at step {step}")
             driver.validated(run, step)  # the harness's diagnostics

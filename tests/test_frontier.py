@@ -11,7 +11,7 @@ import torch
 
 import frontier
 import frontier_reference as ref
-from frontier import PRESETS, SoapMuonMatrix, TailEMA, gain_split_signs, raw_adam_step, trust_bounds
+from frontier import FRONTIER_PRESETS as PRESETS, SoapMuonMatrix, TailEMA, gain_split_signs, raw_adam_step, trust_bounds
 from train_gpt import PRESETS as TRAINER_PRESETS, Hyperparameters, is_val_step, lr_at, momentum_at
 
 pytestmark = pytest.mark.usefixtures("one_thread")
