@@ -8,19 +8,25 @@ optimizers train_gpt.py builds for each preset, its init from a seed, the blend 
 in a run, a tiny run of each preset whose log's code part runs alone; checkpoints refused."""
 import dataclasses
 import glob
+import json
 import math
+import os
 import re
+import shlex
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import frontier
 import frontier_reference as ref
+import harness
 import train_gpt
 from frontier import (FRONTIER_PRESETS as PRESETS, FrontierAdam, FrontierAurora, SoapMuonMatrix, TailEMA,
                       gain_split_signs, raw_adam_step, trust_bounds)
 from lineage import LINEAGE
-from test_train import NOT_IN_THE_RECORD, SEPARATOR, code_part, computation_flags, only_log, redefined, runs_alone
+from test_train import NOT_IN_THE_RECORD, ROOT, SEPARATOR, code_part, computation_flags, only_log, redefined, runs_alone
 from train_gpt import (GPT, PRESETS as TRAINER_PRESETS, Hyperparameters, build_optimizers, is_val_step, lr_at,
                        momentum_at, parse_args)
 
@@ -339,6 +345,23 @@ def test_the_trainers_presets_are_aurora_2890_with_the_overrides(name):
         parse_args(["--preset", "aurora_2890+" + name])
 
 
+def test_the_blend_comes_before_a_validation_and_the_flags_are_checked(capsys):
+    """--final-ema-step is a validation step (the blend comes before it); settings that have no
+    place in the frontier's rule, or that cannot act, are refused naming the flag."""
+    hp, _ = parse_args(["--preset", "soap_2720", "--final-ema-step", "2600"])
+    assert is_val_step(2600, hp) and not is_val_step(2601, hp)
+    for flags, named in ((["--contra", "0.4"], "--contra"), (["--no-radius-pin"], "--radius-pin"),
+                         (["--final-ema-start", "2800"], "--final-ema-step"), (["--aux-beta2", "0.9", "1", "0.9"],
+                                                                               "--aux-beta2"),
+                         (["--tail-ema-readout", "0.5"], "--tail-ema-readout"), (["--no-soap-muon"], "--soap")):
+        with pytest.raises(SystemExit):
+            parse_args(["--preset", "soap_2720", *flags])
+        assert f"error: {named} " in capsys.readouterr().err, flags
+    with pytest.raises(SystemExit):  # RowFloor and CWD act within the frontier's rule
+        parse_args(["--preset", "aurora_2890", "--row-floor"])
+    assert "error: --row-floor acts within --soap-muon's rule" in capsys.readouterr().err
+
+
 # --- through the trainer: the init from a seed ---
 
 def test_the_trainers_init_is_the_published_one():
@@ -461,9 +484,6 @@ def test_the_tail_ema_readout_in_a_run(data_dir, tmp_path, monkeypatch):
 
 # --- a tiny run of each preset; its log's code part runs alone ---
 
-FRONTIER_MARKS = ("class FrontierAurora", "class TailEMA", "def raw_adam_step")
-
-
 def test_a_tiny_run_of_each_preset_trains_and_its_code_part_runs_alone(data_dir, tmp_path):
     """4 steps of each preset at tiny sizes (its step counts scaled: the blend of soap_2720 and
     the readout of soap_2690 act at step 4); each log's code part carries frontier.py, lineage.py
@@ -493,10 +513,32 @@ def test_a_tiny_run_of_each_preset_trains_and_its_code_part_runs_alone(data_dir,
     for preset, log_b in zip(logs, runs_alone(runs, tmp_path)):
         assert log_b.split(SEPARATOR, 1)[0] == logs[preset].split(SEPARATOR, 1)[0]
         assert val_lines(log_b) == val_lines(logs[preset]), preset
+    alone_frontier = train_gpt.runnable_source(parse_args(["--preset", "tiny", "--scalar-adam", "raw"])[0])
+    assert "lineage.py (inlined)" in alone_frontier  # frontier.py imports it, even with the lineage unused
     for hp in (Hyperparameters(), parse_args(["--preset", "aurora_2860"])[0]):
         code = train_gpt.runnable_source(hp)
         assert "FRONTIER = None  # frontier.py: not used by this run" in code
-        assert not [m for m in FRONTIER_MARKS if m in code]
+        assert not [m for m in NOT_IN_THE_RECORD["frontier"] if m in code]
+
+
+def test_the_records_tools_reproduce_a_frontier_run(data_dir, tmp_path):
+    """submit's reproduce command for a soap_2690 ablation's record (flags of the frontier and the
+    lineage changed) gives the trainer the run's configuration: every hyperparameter its log lists."""
+    args = ["--preset", "soap_2690+tiny", "--data-dir", data_dir, "--train-steps", "2", *TINY, "--cwd", "0.01",
+            "--tail-ema-tau", "2", "--no-soap-trust-gate", "--ema-nesterov", "0.2"]
+    assert train_gpt.main(args + ["--records-dir", str(tmp_path / "rec"), "--run-name", "ablation"]) == 0
+    folder = glob.glob(str(tmp_path / "rec" / "*_ablation"))[0]
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "records.py"), "submit", folder, "--name",
+                           "ablation", "--out", str(tmp_path / "out"), "--target", "7"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    readme = (tmp_path / "out" / "README.md").read_text()
+    (command,) = [line for line in readme.split("## Reproduce")[1].splitlines() if line.startswith("./run.sh")]
+    hp, _ = parse_args(shlex.split(command)[1:] + ["--data-dir", data_dir])
+    header = harness.header_lines(only_log(folder))
+    for name, value in harness.printed(hp).items():
+        if name not in harness.PER_RUN:  # the seeds, the data's path, the harness's flags: per run
+            assert json.loads(header[name]) == (list(value) if isinstance(value, tuple) else value), name
 
 
 # --- checkpoints: refused ---

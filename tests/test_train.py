@@ -320,7 +320,8 @@ def logged_run(data_dir, tmp_path_factory):
 NOT_IN_THE_RECORD = {"harness": ("def save_checkpoint", "records_lock", "def open_record", "reopen_record",
                                  "class Harness"),
                      "lineage": ("class LineageAurora", "class EMANesterov", "SoapPreconditioner"),
-                     "variants": ("class VariantAurora", "polar_cans12", "NORMUON_BETA2", "_shape_stacks")}
+                     "variants": ("class VariantAurora", "polar_cans12", "NORMUON_BETA2", "_shape_stacks"),
+                     "frontier": ("class FrontierAurora", "class TailEMA", "def raw_adam_step")}
 
 
 def redefined(code):

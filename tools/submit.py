@@ -108,8 +108,15 @@ def reproduce(logs, counted, name):
     if facts["defaults"]:
         base, presets = dict(facts["defaults"]), facts["presets"]
         values = {k: header_value(v) for k, v in hp.items()}
+        known = True  # every part of the preset readable from the code part (else every setting is restated)
         if "preset" in hp:  # the log names its preset: its values are the baseline for flags
-            base.update(presets.get(values["preset"], {}) if isinstance(values["preset"], str) else {})
+            parts = values["preset"].split("+") if isinstance(values["preset"], str) else []
+            known = all(p in presets for p in parts)
+            for part in parts:
+                base.update(presets.get(part, {}))
+            if not known:
+                notes.append(f"preset {values['preset']}: its values are not literals of the code part "
+                             "(a technique's, or scaled to the run): every setting is restated as a flag")
         else:  # an older trainer: the preset whose every value the log shows, if one
             matching = [p for p, entries in presets.items() if entries and all(
                 k in values and same_value(v, values[k]) for k, v in entries.items() if k not in skip)]
@@ -119,7 +126,7 @@ def reproduce(logs, counted, name):
                 base.update(presets[preset])
         unflagged = []
         for k, v in hp.items():
-            if k in skip or k not in base or same_value(base[k], values[k]):
+            if k in skip or k not in base or (known and same_value(base[k], values[k])):
                 continue
             arguments = flag_arguments(k, v, facts)
             if arguments is not None and (facts["generated"] or f'"--{k.replace("_", "-")}"' in code):
