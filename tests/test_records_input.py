@@ -7,12 +7,13 @@ import json
 import math
 import os
 import runpy
+import subprocess
 import threading
 import contextlib
 
 import pytest
 
-from test_records import ROOT, cli, val, write, write_ours
+from test_records import CLI, ROOT, cli, val, write, write_ours
 from tools import check_leaderboard, parents
 from tools.logs import RecordsError, parse_log, read_log
 from tools.summary import summary_of
@@ -347,3 +348,13 @@ def test_records_of_different_tasks_are_never_tested_against_each_other(tmp_path
     assert "significantly" not in readme
     # one task on both sides: the test runs as before
     assert "\npairwise test: A n=3 step 3100" in cli("diff", synthetic, synthetic_record(tmp_path / "syn2")).stdout
+
+
+def test_a_reader_that_stops_early_is_no_error(tmp_path):
+    """`records.py summary DIR | head -1`: the reader stops early; no 'error: Broken pipe', status 0."""
+    record = os.path.dirname(l3(tmp_path / "rec"))
+    proc = subprocess.Popen(CLI + ["summary", record], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            bufsize=0)
+    proc.stdout.close()  # as `head` does once it has its line (here: before the first one)
+    assert proc.wait(timeout=60) == 0
+    assert proc.stderr.read() == b""
