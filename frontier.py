@@ -10,16 +10,21 @@ weights once towards their tail EMA before its last validation; #46 reads the va
 such a blend (leaving the weights as they are), floors the update row by row, and decays
 cautiously after the radius pin. aurora_on puts Aurora's leverage-uniform polar step back.
 
-Nothing here is wired into the trainer yet; tests/test_frontier.py proves each piece against the
-rule written out from the spec (tests/frontier_reference.py), bit for bit.
+A technique module of train_gpt.py (FRONTIER below; plugins.py): the presets soap_2750, soap_2720
+and soap_2690 (aurora_2890's settings with the frontier's), and the modifiers aurora_proj and
+aurora_nonsquare; every technique a flag, off by default. It builds on lineage.py (a log's code
+part carries both, and soap.py, when its run uses the frontier). tests/test_frontier.py proves
+each piece against the rule written out from the spec (tests/frontier_reference.py), bit for bit,
+and the trainer's optimizer, schedules, init and tail EMA for the presets.
 """
 import contextlib
+import dataclasses
 import functools
 
 import torch
 
-from aurora import apply_uw_floor, aurora_polar
-from lineage import pinned_step, polar_schatten4, radial_brake
+from aurora import Aurora, apply_uw_floor, aurora_polar, ns_dtype_for
+from lineage import LINEAGE, LINEAGE_PRESETS, SCALED_STEPS, pinned_step, polar_schatten4, radial_brake, scale_steps
 from soap import SoapPreconditioner, schatten4
 
 # The frontier's rule, as #44's script sets it; row_floor and cwd are #46's, aurora_on the modifiers'.
@@ -71,7 +76,7 @@ def norm_preserving_blend(raw, soap, gate, eps=1e-8):
     return (blended * (schatten4(raw, eps) / schatten4(blended, eps)).to(blended.dtype)).to(raw.dtype)
 
 
-def orthogonalize(u, dtype, rule=RULE):
+def frontier_orthogonalize(u, dtype, rule=RULE):
     """Newton-Schulz with the Schatten-4 input scale (the scripts' "AURORA_K=0 path"), or with
     aurora_on Aurora's leverage-uniform polar step on the wide ("wide_only") or every non-square
     ("nonsquare") matrix, on the look-ahead rounded to the Newton-Schulz dtype as #30 had it. Then
@@ -104,21 +109,22 @@ class SoapMuonMatrix:
     """One hidden matrix's state and step under the frontier's rule. kind: "mlp", "attn",
     "attn_proj" (SOAP_KIND) or "plain" (no SOAP)."""
 
-    def __init__(self, shape, device, kind, soap_every=1, soap_beta2=0.9):
+    def __init__(self, shape, device, kind, soap_every=1, soap_beta2=0.9, **soap_options):
         self.kind = kind
         self.momentum = torch.zeros(shape, dtype=torch.float32, device=device)
         self.soap = None if kind == "plain" else SoapPreconditioner(
-            shape, device, soap_beta2, soap_every, renorm="lerp" if kind == "attn" else "none")
+            shape, device, soap_beta2, soap_every, renorm="lerp" if kind == "attn" else "none", **soap_options)
 
     @torch.no_grad()
     def step(self, weight, grad, lr, mu, step, dtype, rule=RULE):
-        """One optimizer step of `weight` (float32, in place) from its summed gradient."""
+        """One optimizer step of `weight` (float32, in place) from its summed gradient; returns
+        the update U (weight -= lr U before the pin)."""
         self.momentum.lerp_(grad, 1 - mu)
         u = grad.lerp(self.momentum, mu)
         if self.soap is not None:
             z = self.soap.precondition(u)
             u = norm_preserving_blend(u, z, trust_gate(u, z, grad, step, rule)) if self.kind == "attn_proj" else z
-        U = radial_brake(orthogonalize(u, dtype, rule), weight, rule["radial_brake"])
+        U = radial_brake(frontier_orthogonalize(u, dtype, rule), weight, rule["radial_brake"])
         if rule["row_floor"]:
             U = row_floor(U, weight, rule["uw_floor"], rule["row_floor_rho"])
         else:
@@ -129,6 +135,7 @@ class SoapMuonMatrix:
             weight.mul_(1.0 - (lr * rule["cwd"]) * mask)
         if self.soap is not None:
             self.soap.observe(grad)
+        return U
 
 
 @torch.no_grad()
@@ -245,11 +252,11 @@ class TailEMA:
                     p.copy_(s)
 
 
-# --- the proposed presets (not in the trainer yet): overrides on top of aurora_2890 -------------
+# --- the presets: overrides on top of aurora_2890 (spec/soap-frontier.md) ------------------------
 
 # #44's validation steps beyond every 125th: its script's extra set, up to its 2900 trained steps
 VAL_2750 = (*range(2700, 2810, 5), 2810, 2820, 2830, 2840, 2850, 2860, 2870, 2880, 2890, 2895, 2900)
-PRESETS = {
+FRONTIER_PRESETS = {
     "soap_2750": dict(
         train_steps=2900, schedule_steps=2900, momentum_cooldown=200, val_extra=VAL_2750,
         rule="muon", soap_muon=True, soap="all_hidden", soap_every=1, soap_v_blend=1.0, soap_v_floor=0.0,
@@ -257,13 +264,271 @@ PRESETS = {
         lineage_rounding="none", scalar_adam="raw", aux_beta2=(0.99, 0.997, 0.9965),
         gain_split=0.125, gain_split_pairs=6),
 }
-PRESETS["soap_2720"] = dict(PRESETS["soap_2750"], train_steps=2720, momentum_horizon=2900,
+FRONTIER_PRESETS["soap_2720"] = dict(FRONTIER_PRESETS["soap_2750"], train_steps=2720, momentum_horizon=2900,
                             val_extra=(2700, 2705, 2710, 2715, 2720), final_ema_blend=0.6, final_ema_tau=150,
                             final_ema_start=2000, final_ema_step=2720)
-PRESETS["soap_2690"] = dict(PRESETS["soap_2750"], val_extra=tuple(sorted({2690, *VAL_2750})),
+FRONTIER_PRESETS["soap_2690"] = dict(FRONTIER_PRESETS["soap_2750"], val_extra=tuple(sorted({2690, *VAL_2750})),
                             tail_ema_readout=0.6, tail_ema_tau=150, tail_ema_start=2400, tail_ema_stop=2900,
                             row_floor=True, cwd=0.025)
 # The Aurora modifiers (soap_2690+aurora_proj, ...+aurora_nonsquare): #30's placement, iterations
 # and exponent; the record's placement, iterations and exponent.
-PRESETS["aurora_proj"] = dict(rule="aurora", aurora_on="wide_only", pp_iterations=3, pp_beta=0.25)
-PRESETS["aurora_nonsquare"] = dict(rule="aurora", aurora_on="nonsquare", pp_iterations=2, pp_beta=0.5)
+FRONTIER_PRESETS["aurora_proj"] = dict(rule="aurora", aurora_on="wide_only", pp_iterations=3, pp_beta=0.25)
+FRONTIER_PRESETS["aurora_nonsquare"] = dict(rule="aurora", aurora_on="nonsquare", pp_iterations=2, pp_beta=0.5)
+
+
+# --- the technique: its flags, its optimizers, what train_gpt.py calls at its named points -------
+
+
+def frontier_field(default, help, **metadata):
+    return dataclasses.field(default=default, metadata=dict(help=help, **metadata))
+
+
+@dataclasses.dataclass
+class FrontierHyperparameters:
+    """The frontier's hyperparameters, at their off values (the lineage's computation)."""
+    soap_muon: bool = frontier_field(False, "the frontier's matrix rule (#44): momentum, SOAP (--soap), "
+                                            "Newton-Schulz (Aurora with --rule aurora), aspect scale and radial "
+                                            "brake in its dtype, u/w floor, radius pin; no Contra-Muon")
+    soap_trust_gate: bool = frontier_field(False, "attn.proj: move from the raw look-ahead towards SOAP's "
+                                                  "direction by a bounded trust gate (off: all the way, as q, k, v)")
+    trust_floor_end: int = frontier_field(1375, "the trust gate's floor 0.45 until this step, then linearly "
+                                                "to 0 at --trust-fade-end")
+    trust_fade_end: int = frontier_field(1625, "from this step the gate's floor is 0 and its cap 1 (before: 0.85)")
+    row_floor: bool = frontier_field(False, "RowFloor (#46): each update row at least --uw-floor x its weight "
+                                            "row, instead of the whole update")
+    cwd: float = frontier_field(0.0, "Cautious Weight Decay after the radius pin (#46 0.025): W *= 1 - lr*cwd "
+                                     "where the update and W agree in sign")
+    scalar_adam: str = frontier_field("torch", "Adam of biases and gains: torch (AdamW, bias-corrected) or raw "
+                                               "(#44: no bias correction)")
+    aux_beta2: tuple = frontier_field(None, "beta2 of the gains, the biases and the attn.proj biases (#44 0.99 "
+                                            "0.997 0.9965; default: --adam-betas' second)", nargs=3)
+    gain_split_pairs: int = frontier_field(0, "from this block on, the gain split's signs come in antithetic "
+                                              "head-balanced pairs of their own generators (#44: 6; 0: off)")
+    final_ema_blend: float = frontier_field(0.0, "#45: before the validation at --final-ema-step blend the "
+                                                 "weights (not the embedding) this far towards their tail EMA, "
+                                                 "for good (0: off)")
+    final_ema_tau: float = frontier_field(150.0, "that EMA's time constant in steps (ema.lerp_(w, 1/tau))")
+    final_ema_start: int = frontier_field(2000, "that EMA starts as a copy of the weights after this many steps")
+    final_ema_step: int = frontier_field(None, "the validation step the blend comes before (default train_steps)")
+    tail_ema_readout: float = frontier_field(0.0, "#46: at every validation also log val_ema_loss, the loss at "
+                                                  "(1 - x) w + x EMA, the weights left as they are (0: off)")
+    tail_ema_tau: float = frontier_field(150.0, "the readout's EMA time constant in steps")
+    tail_ema_start: int = frontier_field(2400, "the readout's EMA (float32) starts after this many steps")
+    tail_ema_stop: int = frontier_field(None, "and stops updating from this many steps (default: never)")
+
+
+# The presets as the trainer takes them (aurora_2890's settings, then the frontier's), and the
+# frontier's step counts that scale with the run's length (as the lineage's SCALED_STEPS do).
+SOAP_PRESETS = {name: dict(LINEAGE_PRESETS["aurora_2890"], **FRONTIER_PRESETS[name])
+                for name in ("soap_2750", "soap_2720", "soap_2690")}
+FRONTIER_SCALED = ("trust_floor_end", "trust_fade_end", "final_ema_start", "final_ema_step", "tail_ema_start",
+                   "tail_ema_stop")
+# Where SOAP runs with --soap, by the matrix's place in its block.
+SOAP_ON = dict(none=(), mlp_v=("mlp.fc", "mlp.proj", "attn.v"), all_hidden=tuple(SOAP_KIND))
+
+
+class FrontierAurora(Aurora):
+    """The block matrices under the frontier's rule (SoapMuonMatrix), dealt to the ranks as Aurora
+    deals them; `matrices`: {matrix: (kind, SOAP options)}, `matrix_rule`: RULE's settings. p.grad keeps the raw gradient."""
+
+    def __init__(self, params, lr, matrices, matrix_rule, soap_every, soap_beta2, **options):
+        super().__init__(params, lr, **options)
+        self.matrices, self.matrix_rule = matrices, matrix_rule
+        self.soap_every, self.soap_beta2 = soap_every, soap_beta2
+
+    def _update(self, group, p):
+        state = self.state[p]
+        if "matrix" not in state:
+            kind, options = self.matrices[p]
+            state["matrix"] = SoapMuonMatrix(p.shape, p.device, kind, self.soap_every, self.soap_beta2, **options)
+        U = state["matrix"].step(p, p.grad, group["lr"], group["momentum"], self.step_index,
+                                 ns_dtype_for(group["ns_dtype"], p.device), self.matrix_rule)
+        self._step_flags.append((torch.isfinite(U).all().reshape(1), [p]))
+
+
+class FrontierAdam(torch.optim.Optimizer):
+    """Adam of a frontier run: torch's AdamW (fused where torch has it) for the embedding and the
+    head, and for the biases and gains in groups by beta2 either the same (torch) or #44's Adam
+    without bias correction (raw); groups: embedding, head, then the scalars'."""
+
+    def __init__(self, groups, betas, eps, raw, fused):
+        super().__init__(groups, dict(betas=betas, eps=eps, weight_decay=0.0))
+        self.torch_adam = torch.optim.AdamW(self.param_groups[:2] if raw else self.param_groups, fused=fused)
+        self.raw_groups = self.param_groups[2:] if raw else []
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.torch_adam.step()
+        for group in self.raw_groups:
+            for p in group["params"]:
+                raw_adam_step(p, p.grad, self.state[p], group["lr"], group["betas"], group["eps"])
+
+
+class Frontier:
+    """The frontier as a technique of train_gpt.py (see plugins.py). It comes before the lineage
+    in TECHNIQUES: its init, optimizers and validation steps take precedence, and the lineage's
+    (PowerCool, the momentum schedule, EMA-Nesterov) do the rest. The running trial's tail EMA is
+    `run.tail_ema`. Checkpoints are refused (check)."""
+    name = "frontier.py"
+    Hyperparameters = FrontierHyperparameters
+    PRESETS = {**SOAP_PRESETS, "aurora_proj": FRONTIER_PRESETS["aurora_proj"],
+               "aurora_nonsquare": FRONTIER_PRESETS["aurora_nonsquare"]}
+    GPU_PRESETS = tuple(SOAP_PRESETS)
+    CHOICES = dict(soap=("all_hidden",), scalar_adam=("torch", "raw"))
+    OFF = {f.name: f.default for f in dataclasses.fields(FrontierHyperparameters)}
+
+    def used(self, hp):
+        return hp.soap == "all_hidden" or any(getattr(hp, k, v) != v for k, v in self.OFF.items())
+
+    @staticmethod
+    def preset_overrides(parts, merged, flags, train_steps):
+        """Scale a soap preset's step counts (the lineage's and the frontier's) to the run's length."""
+        soap = [p for p in parts if p in SOAP_PRESETS]
+        if soap and any(p in LINEAGE_PRESETS for p in parts):
+            raise ValueError(f"--preset: {soap[0]} holds aurora_2890's settings already: combine it with tiny, "
+                             "small, aurora_proj or aurora_nonsquare, not with a lineage preset")
+        return scale_steps(parts, merged, flags, train_steps, SOAP_PRESETS, SCALED_STEPS + FRONTIER_SCALED)
+
+    @staticmethod
+    def check(hp, bad):
+        """What the frontier's settings need, and what they do not combine with (yet); their ranges
+        are harness.py's RANGES."""
+        for name in ("save_every", "resume"):
+            if getattr(hp, name, None):
+                bad(name, "is not offered with the frontier's techniques yet: a checkpoint would not hold "
+                          "their state (SOAP-Muon matrices, raw Adam, tail EMA); run without it")
+        if hp.soap == "all_hidden" and not hp.soap_muon:
+            bad("soap", "all_hidden runs with --soap-muon (the frontier's rule)")
+        for name in ("soap_trust_gate", "row_floor", "cwd"):
+            if getattr(hp, name) and not hp.soap_muon:
+                bad(name, "acts within --soap-muon's rule: add --soap-muon")
+        if hp.soap_trust_gate and hp.soap != "all_hidden":
+            bad("soap_trust_gate", "gates SOAP on attn.proj: needs --soap all_hidden")
+        if hp.soap_trust_gate and hp.trust_floor_end > hp.trust_fade_end:
+            bad("trust_floor_end", f"must be <= --trust-fade-end ({hp.trust_fade_end})")
+        if hp.soap_muon:  # the settings its rule has no place for
+            fixed = dict(contra=0.0, norm_estimate="schatten4", lineage_rounding="none", radius_pin=True,
+                         nesterov=True, weight_decay=0.0, aurora_batched=False, ns_iteration="quintic12")
+            for name, value in fixed.items():
+                if getattr(hp, name) != value:
+                    bad(name, f"must be {value!r} with --soap-muon (its rule has it so: spec/soap-frontier.md)")
+            if hp.rule == "aurora" and hp.aurora_on not in ("wide_only", "nonsquare"):
+                bad("aurora_on", "must be wide_only or nonsquare with --soap-muon --rule aurora")
+        if hp.gain_split_pairs and not hp.gain_split:
+            bad("gain_split_pairs", "pairs the gain split's signs: needs --gain-split > 0")
+        if hp.final_ema_blend and hp.tail_ema_readout:
+            bad("tail_ema_readout", "and --final-ema-blend each keep a tail EMA of their own: use one")
+        step = hp.final_ema_step or hp.train_steps
+        if hp.final_ema_blend and not hp.final_ema_start <= step <= hp.train_steps:
+            bad("final_ema_step", f"must be at or after --final-ema-start ({hp.final_ema_start}) and at most "
+                                  f"--train-steps ({hp.train_steps})")
+        if hp.tail_ema_readout and hp.tail_ema_stop is not None and hp.tail_ema_stop < hp.tail_ema_start:
+            bad("tail_ema_stop", f"must be at or after --tail-ema-start ({hp.tail_ema_start})")
+
+    @staticmethod
+    @torch.no_grad()
+    def init_weights(model, hp):
+        """The lineage's init, then the gain split with antithetic pairs from block gain_split_pairs
+        on, each pair's generator seeded from the trial's seed (the default generator's)."""
+        if not hp.gain_split_pairs:
+            return None
+        LINEAGE.init_weights(model, dataclasses.replace(hp, gain_split=0.0))
+        gains = model.blocks[0].norm1.gains
+        signs = gain_split_signs(len(model.blocks), gains.numel(), hp.head_dim, torch.initial_seed(),
+                                 gains.device, hp.gain_split_pairs)
+        for block, s in zip(model.blocks, signs):
+            block.norm1.gains.copy_(1.0 - hp.gain_split * s)
+            block.norm2.gains.copy_(1.0 + hp.gain_split * s)
+        return True
+
+    @staticmethod
+    def make_adam(model, hp, device):
+        """FrontierAdam with raw Adam or the aux betas (else None: the trainer's AdamW)."""
+        if hp.scalar_adam == "torch" and hp.aux_beta2 is None:
+            return None
+        beta1, beta2 = hp.adam_betas
+        scalars = [(name, p) for name, p in model.named_parameters() if p.ndim < 2]
+        gains = [p for name, p in scalars if name.endswith("gains")]
+        proj_biases = [p for name, p in scalars if name.endswith("attn.proj.bias")]
+        biases = [p for name, p in scalars if not name.endswith(("gains", "attn.proj.bias"))]
+        groups = [dict(params=[model.embed.weight], lr=hp.lr_embed), dict(params=[model.proj.weight], lr=hp.lr_head)]
+        for params, b2 in zip((gains, biases, proj_biases), hp.aux_beta2 or (beta2,) * 3):
+            if params:
+                groups.append(dict(params=params, lr=hp.lr_scalar, betas=(beta1, b2)))
+        return FrontierAdam(groups, hp.adam_betas, hp.adam_eps, hp.scalar_adam == "raw",
+                            fused=device.type in ("cuda", "cpu"))
+
+    @staticmethod
+    def make_aurora(matrices, hp, model, options):
+        """FrontierAurora with --soap-muon (else None: the lineage's or the trainer's choice)."""
+        if not hp.soap_muon:
+            return None
+        names = {p: name for name, p in model.named_parameters()}
+        kinds = {}
+        for p in matrices:
+            place = ".".join(names[p].split(".")[2:4])  # blocks.3.attn.q.weight -> attn.q
+            kind = SOAP_KIND[place] if place in SOAP_ON[hp.soap] else "plain"
+            kind = "attn" if kind == "attn_proj" and not hp.soap_trust_gate else kind
+            v = place == "attn.v" and kind != "plain"
+            kinds[p] = kind, (dict(blend=hp.soap_v_blend, floor=hp.soap_v_floor) if v else {})
+        rule = dict(RULE, radial_brake=hp.radial_brake, uw_floor=hp.uw_floor, row_floor=hp.row_floor, cwd=hp.cwd,
+                    aurora_on="off" if hp.rule == "muon" else hp.aurora_on, pp_iterations=hp.pp_iterations,
+                    pp_beta=hp.pp_beta, trust_floor_end=hp.trust_floor_end, trust_fade_end=hp.trust_fade_end)
+        return FrontierAurora(matrices, matrices=kinds, matrix_rule=rule, soap_every=hp.soap_every,
+                              soap_beta2=hp.soap_beta2, **options)
+
+    @staticmethod
+    def optimizers_built(adam, aurora, hp):
+        """PowerCool's c of FrontierAdam's groups: the scalars' for every scalar group (the lineage
+        keeps what is set here)."""
+        if hp.lr_schedule == "power" and isinstance(adam, FrontierAdam):
+            for i, group in enumerate(adam.param_groups):
+                group["power_c"] = hp.power_c[min(i, 2)]
+            for group in aurora.param_groups:
+                group["power_c"] = hp.power_c[3]
+
+    @staticmethod
+    def is_val_step(step, hp):
+        return True if hp.final_ema_blend and step == (hp.final_ema_step or hp.train_steps) else None
+
+    @staticmethod
+    def trial_started(run):
+        hp, model = run.hp, run.model
+        params = [None if p is model.embed.weight else p for p in model.parameters()]
+        run.tail_ema = (TailEMA(params, hp.final_ema_tau, hp.final_ema_start, form="lerp") if hp.final_ema_blend
+                        else TailEMA(params, hp.tail_ema_tau, hp.tail_ema_start, hp.tail_ema_stop, form="add")
+                        if hp.tail_ema_readout else None)
+
+    @staticmethod
+    def after_step(run, step):
+        ema = run.tail_ema
+        if ema is not None:
+            fresh = ema.ema is None
+            ema.after_step(step + 1)
+            if fresh and ema.ema is not None:
+                run.log(f"tail_ema initialized step:{step + 1} tau:{ema.tau:g}")
+
+    @staticmethod
+    @contextlib.contextmanager
+    def validating(run, step):
+        """#45: the blend, for good, before the validation at final_ema_step."""
+        hp = run.hp
+        if hp.final_ema_blend and step == (hp.final_ema_step or hp.train_steps):
+            run.tail_ema.blend_into(hp.final_ema_blend)
+            run.log(f"tail_ema applied step:{step} tau:{hp.final_ema_tau:g} lambda:{hp.final_ema_blend:g}")
+        yield
+
+    @staticmethod
+    def val_readout(run, step, val_loss, evaluate):
+        """#46: `val_ema_loss:L ` for the validation line, L the loss at the tail EMA's blend (the
+        weights put back exactly after), or val_loss while there is no EMA yet."""
+        if not run.hp.tail_ema_readout:
+            return None
+        loss = val_loss
+        if run.tail_ema.ema is not None:
+            with run.tail_ema.readout(run.hp.tail_ema_readout, list(run.model.parameters())):
+                loss = evaluate(run)
+        return f"val_ema_loss:{loss:.5f} "
+
+
+FRONTIER = Frontier()

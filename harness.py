@@ -131,6 +131,11 @@ RANGES = dict(
     uw_floor="[0, inf)", weight_decay="[0, inf)", soap_beta2="[0, 1)", soap_v_blend="(0, 1]",
     soap_v_floor="[0, inf)", radial_brake="[0, inf)", ema_nesterov="[0, inf)", ema_nesterov_beta="[0, 1)",
     ref_gamma="(-inf, inf)",
+    # the frontier's (frontier.py): step counts, decay, betas, EMA blends and time constants
+    trust_floor_end="[0, inf)", trust_fade_end="[0, inf)", gain_split_pairs="[0, inf)", final_ema_start="[0, inf)",
+    final_ema_step="[1, inf)", tail_ema_start="[0, inf)", tail_ema_stop="[1, inf)", cwd="[0, inf)",
+    aux_beta2="[0, 1)", final_ema_blend="[0, 1]", tail_ema_readout="[0, 1]", final_ema_tau="[1, inf)",
+    tail_ema_tau="[1, inf)",
     # diagnostics and the summary
     dead_threshold="[0, 1]", starved_threshold="[0, inf)", frozen_threshold="[0, inf)",
     val_loss_target="(0, inf)", stop_below="(0, 1)")
@@ -394,7 +399,30 @@ def printed(hp):
 # --- the code part of a log -------------------------------------------------------------------
 
 # A local module's import (one line, or a parenthesized list over several).
-LOCAL_IMPORT = re.compile(r"^from (aurora|aurora_variants|lineage|measure|plugins|soap) import (\([^)]*\)|.*)$", re.M)
+LOCAL_IMPORT = re.compile(r"^from (aurora|aurora_variants|frontier|lineage|measure|plugins|soap) import (\([^)]*\)|.*)$",
+                          re.M)
+
+
+def local_imports(root, name):
+    """The local modules module `name` imports."""
+    with open(os.path.join(root, name)) as f:
+        return {m.group(1) + ".py" for m in LOCAL_IMPORT.finditer(f.read())}
+
+
+def needed_modules(root, script, unused):
+    """The modules of `unused` that a module the code part inlines imports itself (frontier.py the
+    lineage's): they are inlined too. (plugins.py, which imports every technique, does not count.)"""
+    unused, needed = set(unused), set()
+    while True:
+        inlined, todo = set(), [os.path.basename(script)]
+        while todo:
+            for name in local_imports(root, todo.pop()) - unused - inlined:
+                inlined.add(name)
+                todo.append(name)
+        wanted = {m for name in inlined - {"plugins.py"} for m in local_imports(root, name)} & unused
+        if not wanted:
+            return needed
+        unused, needed = unused - wanted, needed | wanted
 
 
 def code_part(hp=None):
@@ -413,6 +441,7 @@ def runnable_source(script, unused=()):
     with open(script) as f:
         source = f.read()
     root, done = os.path.dirname(script), set()
+    unused = set(unused) - needed_modules(root, script, unused)  # e.g. the lineage, which frontier.py needs
 
     def inline(match):
         name = match.group(1).replace(".", "/") + ".py"

@@ -417,6 +417,23 @@ def reference_interpolation(run, step):
                 p.sub_(d)
 
 
+def scale_steps(parts, merged, flags, train_steps, presets, scaled):
+    """Scale the `scaled` step counts of the last of `parts` in `presets` (and PowerCool's c) to the
+    run's length."""
+    stated = next((presets[p]["train_steps"] for p in reversed(parts) if p in presets), None)
+    steps = flags.get("train_steps", merged.get("train_steps", train_steps))
+    if stated and steps != stated:
+        r = steps / stated
+        for k in scaled:
+            if k in merged:
+                merged[k] = (tuple(sorted({round(v * r) for v in merged[k]})) if isinstance(merged[k], tuple)
+                             else round(merged[k] * r))  # steps that round to one step count once
+        if "power_c" not in flags:  # c (H - s)^p keeps its shape when H - s scales by r
+            power = flags.get("lr_power", merged.get("lr_power", LineageHyperparameters.lr_power))
+            merged["power_c"] = tuple(c / r ** power for c in merged.get("power_c", LineageHyperparameters.power_c))
+    return merged
+
+
 # --- the technique: what train_gpt.py calls at its named points -------------------------------------
 
 class Lineage:
@@ -437,19 +454,7 @@ class Lineage:
 
     @staticmethod
     def preset_overrides(parts, merged, flags, train_steps):
-        """Scale a lineage preset's SCALED_STEPS (and PowerCool's c) to the run's length."""
-        stated = next((LINEAGE_PRESETS[p]["train_steps"] for p in reversed(parts) if p in LINEAGE_PRESETS), None)
-        steps = flags.get("train_steps", merged.get("train_steps", train_steps))
-        if stated and steps != stated:
-            r = steps / stated
-            for k in SCALED_STEPS:
-                if k in merged:
-                    merged[k] = (tuple(sorted({round(v * r) for v in merged[k]})) if isinstance(merged[k], tuple)
-                                 else round(merged[k] * r))  # steps that round to one step count once
-            if "power_c" not in flags:  # c (H - s)^p keeps its shape when H - s scales by r
-                power = flags.get("lr_power", merged.get("lr_power", LineageHyperparameters.lr_power))
-                merged["power_c"] = tuple(c / r ** power for c in merged.get("power_c", LineageHyperparameters.power_c))
-        return merged
+        return scale_steps(parts, merged, flags, train_steps, LINEAGE_PRESETS, SCALED_STEPS)
 
     @staticmethod
     def check(hp, bad):
@@ -506,7 +511,7 @@ class Lineage:
     def optimizers_built(adam, aurora, hp):
         if hp.lr_schedule == "power":
             for group, c in zip(adam.param_groups + aurora.param_groups, hp.power_c):
-                group["power_c"] = c
+                group.setdefault("power_c", c)  # (a technique before this one may have set it)
 
     @staticmethod
     def lr_at(step, group, hp):

@@ -1,14 +1,14 @@
 """What plugs into train_gpt.py: technique modules beyond the record, harness.py, and the command
 line built from their hyperparameters.
 
-A technique (aurora_variants.py, lineage.py; a next one the same way) defines one object with
-`name` (its file), `used(hp)`, and any of: Hyperparameters (a dataclass: its fields become flags),
-PRESETS, GPU_PRESETS, CHOICES, preset_overrides, check, and train_gpt.py's named points (setup,
-model_built, init_weights, make_aurora, optimizers_built, lr_at, momentum_at, is_val_step,
-trial_started, before_step, after_step, validating, checkpoint_state, load_checkpoint_state; one
-that returns a value returns None to leave the record's). A log's code part inlines only the
-technique modules its run uses (the others' imports become `NAME = None`); harness.py, which
-drives the run from outside, never.
+A technique (aurora_variants.py, lineage.py, frontier.py) defines one object with `name` (its
+file), `used(hp)`, and any of: Hyperparameters (a dataclass: its fields become flags), PRESETS,
+GPU_PRESETS, CHOICES, preset_overrides, check, and train_gpt.py's named points (setup, model_built,
+init_weights, make_adam, make_aurora, optimizers_built, lr_at, momentum_at, is_val_step,
+trial_started, before_step, after_step, validating, val_readout, checkpoint_state,
+load_checkpoint_state; one that returns a value returns None to leave the record's). A log's code
+part inlines only the technique modules its run uses and what they import (the others' imports
+become `NAME = None`); harness.py, which drives the run from outside, never.
 """
 import argparse
 import dataclasses
@@ -17,9 +17,10 @@ import os
 import sys
 
 from aurora_variants import VARIANTS  # a technique (inlined in a code part only when used)
+from frontier import FRONTIER  # a technique (inlined in a code part only when used)
 from lineage import LINEAGE  # a technique (inlined in a code part only when used)
 
-TECHNIQUES = [t for t in (VARIANTS, LINEAGE) if t]
+TECHNIQUES = [t for t in (VARIANTS, FRONTIER, LINEAGE) if t]  # a technique's choices before those it builds on
 harness = (importlib.import_module("harness")
            if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), "harness.py")) else None)
 
@@ -75,10 +76,9 @@ def parse_flags(cls, presets, choices, argv=None):
         kw = dict(default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default {f.default})")
         if f.type is bool:
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif f.type is tuple and not f.default:  # a list of steps
-            ap.add_argument(flag, type=int, nargs="*", **kw)
-        elif f.type is tuple:
-            ap.add_argument(flag, type=float, nargs=len(f.default), **kw)
+        elif f.type is tuple:  # a list of steps, or a fixed number of floats
+            ap.add_argument(flag, type=float if f.default or "nargs" in f.metadata else int,
+                            nargs=f.metadata.get("nargs", len(f.default or ()) or "*"), **kw)
         else:
             ap.add_argument(flag, type=f.type, choices=choices.get(f.name), **kw)
     for arg in (sys.argv[1:] if argv is None else argv) if harness else ():

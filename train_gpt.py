@@ -5,9 +5,10 @@ The default configuration is the published Aurora record (validation loss <= 3.2
 schedule, in the record's order. `torchrun --standalone --nproc_per_node=8 train_gpt.py` runs it
 (./run.sh too); `--preset tiny` is a CPU smoke run, `--preset aurora_2860` a later record, `--help`
 lists every hyperparameter as a flag. This file is the run's computation: techniques beyond the
-record (plugins.py) plug in at the loop's named points, and a Driver runs around it (harness.py's
-when it lies beside this file, else the plain one below). A log's code part is this file with the
-modules the run uses inlined: a script that runs alone, writing logs/<uuid>.txt as upstream's do.
+record (plugins.py: aurora_variants.py, lineage.py, frontier.py) plug in at the loop's named
+points, and a Driver runs around it (harness.py's when it lies beside this file, else the plain
+one below). A log's code part is this file with the modules the run uses inlined: a script that
+runs alone, writing logs/<uuid>.txt as upstream's do.
 """
 import contextlib
 import dataclasses
@@ -31,6 +32,7 @@ from plugins import call, choice, harness, parse_flags, preset_overrides, techni
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SEPARATOR = "=" * 100
+runnable_source = harness.code_part if harness else None  # (hp) -> a log's code part (harness.py's)
 
 # =================================================================================================
 # Hyperparameters: the record's. Every field is a flag (--train-steps 100); presets override them.
@@ -323,7 +325,7 @@ class GPT(nn.Module):
 def build_optimizers(model, hp, device):
     matrices = [p for p in model.blocks.parameters() if p.ndim == 2]
     scalars = [p for p in model.parameters() if p.ndim < 2]
-    adam = torch.optim.AdamW(
+    adam = choice(hp, "make_adam", model, hp, device) or torch.optim.AdamW(  # e.g. the frontier's raw Adam
         [dict(params=[model.embed.weight], lr=hp.lr_embed),
          dict(params=[model.proj.weight], lr=hp.lr_head),
          dict(params=scalars, lr=hp.lr_scalar)],
@@ -587,11 +589,11 @@ def train_trial(run, trial):
             log_train_losses(run)  # with the clock stopped: the losses not yet read, and a host sync
             check_updates(aurora)  # (and a collective) to check Aurora's updates
             with contextlib.ExitStack() as around:  # e.g. the lineage's reference interpolation
-                for t in run.techniques:
-                    if hasattr(t, "validating"):
-                        around.enter_context(t.validating(run, step))
+                for t in [t for t in run.techniques if hasattr(t, "validating")]:
+                    around.enter_context(t.validating(run, step))
                 val_loss = evaluate(run)
-            log(f"step:{step}/{hp.train_steps} val_loss:{val_loss:.5f} {clock.val_fields(step)}")
+            readout = choice(hp, "val_readout", run, step, val_loss, evaluate) or ""  # e.g. val_ema_loss
+            log(f"step:{step}/{hp.train_steps} val_loss:{val_loss:.5f} {readout}{clock.val_fields(step)}")
             if not math.isfinite(val_loss):
                 raise FloatingPointError(f"non-finite val loss ({val_loss}) at step {step}")
             driver.validated(run, step)  # the harness's diagnostics

@@ -48,6 +48,11 @@ RECORD = dict(
     soap_v_blend=0.95, soap_v_floor=0.55, radial_brake=1.0, radius_pin=False, lineage_rounding="none",
     ema_nesterov=0.0, ema_nesterov_beta=0.99, ema_nesterov_start=300, ema_nesterov_stop=1950,
     ref_gamma=0.0, ref_capture=2375, ref_start=2850,
+    # the SOAP-Muon frontier's switches (spec/soap-frontier.md), off; the values they use when on
+    soap_muon=False, soap_trust_gate=False, trust_floor_end=1375, trust_fade_end=1625, row_floor=False, cwd=0.0,
+    scalar_adam="torch", aux_beta2=None, gain_split_pairs=0, final_ema_blend=0.0, final_ema_tau=150.0,
+    final_ema_start=2000, final_ema_step=None, tail_ema_readout=0.0, tail_ema_tau=150.0, tail_ema_start=2400,
+    tail_ema_stop=None,
 )
 # The Aurora group's values, as the record's Muon(..., lr=0.0375, weight_decay=0, pp_iterations=2,
 # pp_beta=0.5) and its defaults (momentum 0.95, Nesterov, contra 0.4, floor 0.35) carry them.

@@ -7,12 +7,13 @@ import json
 import math
 import os
 import runpy
+import subprocess
 import threading
 import contextlib
 
 import pytest
 
-from test_records import ROOT, cli, val, write, write_ours
+from test_records import CLI, ROOT, cli, val, write, write_ours
 from tools import check_leaderboard, parents
 from tools.logs import RecordsError, parse_log, read_log
 from tools.summary import summary_of
@@ -300,3 +301,60 @@ def test_new_trials_must_be_positive(tmp_path, n):
 def test_new_trials_must_be_an_integer(tmp_path):
     proc = cli("summary", l3(tmp_path / "rec"), "--new-trials", "nan")
     assert proc.returncode == 2 and "invalid int value: 'nan'" in proc.stderr and proc.stdout == ""
+
+
+# ------------------------------------------------------------------------------------------------
+# A pass on another task (the tiny preset's synthetic shards) is never a leaderboard result
+# ------------------------------------------------------------------------------------------------
+
+def synthetic_record(directory):
+    """l3's record as the tiny preset would log it: a 1024-token vocabulary (synthetic shards)."""
+    directory.mkdir()
+    return write_ours(directory / "a.txt", {s: [m + 0.001 * (s - 1) for m in GOOD] for s in range(3)},
+                      hp=dict(vocab_size="1024", data_dir='"data/synthetic"'))
+
+
+def test_a_pass_on_synthetic_shards_is_said_to_be_no_leaderboard_result(tmp_path):
+    record = os.path.dirname(synthetic_record(tmp_path / "syn"))
+    text = cli("summary", record).stdout.splitlines()
+    assert text[-1].startswith("record: step 3100 ") and text[-1].endswith(
+        "[not a leaderboard result: a 1024-token vocabulary (synthetic shards), not FineWeb in "
+        "GPT-2's 50257 tokens]"), text[-1]
+    assert json.loads(cli("summary", record, "--json").stdout)["task"].startswith("a 1024-token")
+    # the leaderboard's task: no such mark (ours with vocab_size 50304; upstream's without the line)
+    for hp in (dict(vocab_size="50304"), {}):
+        fineweb = tmp_path / f"fineweb{len(hp)}"
+        fineweb.mkdir()
+        write_ours(fineweb / "a.txt", {s: [m + 0.001 * (s - 1) for m in GOOD] for s in range(3)}, hp=hp)
+        s = json.loads(cli("summary", fineweb, "--json").stdout)
+        assert s["task"] is None and s["step"] == 3100
+        assert "leaderboard" not in cli("summary", fineweb).stdout
+
+
+def test_records_of_different_tasks_are_never_tested_against_each_other(tmp_path):
+    synthetic = os.path.dirname(synthetic_record(tmp_path / "syn"))
+    fineweb = os.path.dirname(l3(tmp_path / "fineweb"))
+    refused(cli("compare", synthetic, fineweb), "not compared: A trained on a 1024-token vocabulary",
+            "B on FineWeb (the leaderboard task)")
+    d = json.loads(cli("diff", synthetic, fineweb, "--json").stdout)
+    assert d["compare"] is None and "their losses are on different scales" in d["compare_error"]
+    assert "significantly" not in cli("diff", synthetic, fineweb).stdout
+    proc = cli("submit", synthetic, "--name", "syn", "--baseline", fineweb, "--out", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    assert "pairwise test against the parent: not possible: A trained on a 1024-token" in proc.stdout
+    assert "(not a leaderboard result) |" in proc.stdout  # the leaderboard row says so
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert "**Not a leaderboard result**" in readme and "\nNot compared: A trained on" in readme
+    assert "significantly" not in readme
+    # one task on both sides: the test runs as before
+    assert "\npairwise test: A n=3 step 3100" in cli("diff", synthetic, synthetic_record(tmp_path / "syn2")).stdout
+
+
+def test_a_reader_that_stops_early_is_no_error(tmp_path):
+    """`records.py summary DIR | head -1`: the reader stops early; no 'error: Broken pipe', status 0."""
+    record = os.path.dirname(l3(tmp_path / "rec"))
+    proc = subprocess.Popen(CLI + ["summary", record], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            bufsize=0)
+    proc.stdout.close()  # as `head` does once it has its line (here: before the first one)
+    assert proc.wait(timeout=60) == 0
+    assert proc.stderr.read() == b""

@@ -321,7 +321,8 @@ NOT_IN_THE_RECORD = {"harness": ("def save_checkpoint", "records_lock", "def ope
                                  "class Harness"),
                      "lineage": ("class LineageAurora", "class EMANesterov", "SoapPreconditioner"),
                      "variants": ("class VariantAurora", "polar_cans12", "NORMUON_BETA2", "_shape_stacks"),
-                     "diagnostics": ("LeverageProbe", "track_leverage", "pop_leverage", "row_leverage")}
+                     "diagnostics": ("LeverageProbe", "track_leverage", "pop_leverage", "row_leverage"),
+                     "frontier": ("class FrontierAurora", "class TailEMA", "def raw_adam_step")}
 
 
 def redefined(code):
@@ -353,7 +354,7 @@ def test_a_run_writes_a_one_file_log_and_loss_falls(logged_run):
         assert not [m for m in marks if m in code], part
     assert "LINEAGE = None  # lineage.py: not used by this run" in code
     assert train_gpt.PER_RUN == harness.PER_RUN  # what the toolkit reads from the code part
-    assert len(code.splitlines()) <= 1200  # measured 1190 (README); upstream's largest script: 981
+    assert len(code.splitlines()) <= 1200  # measured 1192 (README); upstream's largest script: 981
     assert redefined(code) == ["Hyperparameters"]  # one namespace: no module's name shadows another's
     for expected in ("torch 2.", "world_size 1", "seeds [3]\n", "lr_matrix: 0.0375", "train_steps: 6",
                      "vocab_size: 1024", 'rule: "aurora"', "trial:0 seed:3", "ns_dtype_used float32"):

@@ -19,7 +19,7 @@ import numpy as np
 from tools.configs import config_difference, inconsistencies, run_specific
 from tools.logs import RecordsError, read_record
 from tools.parents import default_parent, parent_note, published_label
-from tools.stats import PASS_MARGIN, compare, pair_targets
+from tools.stats import PASS_MARGIN, compare, pair_targets, unlike_tasks
 from tools.trials import loss_at, screen
 
 
@@ -98,7 +98,10 @@ def diff_records(a, b=None, target=None, metric="val_loss"):
                   side_by_side=[dict(step=s, a=m, b=by_b[s], diff=by_b[s] - m)
                                 for s, m in zip(steps_a, means_a) if s in by_b])
     result["compare"] = result["compare_error"] = None
-    if max(len(runs_a), len(runs_b)) > 1:  # a folder or a multi-trial log: the benchmark's test
+    result["unlike_tasks"] = unlike_tasks(logs_a, logs_b)
+    if result["unlike_tasks"]:
+        result["compare_error"] = result["unlike_tasks"]
+    elif max(len(runs_a), len(runs_b)) > 1:  # a folder or a multi-trial log: the benchmark's test
         try:
             result["compare"] = compare(runs_a, runs_b, target)
         except RecordsError as e:
@@ -109,6 +112,8 @@ def diff_records(a, b=None, target=None, metric="val_loss"):
 def print_diff(d):
     if d.get("target_warning"):
         print(f"warning: {d['target_warning']}")
+    if d.get("unlike_tasks"):
+        print(f"warning: {d['unlike_tasks']}; no pairwise test")
     for side in ("a", "b"):
         note = f"  ({d['note_' + side]})" if d["note_" + side] else ""
         print(f"{side.upper()}: {d[side]}  ({d['logs_' + side]} log(s), n={d['n_' + side]}){note}")

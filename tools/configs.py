@@ -196,7 +196,8 @@ def field_default(node):
 
 def script_facts(code):
     """What a logged trainer like ours declares, read from its code part without running it:
-    defaults (the `class Hyperparameters` field defaults), presets (the `PRESETS` dict), per_run
+    defaults (the field defaults of `class Hyperparameters` and of the technique modules' classes
+    inlined beside it, `class LineageHyperparameters`, ...), presets (the `PRESETS` dict), per_run
     (its `PER_RUN` tuple: fields that may differ between the logs of one record), and how its
     flags look (generated: one flag per field, bools as --x/--no-x). Empty for an upstream script
     or code this reader does not understand."""
@@ -213,7 +214,9 @@ def script_facts(code):
         except (SyntaxError, ValueError, RecursionError, MemoryError):
             continue
         for node in tree.body:
-            if isinstance(node, ast.ClassDef) and node.name == "Hyperparameters":
+            # the trainer's class and its techniques' (LineageHyperparameters, FrontierHyperparameters:
+            # their fields are flags of the trainer too)
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Hyperparameters"):
                 for item in node.body:
                     if (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
                             and item.value is not None):

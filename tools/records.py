@@ -117,7 +117,7 @@ from tools.configs import script_facts  # noqa: E402
 from tools.logs import RecordsError, load_record, load_runs, parse_log, read_log  # noqa: E402
 from tools.plots import checked_png, plot_records  # noqa: E402
 from tools.stats import (checked_target, claimed, compare, pair_targets, pass_chance,  # noqa: E402
-                         pass_probability, resolve_target, summarize, trials_needed)
+                         pass_probability, resolve_target, summarize, trials_needed, unlike_tasks)
 from tools.parents import PARENTS, PUBLISHED, parent_of  # noqa: E402
 from tools.submit import flag_arguments, print_submission, submit  # noqa: E402
 from tools.summary import json_safe, print_summary, summary_of, write_summary  # noqa: E402
@@ -209,6 +209,9 @@ def main(argv=None):
             rec_a, rec_b = load_record([args.a], args.metric), load_record([args.b], args.metric)
             runs_a, runs_b = rec_a["runs"], rec_b["runs"]
             target, warning = pair_targets(rec_a["logs"], rec_b["logs"], args.target)
+            unlike = unlike_tasks(rec_a["logs"], rec_b["logs"])
+            if unlike:
+                raise RecordsError(f"not compared: {unlike} (compare records of one task)")
             metric_a, metric_b = rec_a["metric"], rec_b["metric"]
             metric_warning = None if metric_a == metric_b else (  # each chose its README's
                 f"A is read on {metric_a}, B on {metric_b} (their folders' README.md): --metric "
@@ -258,6 +261,9 @@ def main(argv=None):
     except RecordsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader stopped reading (`... | head`): nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except OSError as e:  # a path the checks above did not foresee (permissions, a full disk)
         where = f"{e.filename}: " if e.filename else ""
         print(f"error: {where}{e.strerror or e}", file=sys.stderr)

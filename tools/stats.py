@@ -9,6 +9,9 @@
   (summarize_groups), and the claim is the group that passes earliest (claimed).
 - The pairwise test (compare): each record at its own record step, z = ((mean_B - mean_A) +
   (steps_B - steps_A) / 100 * 0.0045) / sqrt(1/n_A + 1/n_B); significant when |z| >= 0.004.
+- The task (task_of, unlike_tasks): 3.28 is a val loss on FineWeb in GPT-2's tokens. Logs of a
+  smaller vocabulary (the tiny preset on synthetic shards) are judged on their own terms and said
+  to be no leaderboard result; two records of different tasks are never tested against each other.
 - The pass-chance estimate (pass_chance, from pass_probability and trials_needed): how many seeds to
   pay for, the chance that a new set of n trials passes near the record step.
 Everything else (summary.json, compare, diff, plots, submit) calls these; none recomputes them.
@@ -37,6 +40,38 @@ PLAN_NOTE = ("an estimate, not a guarantee: it assumes that per-trial val losses
              "new trials have the observed mean and spread, and that trials are independent; 'mu "
              "exact' takes the observed mean as the true one, 'mu estimated' adds the uncertainty "
              "of that mean (more cautious, and more honest when few trials were run)")
+
+
+GPT2_VOCAB = 50257  # the leaderboard's task: FineWeb in GPT-2's tokens
+NOT_LEADERBOARD = "not a leaderboard result"
+
+
+def task_of(logs):
+    """None for the leaderboard's task, else what the logs trained on instead, in words. A log's
+    vocab_size line below GPT-2's 50257 tokens means another task (the tiny preset's 1024 tokens
+    on synthetic shards): its losses are on another scale, so passing 3.28 says nothing about the
+    leaderboard. Logs without the line (upstream's; they keep the model in the code) are FineWeb runs."""
+    vocabs = set()
+    for log in logs:
+        try:
+            vocab = int(header_value(log["hyperparameters"].get("vocab_size", str(GPT2_VOCAB))))
+        except (TypeError, ValueError):
+            continue  # not a number: inconsistencies() and the configuration checks report it
+        if vocab < GPT2_VOCAB:
+            vocabs.add(vocab)
+    if not vocabs:
+        return None
+    return (f"a {'/'.join(map(str, sorted(vocabs)))}-token vocabulary (synthetic shards), not "
+            f"FineWeb in GPT-2's {GPT2_VOCAB} tokens")
+
+
+def unlike_tasks(logs_a, logs_b):
+    """Why A and B cannot be compared (they trained on different tasks), or None."""
+    task_a, task_b = task_of(logs_a), task_of(logs_b)
+    if task_a == task_b:
+        return None
+    return (f"A trained on {task_a or 'FineWeb (the leaderboard task)'}, B on "
+            f"{task_b or 'FineWeb (the leaderboard task)'}: their losses are on different scales")
 
 
 def passes(margin):

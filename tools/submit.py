@@ -28,7 +28,8 @@ from tools.configs import config_difference, config_of, inconsistencies, run_spe
 from tools.logs import RecordsError, header_value, read_record
 from tools.parents import PARENTS, default_parent, parent_note, published_label
 from tools.plots import plot_submission
-from tools.stats import DEFAULT_TARGET, PASS_MARGIN, compare, passes, resolve_target, summarize
+from tools.stats import (DEFAULT_TARGET, NOT_LEADERBOARD, PASS_MARGIN, compare, passes, resolve_target, summarize,
+                         task_of, unlike_tasks)
 from tools.summary import bad_line_kind, needed, percent, relative_sources, seed_text, write_public
 from tools.trials import loss_at, screen
 
@@ -108,8 +109,15 @@ def reproduce(logs, counted, name):
     if facts["defaults"]:
         base, presets = dict(facts["defaults"]), facts["presets"]
         values = {k: header_value(v) for k, v in hp.items()}
+        known = True  # every part of the preset readable from the code part (else every setting is restated)
         if "preset" in hp:  # the log names its preset: its values are the baseline for flags
-            base.update(presets.get(values["preset"], {}) if isinstance(values["preset"], str) else {})
+            parts = values["preset"].split("+") if isinstance(values["preset"], str) else []
+            known = all(p in presets for p in parts)
+            for part in parts:
+                base.update(presets.get(part, {}))
+            if not known:
+                notes.append(f"preset {values['preset']}: its values are not literals of the code part "
+                             "(a technique's, or scaled to the run): every setting is restated as a flag")
         else:  # an older trainer: the preset whose every value the log shows, if one
             matching = [p for p, entries in presets.items() if entries and all(
                 k in values and same_value(v, values[k]) for k, v in entries.items() if k not in skip)]
@@ -119,7 +127,7 @@ def reproduce(logs, counted, name):
                 base.update(presets[preset])
         unflagged = []
         for k, v in hp.items():
-            if k in skip or k not in base or same_value(base[k], values[k]):
+            if k in skip or k not in base or (known and same_value(base[k], values[k])):
                 continue
             arguments = flag_arguments(k, v, facts)
             if arguments is not None and (facts["generated"] or f'"--{k.replace("_", "-")}"' in code):
@@ -171,6 +179,8 @@ def submission_readme(ctx):
     s, c, name, target = ctx["summary"], ctx["comparison"], ctx["name"], ctx["target"]
     step, n, metric = s["step"], s["n"], ctx["metric"]
     out = [f"# {name}: {metric} {target} in {step} steps (n={n})", "", ctx["description"], "",
+           *([f"**{NOT_LEADERBOARD.capitalize()}**: these logs trained on {ctx['task']}; the claim "
+              f"below is judged against {target} on that task.", ""] if ctx["task"] else []),
            f"| # | Steps to {target} | Evidence | Description | Date | Log | Contributors |",
            "|---|---|---|---|---|---|---|", ctx["row"], "",
            "## Method and difference from the parent record", "",
@@ -205,7 +215,7 @@ def submission_readme(ctx):
     out += ["", "## Result", "",
             f"Claimed on `{metric}` (target {target}): step **{step}**, mean {s['mean']:.6f} over {n} "
             f"complete trials, margin ({target} - mean) * sqrt(n) = {s['margin']:.5f} >= "
-            f"{PASS_MARGIN}: PASS. The benchmark's rule: n runs pass at step S when (target - "
+            f"{PASS_MARGIN}: PASS{f' on that task ({NOT_LEADERBOARD})' if ctx['task'] else ''}. The benchmark's rule: n runs pass at step S when (target - "
             f"mean_S) * sqrt(n) >= {PASS_MARGIN}, and the claim is the earliest validated step, "
             "common to all runs, that passes.", "",
             *[f"Note: the {note}." for note in ctx["stops"]], *([""] if ctx["stops"] else []),
@@ -252,7 +262,11 @@ def submission_readme(ctx):
                    f"{percent(row['p_exact'])} | {percent(row['p_estimated'])} | "
                    f"{needed(row['n90_exact'], row['reachable']) if known else 'n/a'} | "
                    f"{needed(row['n90_estimated'], row['reachable']) if known else 'n/a'} |")
-    out += ["", "## Comparison with the parent record", "",
+    out += ["", "## Comparison with the parent record", ""]
+    if ctx["unlike"]:
+        out.append(f"Not compared: {ctx['unlike']}.")
+    else:
+        out += [
             "The benchmark's pairwise rule: each record at its own record step, z = ((mean_parent - "
             "mean_this) + (steps_parent - steps_this) / 100 * 0.0045) / sqrt(1/n_this + "
             "1/n_parent); this record is significantly better when z >= 0.004, the parent when "
@@ -333,7 +347,8 @@ def submit(record_dir, name, baseline=None, out=None, target=None, metric="val_l
     if by_preset:
         baseline, preset = default_parent(logs, "give --baseline")
     baseline_logs = read_record(baseline, metric)
-    comparison = compare(runs, [t for log in baseline_logs for t in log["trials"]], target)
+    task, unlike = task_of(logs), unlike_tasks(logs, baseline_logs)
+    comparison = None if unlike else compare(runs, [t for log in baseline_logs for t in log["trials"]], target)
     hp, baseline_hp = logs[0]["hyperparameters"], baseline_logs[0]["hyperparameters"]
     skip = run_specific(baseline_logs[0], logs[0])
     hp_diff = (config_difference(config_of(baseline_logs[0], skip), config_of(logs[0], skip))
@@ -352,7 +367,8 @@ def submit(record_dir, name, baseline=None, out=None, target=None, metric="val_l
     log_names = [os.path.basename(log["path"]) for log in logs]
     folder = os.path.basename(out)
     row = (f"| ? | {s['step']} | {s['mean']:.4f} (n={s['n']})✓ | "
-           f"{cell(description + claim_terms(metric, target))} | {date:%Y-%m-%d} | "
+           f"{cell(description + claim_terms(metric, target) + (f' ({NOT_LEADERBOARD})' if task else ''))} | "
+           f"{date:%Y-%m-%d} | "
            f"[log]({link(f'/{UPSTREAM_RESULTS}/{folder}/{log_names[0]}')}) | "
            f"{cell(contributors or '?')} |")
     published = published_label(baseline)
@@ -364,7 +380,7 @@ def submit(record_dir, name, baseline=None, out=None, target=None, metric="val_l
             if re.match(r"(python |device |Running |torch )", line.strip()) and line.strip() not in hardware:
                 hardware.append(line.strip())
     counted = screen(runs)["counted"]
-    ctx = dict(summary=s, comparison=comparison, name=name, target=target, metric=metric,
+    ctx = dict(summary=s, comparison=comparison, unlike=unlike, task=task, name=name, target=target, metric=metric,
                description=description,
                row=row, logs=logs, log_names=log_names, counted=counted, hardware=hardware,
                baseline_label=published or f"`{baseline}`",
@@ -401,7 +417,7 @@ def submit(record_dir, name, baseline=None, out=None, target=None, metric="val_l
             raise RecordsError(f"cannot write {out}: {e.strerror or e}") from None
         raise
     files = sorted(os.listdir(out))
-    return dict(out=out, files=files, row=row, summary=s, comparison=comparison, metric=metric,
+    return dict(out=out, files=files, row=row, summary=s, comparison=comparison, unlike=unlike, task=task, metric=metric,
                 target=target, stops=stops)
 
 
@@ -411,10 +427,13 @@ def print_submission(r):
     s = r["summary"]
     print(f"wrote {r['out']}: {', '.join(r['files'])}")
     print(f"record: step {s['step']}  mean {s['mean']:.6f}  margin {s['margin']:.5f} "
-          f">= {PASS_MARGIN}  (n={s['n']})")
+          f">= {PASS_MARGIN}  (n={s['n']})" + (f"  [{NOT_LEADERBOARD}: {r['task']}]" if r["task"] else ""))
     for note in r["stops"]:
         print(f"note: the {note}")
-    print(f"pairwise test against the parent: z {r['comparison']['z']:+.5f}: "
-          f"{verdict_vs_parent(r['comparison'])}")
+    if r["unlike"]:
+        print(f"pairwise test against the parent: not possible: {r['unlike']}")
+    else:
+        print(f"pairwise test against the parent: z {r['comparison']['z']:+.5f}: "
+              f"{verdict_vs_parent(r['comparison'])}")
     print(f"leaderboard row (steps to {r['target']:g} on {r['metric']}; also in the README):")
     print(r["row"])

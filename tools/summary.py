@@ -20,7 +20,8 @@ import textwrap
 
 from tools.campaign import stop_notes
 from tools.logs import RecordsError, load_record
-from tools.stats import PASS_MARGIN, PLAN_MAX_TRIALS, claimed, passes, resolve_target, summarize
+from tools.stats import (NOT_LEADERBOARD, PASS_MARGIN, PLAN_MAX_TRIALS, claimed, passes, resolve_target, summarize,
+                         task_of)
 from tools.trials import screen
 
 
@@ -63,8 +64,12 @@ def summary_of(paths, target=None, metric=None, new_trials=None, pool=False):
         for r in record["runs"]:
             r["group"] = None
         notes = [n for n in notes if not n.startswith(("the logs hold", "group "))]
+    task = task_of(record["logs"])
+    if task:
+        notes.append(f"{NOT_LEADERBOARD}: these logs trained on {task}; the claim below is "
+                     f"judged against {target:g} on that task")
     summary = summarize(record["runs"], target, new_trials)
-    summary.update(metric=record["metric"], notes=notes)
+    summary.update(metric=record["metric"], notes=notes, task=task)
     return summary, claimed(record["runs"], target), record
 
 
@@ -203,4 +208,9 @@ def print_summary(s):
               f"margin {num(s['margin'], '.5f')} < {PASS_MARGIN})")
     else:
         print(f"record: step {s['step']}  mean {s['mean']:.6f}  margin {s['margin']:.5f} "
-              f">= {PASS_MARGIN}  (n={s['n']})")
+              f">= {PASS_MARGIN}  (n={s['n']}){task_mark(s)}")
+
+
+def task_mark(s):
+    """What a record line adds when its logs are not the leaderboard's task (see stats.task_of)."""
+    return f"  [{NOT_LEADERBOARD}: {s['task']}]" if s.get("task") else ""
