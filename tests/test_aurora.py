@@ -408,6 +408,14 @@ def test_bad_hyperparameters_are_rejected(kwargs, message):
         Aurora([torch.nn.Parameter(torch.zeros(4, 4))], **kwargs)
 
 
+def test_the_records_aurora_refuses_a_variants_keyword():
+    """aurora.Aurora takes the record's keywords only: a variant's (batched, soap, ...) is refused,
+    not silently dropped (VariantAurora and the lineage's optimizer take theirs)."""
+    with pytest.raises(TypeError, match="batched"):
+        aurora.Aurora([torch.nn.Parameter(torch.zeros(4, 4))], lr=0.1, batched=True)
+    assert Aurora([torch.nn.Parameter(torch.zeros(4, 4))], lr=0.1, batched=True).batched
+
+
 def test_non_matrix_parameter_is_rejected():
     with pytest.raises(ValueError, match=r"shape \(8,\) is not a 2-D matrix"):
         Aurora([torch.nn.Parameter(torch.zeros(8))], lr=0.1)
