@@ -392,7 +392,7 @@ class Frontier:
     @staticmethod
     def check(hp, bad):
         """What the frontier's settings need, and what they do not combine with (yet); their ranges
-        are harness.py's RANGES."""
+        are harness.py's RANGES, what cannot act in a run its NEEDS and never_acting."""
         for name in ("save_every", "resume"):
             if getattr(hp, name, None):
                 bad(name, "is not offered with the frontier's techniques yet: a checkpoint would not hold "
@@ -414,8 +414,6 @@ class Frontier:
                     bad(name, f"must be {value!r} with --soap-muon (its rule has it so: spec/soap-frontier.md)")
             if hp.rule == "aurora" and hp.aurora_on not in ("wide_only", "nonsquare"):
                 bad("aurora_on", "must be wide_only or nonsquare with --soap-muon --rule aurora")
-        if hp.gain_split_pairs and not hp.gain_split:
-            bad("gain_split_pairs", "pairs the gain split's signs: needs --gain-split > 0")
         if hp.final_ema_blend and hp.tail_ema_readout:
             bad("tail_ema_readout", "and --final-ema-blend each keep a tail EMA of their own: use one")
         step = hp.final_ema_step or hp.train_steps
@@ -430,7 +428,7 @@ class Frontier:
     def init_weights(model, hp):
         """The lineage's init, then the gain split with antithetic pairs from block gain_split_pairs
         on, each pair's generator seeded from the trial's seed (the default generator's)."""
-        if not hp.gain_split_pairs:
+        if not hp.gain_split_pairs or not hp.gain_split:
             return None
         LINEAGE.init_weights(model, dataclasses.replace(hp, gain_split=0.0))
         gains = model.blocks[0].norm1.gains

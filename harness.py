@@ -184,12 +184,23 @@ NEEDS = [
     (("zero_biases",), lambda hp: hp.init == "torch", "--init torch (the record's init zeroes every bias)"),
     (("diag_tokens", "dead_threshold", "starved_threshold", "frozen_threshold"), lambda hp: hp.diagnostics,
      "--diagnostics"),
+    (("aurora_on", "pp_iterations", "pp_beta"), lambda hp: hp.rule == "aurora",
+     "--rule aurora (Aurora's polar step; muon and normuon orthogonalize plainly)"),
+    # the frontier's (frontier.py)
+    (("trust_floor_end", "trust_fade_end"), lambda hp: hp.soap_trust_gate, "--soap-trust-gate"),
+    (("gain_split_pairs",), lambda hp: hp.gain_split, "--gain-split > 0"),
+    (("final_ema_tau", "final_ema_start", "final_ema_step"), lambda hp: hp.final_ema_blend, "--final-ema-blend > 0"),
+    (("tail_ema_tau", "tail_ema_start", "tail_ema_stop"), lambda hp: hp.tail_ema_readout, "--tail-ema-readout > 0"),
 ]
+
+
+BY_DEPTH = ("gain_split_pairs",)  # never_acting's techniques that a shallower model, not a shorter run, leaves out
 
 
 def never_acting(hp):
     """[(field, the fields that decide it, why)] of the techniques switched on whose steps all lie
-    outside this run (steps 0..train_steps-1 train, validations run up to train_steps)."""
+    outside this run (steps 0..train_steps-1 train, validations run up to train_steps), whose
+    blocks lie outside the model (BY_DEPTH), or whose EMA cannot differ from the weights."""
     steps, out = hp.train_steps, []
     if hp.ref_gamma and hp.ref_start > steps:
         out.append(("ref_gamma", ("ref_gamma", "ref_start", "ref_capture"),
@@ -203,6 +214,26 @@ def never_acting(hp):
         out.append(("momentum_cooldown", ("momentum_cooldown", "momentum_horizon"),
                     f"it starts after step {cooldown_start} (momentum_horizon {hp.momentum_horizon or steps} - "
                     f"momentum_cooldown {hp.momentum_cooldown}), and the last step that trains is {steps - 1}"))
+    if hp.gain_split and hp.gain_split_pairs >= hp.n_layer:
+        out.append(("gain_split_pairs", ("gain_split_pairs",), f"it pairs the blocks from block {hp.gain_split_pairs} "
+                    f"on, and the model's are 0..{hp.n_layer - 1} (n_layer {hp.n_layer}): the signs are the plain "
+                    "gain split's"))
+    blend_step = hp.final_ema_step or steps
+    if hp.final_ema_blend and hp.final_ema_start >= blend_step:
+        out.append(("final_ema_blend", ("final_ema_blend", "final_ema_start", "final_ema_step"),
+                    f"its EMA begins after {hp.final_ema_start} steps (final_ema_start), at the blend's step "
+                    f"{blend_step}: a copy of the weights, blended into themselves"))
+    elif hp.final_ema_blend and hp.final_ema_tau == 1:
+        out.append(("final_ema_blend", ("final_ema_blend", "final_ema_tau"),
+                    "an EMA of time constant 1 (final_ema_tau) is the weights themselves"))
+    if hp.tail_ema_readout and (hp.tail_ema_start >= steps or hp.tail_ema_start >= (hp.tail_ema_stop or steps + 1)):
+        when = (f"it stops from {hp.tail_ema_stop} (tail_ema_stop): it never exists" if hp.tail_ema_start < steps
+                else f"the run trains {steps}: at most a copy of the final weights")
+        out.append(("tail_ema_readout", ("tail_ema_readout", "tail_ema_start", "tail_ema_stop"),
+                    f"its EMA would begin after {hp.tail_ema_start} steps (tail_ema_start) and {when}"))
+    elif hp.tail_ema_readout and hp.tail_ema_tau == 1:
+        out.append(("tail_ema_readout", ("tail_ema_readout", "tail_ema_tau"),
+                    "an EMA of time constant 1 (tail_ema_tau) is the weights themselves"))
     late = [s for s in hp.val_extra if s > steps]
     if late:
         out.append(("val_extra", ("val_extra",), f"step(s) {', '.join(map(str, late))} are after the last "
@@ -261,8 +292,10 @@ def check_inert(hp, given):
     for name, fields, why in never_acting(hp):
         if given & set(fields):
             flags = ", ".join(f"--{f.replace('_', '-')}" for f in fields if f in given)
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(hp, name)!r} never acts in this run of "
-                             f"{hp.train_steps} steps: {why}. Change {flags}, or the run's length")
+            run, size = ((f"model of {hp.n_layer} blocks", "its depth (--n-layer)") if name in BY_DEPTH
+                         else (f"run of {hp.train_steps} steps", "the run's length"))
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(hp, name)!r} never acts in this {run}: "
+                             f"{why}. Change {flags}, or {size}")
 
 
 def schedule_marks(hp):

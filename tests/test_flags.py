@@ -168,6 +168,114 @@ def test_what_a_preset_set_and_this_run_makes_inert_is_said_in_the_header(capsys
     assert harness.setup_lines(plain, train_gpt.setup_line(plain, ctx)).count("\n") == 0
 
 
+
+# --- the frontier's settings (frontier.py) ------------------------------------------------------------
+
+# The frontier's fields that switch a technique on (each acts whenever set: the trust gate, RowFloor
+# and CWD need --soap-muon, which frontier.FRONTIER.check requires, and --aux-beta2 sets the betas of
+# torch's AdamW as of the raw Adam); every other field acts only with one of them (harness.NEEDS).
+FRONTIER_SWITCHES = {"soap_muon", "soap_trust_gate", "row_floor", "cwd", "scalar_adam", "aux_beta2",
+                     "final_ema_blend", "tail_ema_readout"}
+
+
+def test_every_frontier_field_is_a_switch_or_needs_one():
+    import frontier
+    fields = {f.name for f in dataclasses.fields(frontier.FrontierHyperparameters)}
+    needs = {name for names, _, _ in harness.NEEDS for name in names}
+    assert fields - FRONTIER_SWITCHES <= needs, fields - FRONTIER_SWITCHES - needs
+    assert FRONTIER_SWITCHES <= fields and not FRONTIER_SWITCHES & needs
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "tiny", "--trust-floor-end", "1000"], "--trust-floor-end has no effect without --soap-trust-gate"),
+    (["--preset", "soap_2690+tiny", "--no-soap-trust-gate", "--trust-fade-end", "100"],
+     "--trust-fade-end has no effect without --soap-trust-gate"),
+    (["--preset", "tiny", "--gain-split-pairs", "2"], "--gain-split-pairs has no effect without --gain-split > 0"),
+    (["--preset", "tiny", "--final-ema-tau", "3"], "--final-ema-tau has no effect without --final-ema-blend > 0"),
+    (["--preset", "tiny", "--final-ema-start", "3"], "--final-ema-start has no effect without --final-ema-blend"),
+    (["--preset", "tiny", "--final-ema-step", "3"], "--final-ema-step has no effect without --final-ema-blend"),
+    (["--preset", "soap_2720+tiny", "--final-ema-blend", "0", "--final-ema-tau", "3"],
+     "--final-ema-tau has no effect without --final-ema-blend"),
+    (["--preset", "tiny", "--tail-ema-tau", "3"], "--tail-ema-tau has no effect without --tail-ema-readout > 0"),
+    (["--preset", "tiny", "--tail-ema-start", "3"], "--tail-ema-start has no effect without --tail-ema-readout"),
+    (["--preset", "soap_2690+tiny", "--tail-ema-readout", "0", "--tail-ema-stop", "180"],
+     "--tail-ema-stop has no effect without --tail-ema-readout"),
+    (["--preset", "soap_2690+tiny", "--pp-iterations", "2"], "--pp-iterations has no effect without --rule aurora"),
+    (["--preset", "soap_2690+tiny", "--pp-beta", "0.5"], "--pp-beta has no effect without --rule aurora"),
+    (["--preset", "soap_2690+tiny", "--aurora-on", "nonsquare"], "--aurora-on has no effect without --rule aurora"),
+    # switched on, but never acting in this run
+    (["--preset", "soap_2690+tiny", "--gain-split-pairs", "5"],
+     "--gain-split-pairs 5 never acts in this model of 4 blocks: it pairs the blocks from block 5 on, and the "
+     "model's are 0..3 (n_layer 4): the signs are the plain gain split's. Change --gain-split-pairs, or its depth"),
+    (["--preset", "tiny", "--gain-split", "0.1", "--gain-split-pairs", "4"], "--gain-split-pairs 4 never acts"),
+    (["--preset", "soap_2720+tiny", "--final-ema-start", "200"],
+     "--final-ema-blend 0.6 never acts in this run of 200 steps: its EMA begins after 200 steps (final_ema_start), "
+     "at the blend's step 200: a copy of the weights, blended into themselves. Change --final-ema-start"),
+    (["--preset", "soap_2720+tiny", "--final-ema-start", "50", "--final-ema-step", "50"],
+     "Change --final-ema-start, --final-ema-step, or the run's length"),
+    (["--preset", "soap_2720+tiny", "--final-ema-tau", "1"],
+     "--final-ema-blend 0.6 never acts in this run of 200 steps: an EMA of time constant 1 (final_ema_tau)"),
+    (["--preset", "soap_2690+tiny", "--tail-ema-start", "200"],
+     "--tail-ema-readout 0.6 never acts in this run of 200 steps: its EMA would begin after 200 steps "
+     "(tail_ema_start) and the run trains 200: at most a copy of the final weights. Change --tail-ema-start"),
+    (["--preset", "soap_2690+tiny", "--tail-ema-stop", "166"],
+     "its EMA would begin after 166 steps (tail_ema_start) and it stops from 166 (tail_ema_stop): it never exists"),
+    (["--preset", "tiny", "--tail-ema-readout", "0.5", "--train-steps", "100"],  # its default start, 2400
+     "--tail-ema-readout 0.5 never acts in this run of 100 steps"),
+    (["--preset", "soap_2690+tiny", "--tail-ema-tau", "1"], "an EMA of time constant 1 (tail_ema_tau) is the weights"),
+])
+def test_a_frontier_flag_that_cannot_act_in_this_run_is_refused(argv, message, capsys):
+    assert message in refused(argv + ["--dry-run"], capsys)
+
+
+def test_a_frontier_presets_values_that_cannot_act_are_noted_in_the_header(capsys):
+    """soap_2690 over 2 tiny steps: 4 blocks, none to pair from block 6; the readout's EMA would
+    begin after the 2 steps. soap_2720 over 1 step: the blend's EMA begins at the blend. Without a
+    flag of theirs given they run, and the dry run and the header say so; as the preset gives them
+    at full length and depth, nothing is said."""
+    assert train_gpt.main(["--preset", "soap_2690+tiny", "--train-steps", "2", "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1:3] == [
+        "no effect in this run: gain_split_pairs 6: it pairs the blocks from block 6 on, and the model's are 0..3 "
+        "(n_layer 4): the signs are the plain gain split's",
+        "no effect in this run: tail_ema_readout 0.6: its EMA would begin after 2 steps (tail_ema_start) and the run "
+        "trains 2: at most a copy of the final weights"], out
+    assert train_gpt.main(["--preset", "soap_2720+tiny", "--train-steps", "1", "--dry-run"]) == 0
+    assert ("no effect in this run: final_ema_blend 0.6: its EMA begins after 1 steps (final_ema_start), at the "
+            "blend's step 1: a copy of the weights, blended into themselves") in capsys.readouterr().out
+    hp, _ = parse_args(["--preset", "soap_2690+tiny", "--train-steps", "2"])
+    ctx = train_gpt.Context(0, 1, torch.device("cpu"), 16, 2)
+    header = harness.setup_lines(hp, train_gpt.setup_line(hp, ctx)).splitlines()
+    assert [line.split(":")[1] for line in header[1:3]] == [" gain_split_pairs 6", " tail_ema_readout 0.6"]
+    for preset in ("soap_2750", "soap_2720", "soap_2690"):
+        assert harness.inert_notes(parse_args(["--preset", preset])[0]) == [], preset
+    deep, _ = parse_args(["--preset", "soap_2690+tiny", "--n-layer", "8"])
+    assert harness.inert_notes(deep) == []
+
+
+def test_what_the_frontiers_notes_call_inert_is_inert(one_thread):
+    """The claims behind the notes and refusals: the gain split's init with --gain-split-pairs at
+    or beyond the model's depth, and a soap preset's with --gain-split 0, are bit for bit those
+    without pairs; --aux-beta2 acts on torch's AdamW too (--scalar-adam torch), so needs no switch."""
+    base, _ = parse_args(["--preset", "soap_2750+tiny", "--n-layer", "3", "--d-model", "32", "--head-dim", "8"])
+
+    def init(changes, seed=3):  # (past the checks: what a preset may set)
+        hp = dataclasses.replace(base, **changes)
+        model = train_gpt.GPT(hp, torch.float32)
+        torch.manual_seed(seed)
+        if not train_gpt.choice(hp, "init_weights", model, hp):
+            model.init_weights(hp.init_var)
+        return [p.detach().clone() for p in model.parameters()] + [torch.rand(4)]  # and the generator after
+    plain = init(dict(gain_split_pairs=0))
+    for pairs in (3, 6):  # 3 blocks: none from block 3 (or 6) on
+        assert all(torch.equal(a, b) for a, b in zip(init(dict(gain_split_pairs=pairs)), plain, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(init(dict(gain_split_pairs=2)), plain, strict=True))
+    unsplit = init(dict(gain_split=0.0, gain_split_pairs=0))
+    assert all(torch.equal(a, b) for a, b in zip(init(dict(gain_split=0.0)), unsplit, strict=True))
+    hp, _ = parse_args(["--preset", "soap_2750+tiny", "--scalar-adam", "torch"])
+    adam, _ = train_gpt.build_optimizers(train_gpt.GPT(hp, torch.float32), hp, torch.device("cpu"))
+    assert [g["betas"][1] for g in adam.torch_adam.param_groups] == [0.99, 0.99, 0.99, 0.997, 0.9965]
+
 # --- torchrun's environment --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("env, message", [
