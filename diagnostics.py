@@ -51,8 +51,8 @@ class LeverageProbe:
     """The row leverage of an Aurora's (or a variant's) orthogonalized updates, on the steps asked
     for, from outside the optimizer: it wraps the optimizer's `_apply` (one matrix's rule, or a
     stack's), which leaves the look-ahead it orthogonalized in its `grads` (Nesterov; else the
-    momentum), and keeps a reference to it; the lineage's per-matrix rule hands it over itself
-    (LineageAurora.probe). Nothing is computed during the step and nothing compiled changes:
+    momentum), and keeps a reference to it; the lineage's and the frontier's per-matrix rules
+    hand it over themselves (LineageAurora.probe, FrontierAurora.probe). Nothing is computed during the step and nothing compiled changes:
     pop_leverage() recomputes the orthogonalization, eagerly, later. Tracking lasts one step."""
 
     def __init__(self, aurora):

@@ -76,19 +76,29 @@ def norm_preserving_blend(raw, soap, gate, eps=1e-8):
     return (blended * (schatten4(raw, eps) / schatten4(blended, eps)).to(blended.dtype)).to(raw.dtype)
 
 
-def frontier_orthogonalize(u, dtype, rule=RULE):
+def frontier_polar(u, dtype, rule=RULE):
     """Newton-Schulz with the Schatten-4 input scale (the scripts' "AURORA_K=0 path"), or with
     aurora_on Aurora's leverage-uniform polar step on the wide ("wide_only") or every non-square
-    ("nonsquare") matrix, on the look-ahead rounded to the Newton-Schulz dtype as #30 had it. Then
-    the aspect scale sqrt(rows/cols) of tall matrices, in the Newton-Schulz dtype as the scripts do."""
+    ("nonsquare") matrix, on the look-ahead rounded to the Newton-Schulz dtype as #30 had it."""
     rows, cols = u.shape
-    polar_s4 = polar_schatten4
     if {"off": False, "wide_only": rows < cols, "nonsquare": rows != cols}[rule["aurora_on"]]:
-        O = aurora_polar(u.to(dtype), rule["pp_iterations"], rule["pp_beta"], polar_fn=polar_s4, dtype=dtype)
-    else:
-        O = polar_s4(u, dtype=dtype)
+        return aurora_polar(u.to(dtype), rule["pp_iterations"], rule["pp_beta"], polar_fn=polar_schatten4, dtype=dtype)
+    return polar_schatten4(u, dtype=dtype)
+
+
+def frontier_orthogonalize(u, dtype, rule=RULE):
+    """frontier_polar, then the aspect scale sqrt(rows/cols) of tall matrices, in the Newton-Schulz
+    dtype as the scripts do."""
+    rows, cols = u.shape
+    O = frontier_polar(u, dtype, rule)
     O *= max(1, rows / cols) ** 0.5
     return O
+
+
+def probed_polar(u, how):
+    """frontier_polar of `how` = (dtype, rule): the direction whose row leverage diagnostics.py's
+    LeverageProbe measures (the aspect scale, one number per matrix, left out)."""
+    return frontier_polar(u, *how)
 
 
 @torch.no_grad()
@@ -116,14 +126,16 @@ class SoapMuonMatrix:
             shape, device, soap_beta2, soap_every, renorm="lerp" if kind == "attn" else "none", **soap_options)
 
     @torch.no_grad()
-    def step(self, weight, grad, lr, mu, step, dtype, rule=RULE):
+    def step(self, weight, grad, lr, mu, step, dtype, rule=RULE, look=None):
         """One optimizer step of `weight` (float32, in place) from its summed gradient; returns
-        the update U (weight -= lr U before the pin)."""
+        the update U (weight -= lr U before the pin). look(u): shown the look-ahead it orthogonalizes."""
         self.momentum.lerp_(grad, 1 - mu)
         u = grad.lerp(self.momentum, mu)
         if self.soap is not None:
             z = self.soap.precondition(u)
             u = norm_preserving_blend(u, z, trust_gate(u, z, grad, step, rule)) if self.kind == "attn_proj" else z
+        if look is not None:
+            look(u)
         U = radial_brake(frontier_orthogonalize(u, dtype, rule), weight, rule["radial_brake"])
         if rule["row_floor"]:
             U = row_floor(U, weight, rule["uw_floor"], rule["row_floor_rho"])
@@ -329,7 +341,9 @@ SOAP_ON = dict(none=(), mlp_v=("mlp.fc", "mlp.proj", "attn.v"), all_hidden=tuple
 
 class FrontierAurora(Aurora):
     """The block matrices under the frontier's rule (SoapMuonMatrix), dealt to the ranks as Aurora
-    deals them; `matrices`: {matrix: (kind, SOAP options)}, `matrix_rule`: RULE's settings. p.grad keeps the raw gradient."""
+    deals them; `matrices`: {matrix: (kind, SOAP options)}, `matrix_rule`: RULE's settings. p.grad keeps the raw gradient.
+    `probe`: diagnostics.py's LeverageProbe, shown each look-ahead the rule orthogonalizes."""
+    probe = None
 
     def __init__(self, params, lr, matrices, matrix_rule, soap_every, soap_beta2, **options):
         super().__init__(params, lr, **options)
@@ -341,8 +355,10 @@ class FrontierAurora(Aurora):
         if "matrix" not in state:
             kind, options = self.matrices[p]
             state["matrix"] = SoapMuonMatrix(p.shape, p.device, kind, self.soap_every, self.soap_beta2, **options)
-        U = state["matrix"].step(p, p.grad, group["lr"], group["momentum"], self.step_index,
-                                 ns_dtype_for(group["ns_dtype"], p.device), self.matrix_rule)
+        dtype, probe = ns_dtype_for(group["ns_dtype"], p.device), self.probe
+        look = probe and (lambda u: probe.keep(p, probed_polar, u, (dtype, self.matrix_rule)))
+        U = state["matrix"].step(p, p.grad, group["lr"], group["momentum"], self.step_index, dtype,
+                                 self.matrix_rule, look)
         self._step_flags.append((torch.isfinite(U).all().reshape(1), [p]))
 
 

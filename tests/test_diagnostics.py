@@ -1,17 +1,19 @@
 """The trainer's neuron-health diagnostics and the ablation tool. (The optimizer's variants,
-NorMuon, aurora_on=tall, cans12 and the leverage diagnostics, are tested in test_aurora.py.)"""
+NorMuon, aurora_on=tall, cans12 and the leverage diagnostics, are tested in test_aurora.py; the
+leverage of the frontier's matrix rule here.)"""
 import glob
 import io
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
 
 import train_gpt
 from aurora import Aurora
-from diagnostics import LeverageProbe, NeuronHealth, summary_line
+from diagnostics import LeverageProbe, NeuronHealth, row_leverage, summary_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -203,3 +205,76 @@ def test_a_zero_fc_update_is_not_reported_as_starved(rule):
     rows = health.measure()
     assert [(r["starved"], r["leverage_cv"], r["leverage_min"]) for r in rows] == [(None, None, None)] * len(rows)
     assert "starved:nan leverage_cv:nan leverage_min:nan" in summary_line(rows)
+
+
+# --- the frontier's matrix rule (frontier.py's FrontierAurora) ---
+
+FRONTIER_TINY = ["--n-layer", "1", "--d-model", "64", "--head-dim", "16", "--val-tokens", "4096", "--seed", "0"]
+
+
+@pytest.mark.parametrize("preset", ["soap_2690", "soap_2690+aurora_nonsquare"])
+def test_the_probe_measures_the_frontiers_orthogonalized_updates(preset, monkeypatch):
+    """The probe keeps each look-ahead FrontierAurora orthogonalizes (after SOAP and the trust
+    gate) and measures the row leverage of its polar factor: the very factor the step used, before
+    the aspect scale sqrt(rows/cols) of tall matrices (2 here, a power of two: exact), for every
+    hidden matrix; nothing on a step not asked for."""
+    import frontier
+    hp, _ = train_gpt.parse_args(["--preset", preset + "+tiny", *FRONTIER_TINY])
+    model = train_gpt.GPT(hp, torch.float32)
+    _, aurora = train_gpt.build_optimizers(model, hp, torch.device("cpu"))
+    assert type(aurora) is frontier.FrontierAurora
+    probe_ = LeverageProbe(aurora)
+    used, orthogonalize = [], frontier.frontier_orthogonalize
+
+    def seen(u, dtype, rule):  # the factors the step uses, in the order it updates the matrices
+        O = orthogonalize(u, dtype, rule)
+        used.append(O.clone() / max(1, u.shape[0] / u.shape[1]) ** 0.5)
+        return O
+    monkeypatch.setattr(frontier, "frontier_orthogonalize", seen)
+    gen = torch.Generator().manual_seed(0)
+    matrices = aurora.param_groups[0]["params"]
+    with torch.no_grad():
+        for p in matrices:
+            p.normal_(0, 0.05, generator=gen)
+    for step in range(3):
+        used.clear()
+        if step == 2:
+            probe_.track_leverage()
+        for p in matrices:
+            p.grad = torch.randn(p.shape, generator=gen)
+        aurora.step()
+        leverage = probe_.pop_leverage()
+        assert (leverage == {}) == (step < 2)
+    order = aurora._record_order(matrices)  # (one rank: every matrix, in this order)
+    assert len(used) == len(order) == 6 and sorted(map(id, leverage)) == sorted(map(id, matrices))
+    for p, O in zip(order, used):
+        assert torch.equal(leverage[p], row_leverage(O)), p.shape
+        assert abs(leverage[p].mean().item() - 1) < 1e-3  # orthogonal: the leverage averages 1
+    if preset.endswith("aurora_nonsquare"):  # Aurora's polar on the MLP's: near uniform
+        assert max(cv(leverage[p]) for p in matrices if p.shape[0] != p.shape[1]) < 0.1
+
+
+def test_a_frontier_run_reports_its_leverage_and_trains_alike_without_diagnostics(data_dir, tmp_path, monkeypatch):
+    """soap_2690 over 4 tiny steps (validations at 2 and 4): the diagnostics line at step 4 has a
+    measured leverage, not nan; at step 2 it is not measured, as the fc update of step 1 was zero
+    (the head is zero at step 0, so no gradient reaches the trunk; mlp.proj is zero at step 1, so
+    none reaches fc). With diagnostics off: the same val losses and val_ema_losses and the same
+    final weights, bit for bit."""
+    from test_train import keeping_final_weights
+    finals, logs = keeping_final_weights(monkeypatch), []
+    for flags in (["--diagnostics", "--diag-tokens", "4096"], ["--no-diagnostics"]):
+        records = tmp_path / flags[0][2:]
+        assert train_gpt.main(["--preset", "soap_2690+tiny", "--data-dir", data_dir, "--records-dir", str(records),
+                               "--train-steps", "4", "--val-every", "2", "--val-every-late", "2", *FRONTIER_TINY,
+                               *flags]) == 0
+        logs.append(open(glob.glob(str(records / "*" / "*.txt"))[0]).read())
+    lines = [line for line in logs[0].splitlines() if line.startswith("diagnostics: dead:")]
+    assert len(lines) == 2 and "starved:nan leverage_cv:nan leverage_min:nan" in lines[0], lines
+    assert not re.search(r"(starved|leverage_cv|leverage_min):nan", lines[1]), lines
+    assert "\ndiagnostics: dead:" not in logs[1]
+    val = [[line.split(" train_time:")[0] for line in log.splitlines() if line.startswith("step:") and " val_loss:" in line]
+           for log in logs]
+    assert val[0] == val[1] and len(val[0]) == 2 and "val_ema_loss:" in val[0][-1], val
+    assert list(finals[0]) == list(finals[1])
+    for name in finals[0]:
+        assert torch.equal(finals[0][name], finals[1][name]), name

@@ -280,8 +280,8 @@ def test_the_timed_steps_make_no_host_sync(data_dir, tmp_path, monkeypatch):
     assert len(reads) == 4  # losses of steps 1, 2, 4, 5; those of 3 and 6 are read at their validation
 
 
-def test_diagnostics_change_nothing_in_training(data_dir, tmp_path, monkeypatch):
-    """Diagnostics on and off: the same weights at the end, bit for bit, and the same val losses."""
+def keeping_final_weights(monkeypatch):
+    """A list that gets each trial's final weights (its model's state dict) as train_gpt.main runs."""
     finals, train_trial = [], train_gpt.train_trial
 
     def keep_final_weights(run_, trial, *rest):
@@ -290,6 +290,12 @@ def test_diagnostics_change_nothing_in_training(data_dir, tmp_path, monkeypatch)
         return loss
 
     monkeypatch.setattr(train_gpt, "train_trial", keep_final_weights)
+    return finals
+
+
+def test_diagnostics_change_nothing_in_training(data_dir, tmp_path, monkeypatch):
+    """Diagnostics on and off: the same weights at the end, bit for bit, and the same val losses."""
+    finals = keeping_final_weights(monkeypatch)
     logs = []
     for flag in ("--diagnostics", "--no-diagnostics"):
         assert run(SMALL + ["--seed", "1", "--run-name", flag[2:], flag], data_dir, tmp_path) == 0
