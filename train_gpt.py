@@ -32,7 +32,6 @@ from plugins import call, choice, harness, parse_flags, preset_overrides, techni
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SEPARATOR = "=" * 100
-runnable_source = harness.code_part if harness else None  # (hp) -> a log's code part (harness.py's)
 
 # =================================================================================================
 # Hyperparameters: the record's. Every field is a flag (--train-steps 100); presets override them.

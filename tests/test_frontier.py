@@ -513,10 +513,10 @@ def test_a_tiny_run_of_each_preset_trains_and_its_code_part_runs_alone(data_dir,
     for preset, log_b in zip(logs, runs_alone(runs, tmp_path)):
         assert log_b.split(SEPARATOR, 1)[0] == logs[preset].split(SEPARATOR, 1)[0]
         assert val_lines(log_b) == val_lines(logs[preset]), preset
-    alone_frontier = train_gpt.runnable_source(parse_args(["--preset", "tiny", "--scalar-adam", "raw"])[0])
+    alone_frontier = harness.code_part(parse_args(["--preset", "tiny", "--scalar-adam", "raw"])[0])
     assert "lineage.py (inlined)" in alone_frontier  # frontier.py imports it, even with the lineage unused
     for hp in (Hyperparameters(), parse_args(["--preset", "aurora_2860"])[0]):
-        code = train_gpt.runnable_source(hp)
+        code = harness.code_part(hp)
         assert "FRONTIER = None  # frontier.py: not used by this run" in code
         assert not [m for m in NOT_IN_THE_RECORD["frontier"] if m in code]
 
