@@ -24,7 +24,8 @@ import functools
 import torch
 
 from aurora import Aurora, apply_uw_floor, aurora_polar, ns_dtype_for
-from lineage import LINEAGE, LINEAGE_PRESETS, SCALED_STEPS, pinned_step, polar_schatten4, radial_brake, scale_steps
+from lineage import (LINEAGE, LINEAGE_PRESETS, SCALED_STEPS, LineageAurora, pinned_step, polar_schatten4,
+                     radial_brake, scale_steps)
 from soap import SoapPreconditioner, schatten4
 
 # The frontier's rule, as #44's script sets it; row_floor and cwd are #46's, aurora_on the modifiers'.
@@ -342,19 +343,45 @@ SOAP_ON = dict(none=(), mlp_v=("mlp.fc", "mlp.proj", "attn.v"), all_hidden=tuple
 class FrontierAurora(Aurora):
     """The block matrices under the frontier's rule (SoapMuonMatrix), dealt to the ranks as Aurora
     deals them; `matrices`: {matrix: (kind, SOAP options)}, `matrix_rule`: RULE's settings. p.grad keeps the raw gradient.
-    `probe`: diagnostics.py's LeverageProbe, shown each look-ahead the rule orthogonalizes."""
+    `probe`: diagnostics.py's LeverageProbe, shown each look-ahead the rule orthogonalizes. A
+    checkpoint keeps each matrix's momentum and SOAP state as the lineage's (harness.py's points)."""
     probe = None
+    STATE_KEYS = LineageAurora.STATE_KEYS
+    _state_shape = staticmethod(LineageAurora._state_shape)
 
     def __init__(self, params, lr, matrices, matrix_rule, soap_every, soap_beta2, **options):
         super().__init__(params, lr, **options)
         self.matrices, self.matrix_rule = matrices, matrix_rule
         self.soap_every, self.soap_beta2 = soap_every, soap_beta2
 
+    def _matrix_for(self, p):
+        kind, options = self.matrices[p]
+        return SoapMuonMatrix(p.shape, p.device, kind, self.soap_every, self.soap_beta2, **options)
+
+    def _held_state(self, p):
+        matrix = self.state[p].get("matrix")
+        held = {} if matrix is None else {"momentum": matrix.momentum}
+        if matrix is not None and matrix.soap is not None:
+            held.update({f"soap_{k}": v for k, v in matrix.soap.state().items()})
+        return held
+
+    def _check_saved(self, i, p, state):
+        soap = self.matrices[p][0] != "plain"
+        if "momentum" in state and soap != ("soap_L" in state):
+            raise ValueError(f"Aurora.load_state_dict: matrix {i} ({tuple(p.shape)}): saved SOAP state "
+                             f"{'missing' if soap else 'given'} where this optimizer's rule has{'' if soap else ' no'} SOAP")
+
+    def _load_held(self, i, p, state):
+        if "momentum" in state:
+            matrix = self.state[p]["matrix"] = self._matrix_for(p)
+            matrix.momentum = state["momentum"].to(device=p.device, dtype=torch.float32, copy=True)
+            if matrix.soap is not None:
+                matrix.soap.load({k[len("soap_"):]: v for k, v in state.items() if k.startswith("soap_")})
+
     def _update(self, group, p):
         state = self.state[p]
         if "matrix" not in state:
-            kind, options = self.matrices[p]
-            state["matrix"] = SoapMuonMatrix(p.shape, p.device, kind, self.soap_every, self.soap_beta2, **options)
+            state["matrix"] = self._matrix_for(p)
         dtype, probe = ns_dtype_for(group["ns_dtype"], p.device), self.probe
         look = probe and (lambda u: probe.keep(p, probed_polar, u, (dtype, self.matrix_rule)))
         U = state["matrix"].step(p, p.grad, group["lr"], group["momentum"], self.step_index, dtype,
@@ -372,6 +399,18 @@ class FrontierAdam(torch.optim.Optimizer):
         self.torch_adam = torch.optim.AdamW(self.param_groups[:2] if raw else self.param_groups, fused=fused)
         self.raw_groups = self.param_groups[2:] if raw else []
 
+    def state_dict(self):
+        return dict(super().state_dict(), torch_adam=self.torch_adam.state_dict())
+
+    def load_state_dict(self, state_dict):
+        """The inverse of state_dict(); then torch's AdamW and the raw Adam share the trainer's
+        groups again (torch's load_state_dict puts copies of the saved groups in place)."""
+        state_dict = dict(state_dict)
+        self.torch_adam.load_state_dict(state_dict.pop("torch_adam"))
+        super().load_state_dict(state_dict)
+        n = len(self.torch_adam.param_groups)
+        self.torch_adam.param_groups[:], self.raw_groups = self.param_groups[:n], self.param_groups[n:]
+
     @torch.no_grad()
     def step(self, closure=None):
         self.torch_adam.step()
@@ -384,7 +423,8 @@ class Frontier:
     """The frontier as a technique of train_gpt.py (see plugins.py). It comes before the lineage
     in TECHNIQUES: its init, optimizers and validation steps take precedence, and the lineage's
     (PowerCool, the momentum schedule, EMA-Nesterov) do the rest. The running trial's tail EMA is
-    `run.tail_ema`. Checkpoints are refused (check)."""
+    `run.tail_ema`; a checkpoint keeps it (checkpoint_state), and FrontierAurora's and FrontierAdam's
+    state."""
     name = "frontier.py"
     Hyperparameters = FrontierHyperparameters
     PRESETS = {**SOAP_PRESETS, "aurora_proj": FRONTIER_PRESETS["aurora_proj"],
@@ -409,10 +449,6 @@ class Frontier:
     def check(hp, bad):
         """What the frontier's settings need, and what they do not combine with (yet); their ranges
         are harness.py's RANGES, what cannot act in a run its NEEDS and never_acting."""
-        for name in ("save_every", "resume"):
-            if getattr(hp, name, None):
-                bad(name, "is not offered with the frontier's techniques yet: a checkpoint would not hold "
-                          "their state (SOAP-Muon matrices, raw Adam, tail EMA); run without it")
         if hp.soap == "all_hidden" and not hp.soap_muon:
             bad("soap", "all_hidden runs with --soap-muon (the frontier's rule)")
         for name in ("soap_trust_gate", "row_floor", "cwd"):
@@ -531,6 +567,16 @@ class Frontier:
             run.tail_ema.blend_into(hp.final_ema_blend)
             run.log(f"tail_ema applied step:{step} tau:{hp.final_ema_tau:g} lambda:{hp.final_ema_blend:g}")
         yield
+
+    @staticmethod
+    def checkpoint_state(run):
+        ema = run.tail_ema and run.tail_ema.ema
+        return dict(tail_ema=None if ema is None else [None if e is None else e.cpu() for e in ema])
+
+    @staticmethod
+    def load_checkpoint_state(run, state):
+        if state["tail_ema"] is not None:
+            run.tail_ema.ema = [None if e is None else e.to(run.ctx.device) for e in state["tail_ema"]]
 
     @staticmethod
     def val_readout(run, step, val_loss, evaluate):

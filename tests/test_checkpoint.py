@@ -279,6 +279,44 @@ def test_a_lineage_run_stopped_by_sigterm_resumes_as_the_uninterrupted_run(data_
     assert [s for s, _ in resumed] == list(range(2, 15, 2)) and resumed == val_lines(expected)
 
 
+# The soap presets at the smallest sizes, 8 steps, SOAP refreshed after every step, the trust
+# gate's floor ending at step 4 (scaled); stopped after step 5 (soap_2690: its readout's EMA from
+# step 3) or 7 (soap_2720: the blend's EMA from step 6, the blend at step 8, after the resume).
+FRONTIER = ["--n-layer", "1", "--d-model", "64", "--head-dim", "16", "--train-steps", "8", "--val-every", "2",
+            "--val-every-late", "2", "--val-tokens", "4096", "--seed", "0", "--no-diagnostics", "--run-name", "ckpt"]
+
+
+@pytest.mark.parametrize("preset, flags, stop", [
+    ("soap_2690", ["--tail-ema-start", "3", "--tail-ema-tau", "2"], 5),
+    ("soap_2720", ["--final-ema-tau", "2"], 7)])
+def test_a_frontier_run_stopped_by_sigterm_resumes_as_the_uninterrupted_run(data_dir, tmp_path, monkeypatch,
+                                                                             preset, flags, stop):
+    """The frontier's state comes back from the checkpoint (each matrix's momentum and SOAP
+    statistics and bases, the raw Adam's and torch's AdamW's moments, the tail EMA): every val
+    line after the resume (val_loss, and val_ema_loss) and the blend are the uninterrupted run's."""
+    def run(args, name):
+        return train_gpt.main(["--preset", preset + "+tiny", *FRONTIER, *flags, *args, "--data-dir", data_dir,
+                               "--records-dir", str(tmp_path / name)])
+
+    def val_and_ema_lines(text):  # (the lines marked lost: ... after the checkpoint do not count)
+        return [line.split(" train_time:")[0] for line in output_part(text).splitlines()
+                if re.match(r"step:\d+/\d+ val_loss:", line) or line.startswith("tail_ema ")]
+
+    assert run([], "whole") == 0
+    expected = val_and_ema_lines(open(the_log(tmp_path / "whole")).read())
+    sigterm_during(monkeypatch, stop)
+    assert run(["--save-every", "100"], "run") == 143
+    monkeypatch.undo()
+    log = the_log(tmp_path / "run")
+    assert f"checkpoint: step {stop} of trial 0 saved to" in open(log).read()
+    assert run(["--save-every", "100", "--resume", checkpoint_of(log)], "run") == 0
+    resumed = val_and_ema_lines(open(log).read())
+    assert resumed == expected and resumed[-1].startswith("step:8/8 val_loss:"), (resumed, expected)
+    assert any(line.startswith("tail_ema ") for line in resumed)
+    assert ("val_ema_loss:" in resumed[-1]) == (preset == "soap_2690")
+    assert ("tail_ema applied step:8 tau:2 lambda:0.6" in resumed) == (preset == "soap_2720")
+
+
 # --- refused before anything is written ---
 
 @pytest.fixture(scope="module")

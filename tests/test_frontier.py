@@ -5,7 +5,7 @@ with RowFloor, Cautious Weight Decay and the Aurora modifiers; the Adam of biase
 gain split's signs from a seed; the tail EMA's final blend (#45) and readout (#46); and the
 presets' schedules and validation steps at every step. Then the same through the trainer: the
 optimizers train_gpt.py builds for each preset, its init from a seed, the blend and the readout
-in a run, a tiny run of each preset whose log's code part runs alone; checkpoints refused."""
+in a run, a tiny run of each preset whose log's code part runs alone. (Checkpoints: test_checkpoint.py.)"""
 import dataclasses
 import glob
 import json
@@ -540,13 +540,3 @@ def test_the_records_tools_reproduce_a_frontier_run(data_dir, tmp_path):
         if name not in harness.PER_RUN:  # the seeds, the data's path, the harness's flags: per run
             assert json.loads(header[name]) == (list(value) if isinstance(value, tuple) else value), name
 
-
-# --- checkpoints: refused ---
-
-@pytest.mark.parametrize("flags", [["--save-every", "100"], ["--resume", "x.ckpt"]])
-def test_checkpoints_are_refused_for_the_frontier(flags, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        parse_args(["--preset", "soap_2690", *flags])
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert f"error: {flags[0]} is not offered with the frontier's techniques yet" in err and "run without it" in err
