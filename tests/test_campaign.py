@@ -123,7 +123,8 @@ def test_a_campaign_that_cannot_pass_stops_after_its_first_trial(data_dir, tmp_p
     lines = output.splitlines()
     line = next(x for x in lines if x.startswith("campaign: "))
     assert line.startswith("campaign: 1 of 3 trials in; step 2: ") and "chance it passes at step 2: <0.1%" in line
-    assert "from the parent record's 20 published trials" in line  # k < 3: the parent's spread
+    assert "from the parent record's 20 published trials" in line  # k < 3: the parent's spread,
+    assert "a stand-in: they trained on FineWeb, these trials on a 1024-token vocabulary" in line  # said so
     stop = lines[lines.index(line) + 1]
     assert stop.startswith("campaign stopped: after 1 of 3 trials, for futility") and "--stop-below 0.5" in stop
     assert lines[lines.index(stop) + 1].startswith("final val losses: ")  # the run ends cleanly

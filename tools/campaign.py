@@ -33,7 +33,7 @@ import numpy as np
 from tools.logs import RecordsError, load_record
 from tools.parents import ROOT, parent_of, preset_of
 from tools.stats import (PASS_MARGIN, PLAN_MAX_TRIALS, PLAN_PROBABILITY, TOLERANCE, claimed,
-                         resolve_target, summarize)
+                         resolve_target, summarize, task_of)
 from tools.trials import loss_at, screen
 
 # The step each published record claims at: a run of that preset is judged there by default.
@@ -218,6 +218,9 @@ def campaign_of(paths, n, step=None, target=None, metric=None):
     preset = preset_of(record["logs"])
     claim, why = choose_step(runs, common, target, preset, step)
     prior = parent_spread(parent_of(record["logs"])[0]) if k < OWN_SPREAD_FROM else None
+    task = task_of(record["logs"])
+    if prior and task:  # e.g. the tiny preset: the published parents are all FineWeb records
+        prior = prior[:2] + (f"{prior[2]}, a stand-in: they trained on FineWeb, these trials on {task}",)
     out = campaign_math([loss_at(r, claim) for r in runs], n, target, prior)
     out.update(step=claim, step_why=why, metric=record["metric"], preset=preset,
                incomplete=sc["incomplete"], duplicates=sc["duplicates"],
