@@ -365,11 +365,12 @@ class FrontierAurora(Aurora):
             held.update({f"soap_{k}": v for k, v in matrix.soap.state().items()})
         return held
 
-    def _check_saved(self, i, p, state):
-        soap = self.matrices[p][0] != "plain"
-        if "momentum" in state and soap != ("soap_L" in state):
-            raise ValueError(f"Aurora.load_state_dict: matrix {i} ({tuple(p.shape)}): saved SOAP state "
-                             f"{'missing' if soap else 'given'} where this optimizer's rule has{'' if soap else ' no'} SOAP")
+    _check_saved = LineageAurora._check_saved  # SOAP's state where SOAP runs (self.soap), nowhere else
+
+    @property
+    def soap(self):
+        """The matrices SOAP preconditions."""
+        return {p for p, (kind, _) in self.matrices.items() if kind != "plain"}
 
     def _load_held(self, i, p, state):
         if "momentum" in state:

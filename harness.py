@@ -1034,11 +1034,14 @@ def load_aurora_state_dict(aurora, state_dict):
             state = state_dict["state"].get(i, {})
             for key, value in state.items():
                 where = f"Aurora.load_state_dict: matrix {i} ({tuple(p.shape)}) has saved"
-                if key not in state_keys(aurora):  # a variant's state: its keys start with its name
-                    kind = key.split("_")[0].upper()
+                kind = key.split("_")[0].upper()  # a variant's state: its keys start with its name
+                if key not in state_keys(aurora):
                     raise ValueError(f"{where} {kind} state, and this optimizer does not run {kind} on it")
                 if tuple(value.shape) != state_shape(aurora, p, key)[0]:
                     raise ValueError(f"{where} {key!r} of shape {tuple(value.shape)}")
+                missing = [k for k in state_keys(aurora) if k.split("_")[0].upper() == kind and k not in state]
+                if missing:  # all of a variant's state or none (every rank checks: the owner alone would fail)
+                    raise ValueError(f"{where} {kind} state without {', '.join(missing)}")
             if hasattr(aurora, "_check_saved"):  # e.g. the lineage's: SOAP state where SOAP runs
                 aurora._check_saved(i, p, state)
             if owner == rank:

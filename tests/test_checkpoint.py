@@ -3,7 +3,8 @@ is the uninterrupted run bit for bit (every val loss, the diagnostics), with 1 p
 gloo ranks (resumed with 2 ranks and with 1), on the per-matrix and the batched Aurora paths, and
 for a lineage preset (SOAP, EMA-Nesterov, the reference); its log stays one trial for the records
 toolkit; a bad checkpoint or another configuration or code is refused before anything is written;
-Aurora's state (SOAP's included) does not depend on the world size."""
+Aurora's state (the lineage's and the frontier's SOAP included) does not depend on the world size,
+and a state that does not fit the optimizer is refused naming the matrix."""
 import glob
 import json
 import os
@@ -18,6 +19,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import frontier
 import harness
 import train_gpt
 from conftest import free_port, gloo_rank, sigterm_during
@@ -470,9 +472,31 @@ def test_a_write_that_dies_leaves_the_previous_checkpoint_whole(tmp_path, monkey
 
 # --- Aurora's state: one form for every world size and path ---
 
+# The frontier's rule with every switch on: soap_2690's RowFloor and Cautious Weight Decay, the
+# aurora_proj modifier; the trust gate held in [0.9, 0.95] for 3 steps, then free (its 4th step's
+# gate, about 0.84, needs the step index a resume sets).
+FRONTIER_RULE = dict(frontier.RULE, row_floor=True, cwd=0.025, aurora_on="wide_only", trust_floor=0.9,
+                     trust_cap=0.95, trust_floor_end=2, trust_fade_end=3)
+
+
+FRONTIER_KINDS = ("mlp", "attn_proj", "plain", "attn")  # what SOAP does with each matrix (frontier.SOAP_KIND)
+
+
+def frontier_aurora(params, kinds, lr=0.02):
+    """FrontierAurora under FRONTIER_RULE, the matrices of the given kinds (attn's with attn.v's options)."""
+    matrices = {p: (kind, dict(blend=0.95, floor=0.55) if kind == "attn" else {}) for p, kind in zip(params, kinds)}
+    return frontier.FrontierAurora(params, lr=lr, matrices=matrices, matrix_rule=FRONTIER_RULE, soap_every=1,
+                                   soap_beta2=0.95, ns_dtype="float32", rule="aurora", aurora_on="wide_only",
+                                   pp_iterations=3, pp_beta=0.25)
+
+
 def optimizer(params, batched, rule, lr=0.02):
     """Aurora on the 4 matrices; rule "soap": the lineage's rule with SOAP on two of them (one with
-    attn.v's options), its bases refreshed every 3rd step."""
+    attn.v's options), its bases refreshed every 3rd step; rule "frontier": the frontier's matrix
+    rule, SOAP refreshed every step on three of them (attn.proj's trust gate, attn.v's options),
+    the third plain."""
+    if rule == "frontier":
+        return frontier_aurora(params, FRONTIER_KINDS, lr)
     if rule == "soap":
         soap = {params[0]: {}, params[3]: dict(blend=0.95, floor=0.55, renorm="scale")}
         return LineageAurora(params, lr=lr, ns_dtype="float32", soap=soap, soap_every=3)
@@ -496,6 +520,7 @@ def stepped(batched, rule, steps, state=None):
 
 COMBINATIONS = [(batched, rule) for rule in ("aurora", "normuon") for batched in (False, True)] + [(False, "soap")]
 SOAP_KEYS = {"soap_exp_avg_sq", "soap_L", "soap_R", "soap_QL", "soap_QR", "soap_count"}
+RANKED = COMBINATIONS + [(False, "frontier")]  # through 2 ranks: the frontier's matrix rule too
 
 
 @pytest.mark.parametrize("batched, rule", COMBINATIONS)
@@ -553,17 +578,44 @@ def test_aurora_state_is_the_same_for_both_paths_and_refuses_a_misfit():
         load_aurora_state_dict(optimizer(soap_params, False, "soap"), a)
 
 
+@pytest.mark.parametrize("kinds, edits, message", [
+    (("mlp", "attn_proj", "mlp", "attn"), {},
+     r"matrix 2 \(\(24, 8\)\) has no saved SOAP state, and this optimizer runs SOAP on it"),
+    (("plain", "attn_proj", "plain", "attn"), {},
+     r"matrix 0 \(\(24, 8\)\) has saved SOAP state, and this optimizer does not run SOAP on it"),
+    (FRONTIER_KINDS, {(3, "soap_L"): torch.zeros(24, 24)},
+     r"matrix 3 \(\(8, 24\)\) has saved 'soap_L' of shape \(24, 24\)"),
+    (FRONTIER_KINDS, {(1, "soap_QR"): None, (1, "soap_count"): None},
+     r"matrix 1 \(\(8, 8\)\) has saved SOAP state without soap_QR, soap_count")],
+    ids=["soap_not_saved", "soap_saved_for_a_plain_matrix", "soap_shape", "soap_incomplete"])
+def test_the_frontier_refuses_a_state_whose_soap_does_not_fit(kinds, edits, message):
+    """A checkpoint of the frontier's rule resumes only under the same rule matrix by matrix: SOAP's
+    state, whole and in its shapes, where SOAP runs and nowhere else; else a ValueError naming the
+    matrix (no KeyError later, no SOAP state silently dropped). `edits`: {(matrix, key): a saved
+    tensor replaced, or None: left out}."""
+    params, opt = stepped(False, "frontier", 2)
+    state = aurora_state_dict(opt)
+    for (i, key), value in edits.items():
+        if value is None:
+            del state["state"][i][key]
+        else:
+            state["state"][i][key] = value
+    with pytest.raises(ValueError, match=message):
+        load_aurora_state_dict(frontier_aurora(params, kinds), state)
+
+
 def _rank(rank, port, out_dir):
     """One of 2 gloo ranks, for each (batched, rule): the state of 3 steps, gathered; then one
-    step from a world-1 state. (One process group for all four: spawning costs seconds.)"""
+    step from a world-1 state. (One process group for all of them: spawning costs seconds.)"""
     with gloo_rank(rank, 2, port):
-        for batched, rule in COMBINATIONS:
+        for batched, rule in RANKED:
             _, opt = stepped(batched, rule, 3)
             gathered = aurora_state_dict(opt)  # collective: every rank gets every matrix's state
             reference = torch.load(os.path.join(out_dir, f"reference_{batched}_{rule}.pt"))
             params = [torch.nn.Parameter(w.clone()) for w in reference["weights"]]
             opt = optimizer(params, batched, rule)
             load_aurora_state_dict(opt, reference["state"])
+            opt.step_index = 3  # as a resume sets it (the trust gate's bounds follow the step)
             held = sorted(i for i, p in enumerate(params) if opt.state[p])
             for p, g in zip(params, reference["grads"]):
                 p.grad = g.clone()
@@ -575,10 +627,11 @@ def _rank(rank, port, out_dir):
 def test_aurora_state_with_two_ranks_is_the_one_rank_state(tmp_path):
     """state_dict() gathers each matrix from the rank that updates it; load_state_dict() gives each
     rank the matrices it updates (harness.owners): a world-1 state continues on 2 ranks as on 1, on both
-    paths, for Aurora and NorMuon, and for the lineage's rule with SOAP."""
+    paths, for Aurora and NorMuon, for the lineage's rule with SOAP, and for the frontier's rule
+    (FrontierAurora: SOAP with the trust gate, a plain matrix, RowFloor, CWD, aurora_proj)."""
     torch.set_num_threads(1)
     expected = {}
-    for batched, rule in COMBINATIONS:
+    for batched, rule in RANKED:
         params, opt = stepped(batched, rule, 3)
         state = aurora_state_dict(opt)
         grads = [torch.randn(p.shape) for p in params]
@@ -592,6 +645,9 @@ def test_aurora_state_with_two_ranks_is_the_one_rank_state(tmp_path):
     for (batched, rule), (params, opt, state, after) in expected.items():
         ranks = [torch.load(tmp_path / f"rank{r}_{batched}_{rule}.pt") for r in range(2)]
         owned = owners(opt, opt.param_groups[0], 2)
+        if rule == "frontier":  # SOAP's state where SOAP runs (not on the plain matrix 2)
+            assert [set(s) for s in state["state"].values()] == [{"momentum"} | SOAP_KEYS] * 2 + [
+                {"momentum"}, {"momentum"} | SOAP_KEYS]
         for r, got in enumerate(ranks):
             for which, want in (("gathered", state), ("after", after)):
                 assert sorted(got[which]["state"]) == sorted(want["state"])
