@@ -384,7 +384,8 @@ class FrontierAurora(Aurora):
         if "matrix" not in state:
             state["matrix"] = self._matrix_for(p)
         dtype, probe = ns_dtype_for(group["ns_dtype"], p.device), self.probe
-        look = probe and (lambda u: probe.keep(p, probed_polar, u, (dtype, self.matrix_rule)))
+        look = ((lambda u: probe.keep(p, probed_polar, u, (dtype, self.matrix_rule)))
+                if probe is not None and probe.tracking else None)  # only on the step a validation reports
         U = state["matrix"].step(p, p.grad, group["lr"], group["momentum"], self.step_index, dtype,
                                  self.matrix_rule, look)
         self._step_flags.append((torch.isfinite(U).all().reshape(1), [p]))

@@ -1027,7 +1027,7 @@ def load_aurora_state_dict(aurora, state_dict):
                          f"{[len(g['params']) for g in aurora.param_groups]}")
     aurora.state.clear()
     aurora._first_bad = {}
-    i = 0
+    i, keys = 0, state_keys(aurora)
     for group, saved in zip(aurora.param_groups, saved_groups):
         group.update({k: v for k, v in saved.items() if k != "params"})
         for p, owner in zip(group["params"], owners(aurora, group, world)):
@@ -1035,11 +1035,11 @@ def load_aurora_state_dict(aurora, state_dict):
             for key, value in state.items():
                 where = f"Aurora.load_state_dict: matrix {i} ({tuple(p.shape)}) has saved"
                 kind = key.split("_")[0].upper()  # a variant's state: its keys start with its name
-                if key not in state_keys(aurora):
+                if key not in keys:
                     raise ValueError(f"{where} {kind} state, and this optimizer does not run {kind} on it")
                 if tuple(value.shape) != state_shape(aurora, p, key)[0]:
                     raise ValueError(f"{where} {key!r} of shape {tuple(value.shape)}")
-                missing = [k for k in state_keys(aurora) if k.split("_")[0].upper() == kind and k not in state]
+                missing = [k for k in keys if k.split("_")[0].upper() == kind and k not in state]
                 if missing:  # all of a variant's state or none (every rank checks: the owner alone would fail)
                     raise ValueError(f"{where} {kind} state without {', '.join(missing)}")
             if hasattr(aurora, "_check_saved"):  # e.g. the lineage's: SOAP state where SOAP runs

@@ -30,7 +30,7 @@ from tools.parents import PARENTS, default_parent, parent_note, published_label
 from tools.plots import plot_submission
 from tools.stats import (DEFAULT_TARGET, NOT_LEADERBOARD, PASS_MARGIN, compare, passes, resolve_target, summarize,
                          task_of, unlike_tasks)
-from tools.summary import bad_line_kind, needed, percent, relative_sources, seed_text, write_public
+from tools.summary import bad_line_kind, needed, percent, relative_sources, seed_text, task_mark, write_public
 from tools.trials import loss_at, screen
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -427,7 +427,7 @@ def print_submission(r):
     s = r["summary"]
     print(f"wrote {r['out']}: {', '.join(r['files'])}")
     print(f"record: step {s['step']}  mean {s['mean']:.6f}  margin {s['margin']:.5f} "
-          f">= {PASS_MARGIN}  (n={s['n']})" + (f"  [{NOT_LEADERBOARD}: {r['task']}]" if r["task"] else ""))
+          f">= {PASS_MARGIN}  (n={s['n']}){task_mark(r)}")
     for note in r["stops"]:
         print(f"note: the {note}")
     if r["unlike"]:
